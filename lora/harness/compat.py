@@ -1,0 +1,59 @@
+"""Everything that differs between the supported megatron-core versions (0.16 – 0.19).
+
+Keep version checks here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from packaging.version import Version
+
+
+@lru_cache(maxsize=1)
+def megatron_version() -> Version:
+    from megatron.core import package_info
+
+    return Version(package_info.__version__)
+
+
+def local_moe_layer_spec(num_experts: int):
+    """GPT layer spec with local (non-TE) modules and SequentialMLP experts.
+
+    0.16 returns a ``ModuleSpec`` from keyword arguments; 0.17+ builds it from
+    ``get_gpt_layer_local_submodules`` (same keywords) and may wrap submodules in functools.partial.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+
+
+def ensure_dp_cp_group(metadata: dict | None) -> dict:
+    """Sharded-state-dict metadata with ``dp_cp_group`` set (leaf implementations index it directly)."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    return ensure_metadata_has_dp_cp_group(metadata)
+
+
+_TE_FALLBACK_NAMES = (
+    "fused_compute_score_for_moe_aux_loss",
+    "fused_moe_aux_loss",
+    "fused_permute",
+    "fused_permute_with_probs",
+    "fused_sort_chunks_by_index",
+    "fused_sort_chunks_by_index_with_probs",
+    "fused_topk_with_score_function",
+    "fused_unpermute",
+    "te_general_gemm",
+)
+
+
+def fix_moe_utils_without_te() -> None:
+    """megatron-core 0.16 without Transformer Engine leaves the TE kernels of ``moe_utils`` undefined
+    (the router then fails with ``NameError: te_general_gemm``); 0.19 sets them to None. Do the same.
+    Harmless where TE is installed or the names exist."""
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _TE_FALLBACK_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)

@@ -1,0 +1,152 @@
+"""A tiny, seeded Megatron GPT-MoE: local spec, SequentialMLP experts, GLU (SwiGLU), top-2 routing.
+
+Small enough to train on a 2-core CPU in seconds; the same builder makes bigger models for the
+quickstart and GPU runs. Call :func:`lora.harness.init_parallel` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lora.harness import compat
+
+
+@dataclass(frozen=True)
+class TinyMoEConfig:
+    """Shape of the tiny GPT-MoE. ``ffn_hidden`` is each expert's intermediate size (fc1 out = 2·ffn)."""
+
+    num_layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    num_experts: int = 4
+    ffn_hidden: int = 64
+    topk: int = 2
+    vocab_size: int = 256
+    seq_len: int = 32
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TinyMoEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TinyMoEConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def transformer_config(cfg: TinyMoEConfig):
+    """The Megatron ``TransformerConfig`` for ``cfg`` under the current parallel state."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    dtype = getattr(torch, cfg.dtype)
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden,
+        num_attention_heads=cfg.heads,
+        ffn_hidden_size=4 * cfg.hidden,
+        num_moe_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.ffn_hidden,
+        moe_router_topk=cfg.topk,
+        moe_token_dispatcher_type="allgather",  # alltoall creates a CUDA stream
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        sequence_parallel=tp > 1,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        init_method_std=0.02,
+    )
+
+
+def build_tiny_gpt_moe(cfg: TinyMoEConfig = TinyMoEConfig(), seed: int = 1234):
+    """Build a Megatron ``GPTModel`` for ``cfg`` with deterministic weights (same ``seed`` → same model).
+
+    Requires :func:`lora.harness.init_parallel`. Experts are split over expert-parallel ranks the
+    Megatron way; the weights of a global expert do not depend on the expert-parallel size.
+    On CUDA the model is moved to the current device.
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    config = transformer_config(cfg)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=compat.local_moe_layer_spec(cfg.num_experts),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_len,
+        position_embedding_type="rope",
+    )
+    _init_by_global_name(model, seed, config.init_method_std, config.num_layers)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model
+
+
+def _init_by_global_name(model, seed: int, std: float, num_layers: int) -> None:
+    """Re-draw every weight matrix from a generator keyed by (seed, global name, tensor-parallel rank).
+
+    The global name of an expert parameter uses its *global* expert index. Megatron draws weights
+    from one RNG stream in construction order, so the values would otherwise depend on how many
+    experts this rank builds (and all expert-parallel ranks would get identical experts on CPU,
+    hiding checkpoint bugs that swap experts between ranks). After this, a parameter's value
+    depends only on the seed, its global name and its tensor-parallel shard — not on the
+    expert-parallel size. Norm weights (ones) are left alone. Output projections (``linear_proj``,
+    ``linear_fc2``) use ``std / sqrt(2 · num_layers)`` as Megatron does.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    global_names = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, SequentialMLP):
+            for i, expert in enumerate(module.local_experts):
+                g = ep_rank * module.num_local_experts + i
+                for pname, p in expert.named_parameters():
+                    global_names[p] = (f"{mod_name}.global_expert{g}.{pname}", etp_rank)
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        gname, shard = global_names.get(p, (name, tp_rank))
+        key = zlib.crc32(f"{seed}:{gname}:{shard}".encode())
+        scale = std / (2 * num_layers) ** 0.5 if ("linear_proj" in gname or "linear_fc2" in gname) else std
+        fresh = torch.randn(p.shape, generator=torch.Generator().manual_seed(key)) * scale
+        with torch.no_grad():
+            p.copy_(fresh.to(p.dtype))
+
+
+def tiny_moe_batch(cfg: TinyMoEConfig, batch: int = 4, seed: int = 0, device=None) -> dict:
+    """A fixed random language-modelling batch: ``tokens``/``labels`` (batch × seq), ``position_ids``."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=g)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pos = torch.arange(cfg.seq_len).unsqueeze(0).expand(batch, -1)
+    return {
+        "tokens": tokens[:, :-1].contiguous().to(device),
+        "labels": tokens[:, 1:].contiguous().to(device),
+        "position_ids": pos.contiguous().to(device),
+    }
