@@ -1,1 +1,15 @@
-"""svdq package."""
+"""svdq: numerics of SVDQuant — quantization formats, low-rank solvers, decomposition, layers.
+
+    import svdq
+    model = svdq.quantize(model, svdq.SVDQConfig.preset("nvfp4-w4a4-r32"), forward_loop)
+
+No framework glue lives here (Megatron / adapters are in ``lora``, the pipeline in ``calib``).
+"""
+
+from svdq.config import PRESETS, SVDQConfig
+from svdq.decompose import SVDQResult, decompose_linear
+from svdq.layer import SVDQLinear
+from svdq.quantize import quantize
+from svdq.stats import InputStats
+
+__all__ = ["PRESETS", "InputStats", "SVDQConfig", "SVDQLinear", "SVDQResult", "decompose_linear", "quantize"]

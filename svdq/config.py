@@ -1,0 +1,106 @@
+"""``SVDQConfig``: what to quantize and how. A small frozen dataclass, buildable from a dict or JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from svdq.formats import QuantFormat, parse_format
+
+DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class SVDQConfig:
+    """Settings of the SVDQuant decomposition and of which layers ``svdq.quantize`` replaces.
+
+    * ``weight_format`` / ``act_format``: ``"nvfp4"``, ``"int4"`` (``"int4-g128"`` …), ``"fp8"``, ``"none"``.
+    * ``rank``: rank of the low-rank branch (the LoRA rank).
+    * ``alphas``: smoothing-strength grid; each candidate is scored by the output error of the complete
+      quantized layer (branch included) on the sampled calibration tokens. ``()`` disables smoothing.
+    * ``refine_steps``: cap on branch/residual refinement steps (stops early when the error stops falling).
+    * ``whiten``: fit the branch to the output error ``‖(W − BA)Xᵀ‖`` instead of the weight error.
+    * ``damp``: Cholesky damping, relative to the mean diagonal of ``XᵀX``.
+    * ``include`` / ``exclude``: ``fnmatch`` patterns on module names (exclude wins).
+    * ``sample_tokens``: calibration tokens kept per layer for scoring.
+    * ``weight_only_fallback``: a targeted layer that saw no calibration data is decomposed from its
+      weight alone (no smoothing, no whitening) and flagged, instead of raising.
+    """
+
+    weight_format: str = "nvfp4"
+    act_format: str = "nvfp4"
+    rank: int = 32
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    refine_steps: int = 8
+    whiten: bool = True
+    damp: float = 0.01
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("*lm_head*", "*output_layer*")
+    sample_tokens: int = 512
+    oversample: int = 16
+    power_iters: int = 2
+    weight_only_fallback: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("alphas", "include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        parse_format(self.weight_format)  # raises on an unknown format string
+        parse_format(self.act_format)
+        if self.rank < 1:
+            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
+        if self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be ≥ 0, got {self.refine_steps}")
+        if any(not 0.0 <= a <= 1.0 for a in self.alphas):
+            raise ValueError(f"alphas must lie in [0, 1], got {self.alphas}")
+        if self.damp < 0:
+            raise ValueError(f"damp must be ≥ 0, got {self.damp}")
+        if self.sample_tokens < 1:
+            raise ValueError(f"sample_tokens must be ≥ 1, got {self.sample_tokens}")
+
+    @property
+    def weight_quant(self) -> QuantFormat:
+        return parse_format(self.weight_format)
+
+    @property
+    def act_quant(self) -> QuantFormat:
+        return parse_format(self.act_format)
+
+    def replace(self, **changes) -> SVDQConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SVDQConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown SVDQConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SVDQConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def preset(cls, name: str) -> SVDQConfig:
+        """A named preset: one of :data:`PRESETS`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        return PRESETS[name]
+
+
+PRESETS: dict[str, SVDQConfig] = {
+    "nvfp4-w4a4-r32": SVDQConfig(weight_format="nvfp4", act_format="nvfp4", rank=32),
+    "int4-w4a4-r32": SVDQConfig(weight_format="int4", act_format="int4", rank=32),
+    "nvfp4-w4a16-r32": SVDQConfig(weight_format="nvfp4", act_format="none", rank=32),
+}

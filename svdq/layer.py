@@ -1,0 +1,106 @@
+"""``SVDQLinear``: a 4-bit residual path plus a trainable 16-bit low-rank branch.
+
+    y = Q_a(x / s) · Q_w(R)ᵀ  +  (x · Aᵀ) · Bᵀ  +  bias
+
+``x (..., in)``, ``s (in,)`` smoothing, ``R (out × in)`` the frozen residual in smoothed coordinates,
+``A = lora_down (r × in)`` (reads the raw input), ``B = lora_up (out × r)``. ``A`` and ``B`` are
+trainable parameters; residual, scales, smoothing and bias are frozen buffers. Activation quantization
+is dynamic (per token and channel group) with straight-through gradients.
+
+Storage modes give identical outputs:
+* ``"fake"``: the dequantized residual is held (``out × in`` in the layer dtype);
+* ``"packed"``: the 4-bit codes and scales are held and dequantized on the fly (memory-saving mode for
+  fine-tuning: ~4.5 bits per weight instead of 16).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from svdq.decompose import SVDQResult
+from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format
+
+STORAGE_MODES = ("fake", "packed")
+
+
+class SVDQLinear(nn.Module):
+    """See the module docstring. Build it with :meth:`from_result`."""
+
+    def __init__(
+        self,
+        residual: PackedTensor,
+        smooth: Tensor,
+        lora_down: Tensor,
+        lora_up: Tensor,
+        bias: Tensor | None = None,
+        act_format: QuantFormat | str = "nvfp4",
+        storage: str = "packed",
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if storage not in STORAGE_MODES:
+            raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
+        out_f, in_f = residual.shape
+        r = lora_down.shape[0]
+        if lora_down.shape != (r, in_f) or lora_up.shape != (out_f, r) or smooth.shape != (in_f,):
+            raise ValueError(
+                f"inconsistent shapes: residual {tuple(residual.shape)}, lora_down {tuple(lora_down.shape)}, "
+                f"lora_up {tuple(lora_up.shape)}, smooth {tuple(smooth.shape)}"
+            )
+        self.in_features, self.out_features, self.rank = in_f, out_f, r
+        self.act_format = parse_format(act_format)
+        self.storage = storage
+        self.weight_format = residual.fmt
+        self.lora_down = nn.Parameter(lora_down.detach().to(dtype).clone())
+        self.lora_up = nn.Parameter(lora_up.detach().to(dtype).clone())
+        self.register_buffer("smooth", smooth.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        self._residual_meta = residual.meta()
+        if storage == "fake":
+            self.register_buffer("residual", dequantize(residual, torch.float32).to(dtype))
+        else:
+            for key, t in residual.to_tensors().items():
+                self.register_buffer(f"residual_{key}", t.clone())
+
+    @classmethod
+    def from_result(
+        cls,
+        result: SVDQResult,
+        bias: Tensor | None = None,
+        act_format: QuantFormat | str = "nvfp4",
+        storage: str = "packed",
+        dtype: torch.dtype = torch.float32,
+    ) -> SVDQLinear:
+        return cls(
+            result.residual, result.smooth, result.lora_down, result.lora_up, bias, act_format, storage, dtype
+        )
+
+    def packed_residual(self) -> PackedTensor:
+        """The residual as a :class:`PackedTensor` (re-quantized losslessly from ``fake`` storage)."""
+        if self.storage == "packed":
+            tensors = {k[len("residual_") :]: b for k, b in self.named_buffers() if k.startswith("residual_")}
+            return PackedTensor.from_tensors(tensors, self._residual_meta)
+        raise RuntimeError("fake storage keeps only the dequantized residual; use storage='packed'")
+
+    def residual_weight(self, dtype: torch.dtype) -> Tensor:
+        """Dequantized ``Q_w(R)`` (out × in) in ``dtype``; the same values in both storage modes."""
+        if self.storage == "fake":
+            return self.residual.to(dtype)
+        return dequantize(self.packed_residual(), torch.float32).to(self.lora_down.dtype).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = (x.float() / self.smooth).to(x.dtype)
+        base = F.linear(fake_quant(xs, self.act_format), self.residual_weight(x.dtype))
+        branch = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        y = base + branch
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"weight={self.weight_format}, act={self.act_format}, storage={self.storage}"
+        )

@@ -1,0 +1,192 @@
+"""Low-rank branch of one dense weight (DESIGN.md §3.2, step 2).
+
+Conventions used throughout:
+
+* ``W`` is ``(out × in)``; a rank-``r`` branch is ``W ≈ B·A`` with ``B (out × r)`` = ``lora_up`` and
+  ``A (r × in)`` = ``lora_down``.
+* Every branch returned here has **orthonormal rows in A** (``A·Aᵀ = I_r``); ``B`` carries the magnitudes.
+  The gauge does not change ``B·A``; it keeps ``A·x`` at the scale of ``x`` whatever the covariance scale.
+* A covariance is the un-normalized second moment ``C = XᵀX`` ``(in × in)`` of calibration inputs
+  ``X (n × in)``; the output error of an approximation ``W̃`` is ``‖(W − W̃)·Xᵀ‖_F² = tr(D·C·Dᵀ)``,
+  ``D = W − W̃``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "damped_cholesky",
+    "lowrank_branch",
+    "orthonormalize_rows",
+    "output_error",
+    "randomized_svd",
+    "relative_error",
+]
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def randomized_svd(
+    M: Tensor,
+    rank: int,
+    oversample: int = 8,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    exact_below: int = 256,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` singular triplets of ``M (m × n)``: ``U (m × r)``, ``S (r,)``, ``Vh (r × n)``.
+
+    ``M ≈ U·diag(S)·Vh`` with ``S`` descending. Range finder with power iterations (Halko, Martinsson &
+    Tropp 2011): with ``k = rank + oversample`` and a Gaussian test matrix ``Ω (n × k)``,
+
+        Q ← orth(M·Ω);  repeat ``power_iters`` times:  Q ← orth(M·orth(Mᵀ·Q))
+
+    (``orth`` = reduced QR, applied between every product so that small singular directions survive), then
+    the exact SVD of the small ``Qᵀ·M (k × n)`` gives ``U = Q·Ũ``. When ``min(m, n) ≤ max(exact_below, 2k)``
+    the exact ``torch.linalg.svd`` of ``M`` is used instead (cheaper and exact at that size).
+
+    The computation runs in ``dtype`` (float32 or float64); inputs of other dtypes are converted. The result
+    is deterministic: ``Ω`` comes from ``generator`` when given, else from a fresh generator seeded with
+    ``seed`` on ``M``'s device.
+    """
+    _check_matrix(M, "M")
+    if dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    m, n = M.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, min(m, n) = {min(m, n)}], got {rank}")
+    M = M.to(dtype)
+    k = min(rank + max(oversample, 0), min(m, n))
+    if min(m, n) <= max(exact_below, 2 * k):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :rank], S[:rank], Vh[:rank]
+
+    if generator is None:
+        generator = torch.Generator(device=M.device)
+        generator.manual_seed(seed)
+    omega = torch.randn(n, k, generator=generator, device=M.device, dtype=dtype)
+    Q = torch.linalg.qr(M @ omega).Q
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(M.mT @ Q).Q
+        Q = torch.linalg.qr(M @ Z).Q
+    U_small, S, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
+    U = Q @ U_small
+    return U[:, :rank], S[:rank], Vh[:rank]
+
+
+def damped_cholesky(C: Tensor, damp: float = 0.01, *, max_tries: int = 16) -> tuple[Tensor, bool]:
+    """Lower-triangular ``L (n × n, float64)`` with ``C + λ·I = L·Lᵀ``, ``λ = d·mean(diag(C))``.
+
+    Returns ``(L, used_identity)``. ``d`` starts at ``damp``; if the damped matrix is not numerically
+    positive definite, ``d`` grows (``max(10·d, 1e-10)``) up to ``max_tries`` attempts, so a rank-deficient
+    covariance (few tokens) still gets a factor. An all-zero ``C`` (no calibration tokens) returns
+    ``(I, True)``: whitening with it is the plain weight-space approximation. Only the lower triangle of
+    ``C`` is read. Raises ``ValueError`` for a non-square, non-finite or clearly non-PSD ``C``.
+    """
+    _check_matrix(C, "C")
+    if C.shape[0] != C.shape[1]:
+        raise ValueError(f"C must be square, got {tuple(C.shape)}")
+    C = C.to(torch.float64)
+    eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
+    scale = C.diagonal().mean().item()
+    if scale <= 0.0:
+        if not C.any():
+            return eye, True
+        raise ValueError("C has a non-positive trace but is not zero: not a covariance (XᵀX)")
+    d = max(damp, 0.0)
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(C + (d * scale) * eye)
+        if info.item() == 0:
+            return L, False
+        d = max(10.0 * d, 1e-10)
+    raise ValueError(
+        f"C is not positive semidefinite: Cholesky failed even with damping {d / 10:g}·mean(diag)"
+    )
+
+
+def orthonormalize_rows(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """Re-gauge a factorization ``B·A`` so that ``A`` has orthonormal rows; the product is unchanged.
+
+    ``B (… × r)``, ``A (r × in)`` with ``r ≤ in``. With the reduced QR ``Aᵀ = Q·R`` (signs fixed so that
+    ``diag(R) ≥ 0``, which makes the result unique for full-rank ``A``): ``A' = Qᵀ``, ``B' = B·Rᵀ``.
+    """
+    Q, R = torch.linalg.qr(A.mT)
+    signs = torch.where(R.diagonal() < 0, -1.0, 1.0).to(R.dtype)
+    return B @ (R * signs[:, None]).mT, (Q * signs).mT
+
+
+def lowrank_branch(
+    W: Tensor,
+    rank: int,
+    cov: Tensor | None = None,
+    damp: float = 0.01,
+    *,
+    dtype: torch.dtype = torch.float32,
+    **svd_kwargs,
+) -> tuple[Tensor, Tensor]:
+    """Rank-``r`` branch ``(B (out × r), A (r × in))`` of ``W (out × in)``, returned in ``dtype``.
+
+    * ``cov is None``: truncated SVD ``W ≈ Uᵣ·diag(Sᵣ)·Vhᵣ``; ``B = Uᵣ·diag(Sᵣ)``, ``A = Vhᵣ``. Minimizes
+      ``‖W − B·A‖_F``.
+    * ``cov = C = XᵀX (in × in)``: whitening. With ``C + λI = S·Sᵀ`` (:func:`damped_cholesky`, float64),
+      take the top-``r`` SVD ``W·S ≈ Uᵣ·diag(Sᵣ)·Vhᵣ`` and map back: ``A = Vhᵣ·S⁻¹`` (triangular solve, no
+      inverse), ``B = Uᵣ·diag(Sᵣ)``; then re-gauge with :func:`orthonormalize_rows`. Minimizes
+      ``‖(W − B·A)·S‖_F² = tr(D·(C + λI)·Dᵀ)``, i.e. the output error ``‖(W − B·A)·Xᵀ‖_F`` when ``λ = 0``.
+      An all-zero ``cov`` falls back to the unwhitened branch.
+
+    ``svd_kwargs`` go to :func:`randomized_svd` (``oversample``, ``power_iters``, ``generator``, ``seed``,
+    ``exact_below``). In both cases ``A·Aᵀ = I``.
+    """
+    if dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    _check_matrix(W, "W")
+    if cov is not None:
+        if cov.shape != (W.shape[1], W.shape[1]):
+            raise ValueError(f"cov must be ({W.shape[1]} × {W.shape[1]}), got {tuple(cov.shape)}")
+        L, used_identity = damped_cholesky(cov, damp)
+        if not used_identity:
+            WS = (W.to(torch.float64) @ L).to(dtype)
+            U, S, Vh = randomized_svd(WS, rank, dtype=dtype, **svd_kwargs)
+            A = torch.linalg.solve_triangular(L, Vh.to(torch.float64), upper=False, left=False)
+            B, A = orthonormalize_rows((U * S[None, :]).to(torch.float64), A)
+            return B.to(dtype), A.to(dtype)
+    U, S, Vh = randomized_svd(W, rank, dtype=dtype, **svd_kwargs)
+    return U * S[None, :], Vh
+
+
+def output_error(W_approx: Tensor, W: Tensor, cov: Tensor | None = None) -> float:
+    """Relative activation-weighted error ``sqrt(tr(D·C·Dᵀ) / tr(W·C·Wᵀ))``, ``D = W − W_approx``.
+
+    ``W, W_approx (out × in)``; ``cov = C (in × in)``; ``cov=None`` means ``C = I`` (relative Frobenius
+    error). Computed in float64. ``0/0`` gives 0.0 and ``x/0`` gives ``inf``, never NaN.
+    """
+    W = W.to(torch.float64)
+    D = W - W_approx.to(torch.float64)
+    if cov is None:
+        return relative_error(float(D.square().sum()), float(W.square().sum()))
+    C = cov.to(torch.float64)
+    return relative_error(float(((D @ C) * D).sum()), float(((W @ C) * W).sum()))
+
+
+def relative_error(num: float, den: float) -> float:
+    """``sqrt(num / den)`` for squared errors, with ``num`` clamped at 0; ``0/0 → 0``, ``x/0 → inf``."""
+    num = max(num, 0.0)
+    if den > 0.0:
+        return math.sqrt(num / den)
+    return 0.0 if num == 0.0 else math.inf
+
+
+def _check_matrix(T: Tensor, name: str) -> None:
+    if T.dim() != 2:
+        raise ValueError(f"{name} must be a matrix, got shape {tuple(T.shape)}")
+    if not T.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {T.dtype}")
+    if not bool(torch.isfinite(T).all()):
+        raise ValueError(f"{name} contains NaN or inf")

@@ -1,0 +1,22 @@
+"""Smoothing vectors that move activation outliers into the weight (DESIGN.md §3.2 step 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def smoothing_vector(x_absmax: Tensor, w_absmax: Tensor, alpha: float, eps: float = 1e-8) -> Tensor:
+    """``s_j = max|X_:j|^α / max|W_:j|^(1−α)``, normalized by ``sqrt(max(s)·min(s))`` (float32, ``(in,)``).
+
+    ``x_absmax`` and ``w_absmax`` are per input channel ``(in,)``. Channels that never saw a non-zero
+    input or weight get ``s_j = 1`` before normalization, so ``s`` is always finite and positive.
+    ``alpha = 0`` gives weight-only smoothing, ``alpha = 1`` activation-only.
+    """
+    xa = x_absmax.detach().to(torch.float64).clamp_min(eps)
+    wa = w_absmax.detach().to(torch.float64).clamp_min(eps)
+    s = xa.pow(alpha) / wa.pow(1.0 - alpha)
+    dead = (x_absmax <= eps) | (w_absmax <= eps)
+    s = torch.where(dead.to(s.device), torch.ones_like(s), s)
+    s = s / torch.sqrt(s.max() * s.min())
+    return s.float()
