@@ -25,7 +25,9 @@ float16 with any leading shape, e.g. weights ``(out, in)``, experts ``(E, out, i
 
 Every format is bit-exact with nvidia-modelopt 0.47 (``NVFP4QTensor``, ``INT4QTensor``,
 ``tensor_quant.scaled_e4m3``); the module docstrings list the few deliberate differences in degenerate
-cases (all-zero tensors / groups).
+cases (all-zero tensors / groups). Bit-exactness holds on the same device; the same torch code runs
+on CUDA, but nvfp4's global scale can differ between CPU and CUDA by one ulp (see
+:mod:`svdq.formats.nvfp4`).
 """
 
 from .api import dequantize, fake_quant, quantize

@@ -17,6 +17,10 @@ including its expression order (``amax_b / (6 * g)``, not ``amax_b / 6 / g``), t
 applied before the clamp, and the ``[2**-9, 448]`` clamp. One deliberate difference: when ``g`` is 0
 (an all-zero tensor, or ``amax < ~3.8e-42``) modelopt produces NaN; here ``g`` becomes 1 and the output
 is all zeros.
+
+Bit-exactness holds on the same device. CPU and CUDA can differ by one ulp in ``g``: on CUDA PyTorch
+divides by a Python scalar as a multiplication by its reciprocal (``amax * (1 / 2688)``), and modelopt
+and this module both write ``amax / 2688``.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def encode(
         ``(codes, block_scale, global_scale)``: uint8 ``(..., K)`` with values 0..15,
         float8_e4m3fn ``(..., K // 16)``, float32 ``()``.
     """
-    x32 = x.float()
+    x32 = x.float().contiguous()
     block_scale, g = compute_scales(x32, global_amax, fmt)
     y = _blocks(x32) / (block_scale.float() * g).unsqueeze(-1)
     a = y.abs()

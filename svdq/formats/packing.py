@@ -83,6 +83,8 @@ class PackedTensor:
     global_scale: Tensor | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fmt, QuantFormat):
+            raise ValueError(f"PackedTensor.fmt must be a QuantFormat, got {self.fmt!r}")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         dtype_name(self.dtype)  # validates
         self._validate()
