@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from svdq.formats import QuantFormat, parse_format
 
-DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,15 @@ class SVDQConfig:
     * ``rank``: rank of the low-rank branch (the LoRA rank).
     * ``alphas``: smoothing-strength grid; each candidate is scored by the output error of the complete
       quantized layer (branch included) on the sampled calibration tokens. ``()`` disables smoothing.
-    * ``refine_steps``: cap on branch/residual refinement steps (stops early when the error stops falling).
+    * ``refine_steps``: cap on branch/residual refinement steps; a step that lowers the output error by
+      less than ``refine_tol`` (relative) is the last one.
+    * ``residual_quant``: ``"rtn"`` (round-to-nearest) or ``"gptq"`` (Hessian-aware, slower; kept only
+      when it lowers the output error).
     * ``whiten``: fit the branch to the output error ``‖(W − BA)Xᵀ‖`` instead of the weight error.
     * ``damp``: Cholesky damping, relative to the mean diagonal of ``XᵀX``.
     * ``include`` / ``exclude``: ``fnmatch`` patterns on module names (exclude wins).
-    * ``sample_tokens``: calibration tokens kept per layer for scoring.
+    * ``sample_tokens``: calibration tokens kept per layer for scoring; ``score_rows``: output rows on
+      which α candidates are scored (a fixed random subset for large layers).
     * ``weight_only_fallback``: a targeted layer that saw no calibration data is decomposed from its
       weight alone (no smoothing, no whitening) and flagged, instead of raising.
     """
@@ -32,12 +36,15 @@ class SVDQConfig:
     act_format: str = "nvfp4"
     rank: int = 32
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    refine_steps: int = 8
+    refine_steps: int = 4
+    refine_tol: float = 1e-3
+    residual_quant: str = "rtn"
     whiten: bool = True
     damp: float = 0.01
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ("*lm_head*", "*output_layer*")
     sample_tokens: int = 512
+    score_rows: int = 2048
     oversample: int = 16
     power_iters: int = 2
     weight_only_fallback: bool = False
@@ -57,10 +64,18 @@ class SVDQConfig:
             raise ValueError(f"refine_steps must be ≥ 0, got {self.refine_steps}")
         if any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise ValueError(f"alphas must lie in [0, 1], got {self.alphas}")
+        if self.residual_quant not in ("rtn", "gptq"):
+            raise ValueError(f"residual_quant must be 'rtn' or 'gptq', got {self.residual_quant!r}")
+        if self.residual_quant == "gptq" and parse_format(self.weight_format).name not in ("nvfp4", "int4"):
+            raise ValueError(
+                f"residual_quant='gptq' needs an nvfp4 or int4 weight format, not {self.weight_format}"
+            )
         if self.damp < 0:
             raise ValueError(f"damp must be ≥ 0, got {self.damp}")
         if self.sample_tokens < 1:
             raise ValueError(f"sample_tokens must be ≥ 1, got {self.sample_tokens}")
+        if self.score_rows < 1:
+            raise ValueError(f"score_rows must be ≥ 1, got {self.score_rows}")
 
     @property
     def weight_quant(self) -> QuantFormat:

@@ -11,6 +11,8 @@
 * ``R = (W − B·A')·diag(s)``: the residual in smoothed coordinates, quantized round-to-nearest.
 * Refinement: refit the branch to ``W − Q_w(R)·diag(1/s)``, re-quantize, keep going while the output error
   falls (never returns a worse result than the best seen).
+* Optionally (``residual_quant="gptq"``) the final residual is quantized by GPTQ with the Hessian of the
+  smoothed inputs instead of round-to-nearest, kept when it lowers the output error.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from torch import Tensor
 
 from svdq.config import SVDQConfig
 from svdq.formats import PackedTensor, QuantFormat, fake_quant, quantize
-from svdq.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd
+from svdq.gptq import gptq_quantize
+from svdq.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd, randomized_svd_product
 from svdq.smoothing import smoothing_vector
 from svdq.stats import InputStats
+
+GPTQ_MIN_TOKENS_PER_INPUT = 4
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,9 @@ class SVDQResult:
     residual: PackedTensor
     alpha: float | None
     whitened: bool
+    residual_quant: str  # "rtn" or "gptq" (the one that gave final_error)
     rtn_error: float
-    smooth_only_error: float
+    smooth_only_error: float  # W·diag(s) quantized at the chosen α, no branch
     final_error: float
     step_errors: tuple[float, ...]
     alpha_errors: tuple[tuple[float, bool, float], ...]  # (α, whitened branch, error)
@@ -67,6 +73,7 @@ class SVDQResult:
             "rank": self.rank,
             "alpha": self.alpha,
             "whitened": self.whitened,
+            "residual_quant": self.residual_quant,
             "rtn_error": self.rtn_error,
             "smooth_only_error": self.smooth_only_error,
             "final_error": self.final_error,
@@ -129,101 +136,151 @@ def decompose_linear(
 
 
 class _Solver:
-    """One layer's search: holds W, the scoring tokens and the Cholesky factor shared by all steps."""
+    """One layer's search: holds W, the scoring tokens and the Cholesky factor shared by all steps.
+
+    Candidates (α, branch kind) are scored on a fixed random subset of at most ``config.score_rows``
+    output rows: quantization groups run along the input dimension, so a row's quantized values do not
+    depend on other rows (except NVFP4's per-tensor scale, taken from the subset while scoring). The
+    reported errors (α grid aside) are computed on all rows.
+    """
 
     def __init__(self, W: Tensor, stats: InputStats | None, config: SVDQConfig):
         self.W, self.cfg = W, config
         self.wq: QuantFormat = config.weight_quant
         self.aq: QuantFormat = config.act_quant
         dev = W.device
+        out_f = W.shape[0]
+        if out_f > config.score_rows:
+            g = torch.Generator().manual_seed(config.seed)
+            self.rows = torch.randperm(out_f, generator=g)[: config.score_rows].sort().values.to(dev)
+        else:
+            self.rows = None
         self.X = stats.sample.to(dev) if stats is not None else None
         self.y_ref = self.X @ W.T if self.X is not None else None
+        self.C = stats.covariance.to(dev) if stats is not None else None
+        self.n_tokens = stats.n_tokens if stats is not None else 0
         self.L = None
         if stats is not None and config.whiten:
-            L, identity = damped_cholesky(stats.covariance.to(dev), config.damp)
-            self.L = None if identity else L
+            L, identity = damped_cholesky(self.C, config.damp)
+            self.L = None if identity else L.float()
         self.x_absmax = stats.absmax.to(dev) if stats is not None else None
         self.w_absmax = W.abs().amax(dim=0)
-        self.gen_seed = config.seed
+        self.svd_kw = dict(oversample=config.oversample, power_iters=config.power_iters, seed=config.seed)
+
+    def _sub(self, t: Tensor | None, subset: bool) -> Tensor | None:
+        return t if (t is None or not subset or self.rows is None) else t[self.rows]
 
     # -- scoring -------------------------------------------------------------------------------------
-    def error(self, s: Tensor, Rq: Tensor, B: Tensor | None, A_raw: Tensor | None) -> float:
-        """Relative output error of ``y = Q_a(x/s)·Rqᵀ + (x·A_rawᵀ)·Bᵀ`` against ``x·Wᵀ``."""
+    def error(self, s: Tensor, Rq: Tensor, B: Tensor | None, A_raw: Tensor | None, subset=False) -> float:
+        """Relative output error of ``y = Q_a(x/s)·Rqᵀ + (x·A_rawᵀ)·Bᵀ`` against ``x·Wᵀ``.
+
+        ``Rq`` and ``B`` hold the scored rows (all rows, or the subset when ``subset``).
+        """
+        W = self._sub(self.W, subset)
         if self.X is None:  # weight-only: error of the reconstructed weight
             W_hat = Rq / s
             if B is not None:
                 W_hat = W_hat + B @ A_raw
-            return _rel(W_hat - self.W, self.W)
+            return _rel(W_hat - W, W)
+        y_ref = self.y_ref if not subset or self.rows is None else self.y_ref[:, self.rows]
         y = fake_quant(self.X / s, self.aq) @ Rq.T
         if B is not None:
             y = y + (self.X @ A_raw.T) @ B.T
-        return _rel(y - self.y_ref, self.y_ref)
+        return _rel(y - y_ref, y_ref)
 
     # -- branch --------------------------------------------------------------------------------------
     def branch(self, target_raw: Tensor, s: Tensor, whiten: bool) -> tuple[Tensor, Tensor]:
-        """Rank-r ``(B, A_raw)`` for ``target_raw (out × in)`` in raw input coordinates.
+        """Rank-r ``(B (out × r), A_raw (r × in))`` for ``target_raw (out × in)`` in raw input coordinates.
 
-        Whitened: top-r SVD of ``target_raw·L`` mapped back with ``L⁻¹`` (independent of ``s``).
-        Unwhitened: top-r SVD of the smoothed ``target_raw·diag(s)`` mapped back with ``1/s``.
+        Whitened: top-r SVD of ``target_raw·L`` (never formed) mapped back with ``L⁻¹``; independent
+        of ``s``. Plain: top-r SVD of the smoothed ``target_raw·diag(s)`` mapped back with ``1/s``.
+        ``A_raw`` is re-gauged to orthonormal rows (a whitened ``A`` would otherwise scale like
+        ``1/sqrt(tokens)``, bad for fine-tuning it as lora_down); ``B·A_raw`` is unchanged.
         """
         r = self.cfg.rank
-        kw = dict(oversample=self.cfg.oversample, power_iters=self.cfg.power_iters, seed=self.gen_seed)
         if whiten:
-            M = target_raw @ self.L.to(target_raw.dtype)
-            U, S, Vh = randomized_svd(M, r, **kw)
-            A = torch.linalg.solve_triangular(self.L, Vh.to(torch.float64), upper=False, left=False)
+            U, S, Vh = randomized_svd_product(target_raw, self.L, r, **self.svd_kw)
+            A = torch.linalg.solve_triangular(self.L, Vh, upper=False, left=False)
         else:
-            U, S, Vh = randomized_svd(target_raw * s, r, **kw)
-            A = Vh.to(torch.float64) / s
-        # re-gauge so lora_down has orthonormal rows (whitened A scales like 1/sqrt(tokens) otherwise)
-        B, A = orthonormalize_rows((U * S).to(torch.float64), A)
+            U, S, Vh = randomized_svd(target_raw * s, r, **self.svd_kw)
+            A = Vh / s
+        B, A = orthonormalize_rows((U * S).double(), A.double())
         return B.float(), A.float()
 
-    def residual(self, s: Tensor, B: Tensor, A_raw: Tensor) -> tuple[Tensor, Tensor]:
-        R = (self.W - B @ A_raw) * s
+    def residual(self, s: Tensor, B: Tensor, A_raw: Tensor, subset=False) -> tuple[Tensor, Tensor]:
+        """``R = (W − B·A_raw)·diag(s)`` and ``Q_w(R)`` on all rows or on the scoring subset."""
+        R = (self._sub(self.W, subset) - self._sub(B, subset) @ A_raw) * s
         return R, fake_quant(R, self.wq)
+
+    def score(self, s: Tensor, B: Tensor, A_raw: Tensor) -> float:
+        _, Rq = self.residual(s, B, A_raw, subset=True)
+        return self.error(s, Rq, self._sub(B, True), A_raw, subset=True)
 
     # -- search --------------------------------------------------------------------------------------
     def run(self) -> dict:
-        """α search (× whitened / plain branch when whitening is on), then refinement of the best."""
+        """α search, branch kind, then refinement of the best candidate.
+
+        1. With whitening, one whitened branch serves every α (it does not depend on ``s``); each α is
+           scored on the row subset. Without whitening, each α gets its own plain branch.
+        2. With whitening, the plain branch is also scored at the best α; the better kind is kept.
+        3. Refinement: refit the branch to ``W − Q_w(R)·diag(1/s)``, re-quantize, stop when the error
+           falls by less than ``config.refine_tol`` (relative); the best step is kept.
+        """
         ones = torch.ones_like(self.w_absmax)
         rtn = self.error(ones, fake_quant(self.W, self.wq), None, None)
         alphas = self.cfg.alphas if self.x_absmax is not None else ()
         candidates = [(a, smoothing_vector(self.x_absmax, self.w_absmax, a)) for a in alphas]
         if not candidates:
             candidates = [(None, ones)]
-        # The whitened branch minimizes the output error of the unquantized residual and does not depend
-        # on s; the plain one can still win once the residual is quantized, so both are scored.
-        modes = (True, False) if self.L is not None else (False,)
-        whitened = self.branch(self.W, ones, True) if self.L is not None else None
-        best = None
-        alpha_errors, smooth_only = [], math.inf
+        whiten = self.L is not None
+        shared = self.branch(self.W, ones, True) if whiten else None
+        alpha_errors, best = [], None
         for alpha, s in candidates:
-            smooth_only = min(smooth_only, self.error(s, fake_quant(self.W * s, self.wq), None, None))
-            for whiten in modes:
-                B, A_raw = whitened if whiten else self.branch(self.W, s, False)
-                R, Rq = self.residual(s, B, A_raw)
-                err = self.error(s, Rq, B, A_raw)
-                if alpha is not None:
-                    alpha_errors.append((alpha, whiten, err))
-                if best is None or err < best[0]:
-                    best = (err, alpha, whiten, s, B, A_raw, R)
-        err, alpha, whiten, s, B, A_raw, R = best
+            B, A_raw = shared if whiten else self.branch(self.W, s, False)
+            err = self.score(s, B, A_raw)
+            if alpha is not None:
+                alpha_errors.append((alpha, whiten, err))
+            if best is None or err < best[0]:
+                best = (err, alpha, whiten, s, B, A_raw)
+        err, alpha, whiten, s, B, A_raw = best
+        if whiten:
+            B2, A2 = self.branch(self.W, s, False)
+            err2 = self.score(s, B2, A2)
+            if alpha is not None:
+                alpha_errors.append((alpha, False, err2))
+            if err2 < err:
+                whiten, B, A_raw = False, B2, A2
+        R, Rq = self.residual(s, B, A_raw)
+        err = self.error(s, Rq, B, A_raw)
         step_errors = [err]
-        Rq = fake_quant(R, self.wq)
         for _ in range(self.cfg.refine_steps):
             B2, A2 = self.branch(self.W - Rq / s, s, whiten)
             R2, Rq2 = self.residual(s, B2, A2)
             err2 = self.error(s, Rq2, B2, A2)
-            if not err2 < err * (1 - 1e-4):
+            if not err2 < err:
                 break
+            improved = (err - err2) / err
             err, B, A_raw, R, Rq = err2, B2, A2, R2, Rq2
             step_errors.append(err)
+            if improved < self.cfg.refine_tol:
+                break
+        packed, residual_quant = quantize(R, self.wq), "rtn"
+        # GPTQ fits the calibration tokens; with fewer than ~4·in of them it over-fits (its error on
+        # held-out tokens rises above RTN's even while the calibration error falls), so it is skipped.
+        if self.cfg.residual_quant == "gptq" and self.n_tokens >= GPTQ_MIN_TOKENS_PER_INPUT * self.W.shape[1]:
+            H = self.C / torch.outer(s, s).double()  # Hessian of the smoothed inputs x/s
+            Rq_g, packed_g = gptq_quantize(R, H, self.wq, self.cfg.damp)
+            err_g = self.error(s, Rq_g, B, A_raw)
+            if err_g < err:
+                err, packed, residual_quant = err_g, packed_g, "gptq"
+                step_errors.append(err)
+        smooth_only = self.error(s, fake_quant(self.W * s, self.wq), None, None)
         return dict(
             smooth=s.float(),
             lora_down=A_raw.contiguous(),
             lora_up=B.contiguous(),
-            residual=quantize(R, self.wq),
+            residual=packed,
+            residual_quant=residual_quant,
             alpha=alpha,
             whitened=whiten,
             rtn_error=rtn,

@@ -24,6 +24,7 @@ __all__ = [
     "orthonormalize_rows",
     "output_error",
     "randomized_svd",
+    "randomized_svd_product",
     "relative_error",
 ]
 
@@ -190,3 +191,37 @@ def _check_matrix(T: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be floating point, got {T.dtype}")
     if not bool(torch.isfinite(T).all()):
         raise ValueError(f"{name} contains NaN or inf")
+
+
+def randomized_svd_product(
+    left: Tensor,
+    right: Tensor,
+    rank: int,
+    oversample: int = 8,
+    power_iters: int = 2,
+    *,
+    seed: int = 0,
+    exact_below: int = 256,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` SVD of ``M = left·right`` without forming ``M`` (``left (m × p)``, ``right (p × n)``).
+
+    Same algorithm and outputs as :func:`randomized_svd` (``U (m × r)``, ``S (r,)``, ``Vh (r × n)``,
+    float32), but every product with ``M`` goes through the factors: ``M·Ω = left·(right·Ω)`` and
+    ``Mᵀ·Q = rightᵀ·(leftᵀ·Q)``, so a whitened SVD ``(W·L)`` costs ``O((m + n)·p·k)`` instead of the
+    ``O(m·p·n)`` of forming ``W·L``. Small problems form ``M`` and take the exact SVD.
+    """
+    left = left.float()
+    right = right.float()
+    m, n = left.shape[0], right.shape[1]
+    k = min(rank + max(oversample, 0), min(m, n))
+    if min(m, n) <= max(exact_below, 2 * k):
+        return randomized_svd(left @ right, rank, exact_below=exact_below)
+    generator = torch.Generator(device=left.device)
+    generator.manual_seed(seed)
+    omega = torch.randn(n, k, generator=generator, device=left.device)
+    Q = torch.linalg.qr(left @ (right @ omega)).Q
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(right.mT @ (left.mT @ Q)).Q
+        Q = torch.linalg.qr(left @ (right @ Z)).Q
+    U_small, S, Vh = torch.linalg.svd((Q.mT @ left) @ right, full_matrices=False)
+    return (Q @ U_small)[:, :rank], S[:rank], Vh[:rank]

@@ -70,10 +70,15 @@ class InputStats:
             return
         positions = torch.arange(n_seen + 1, n_seen + 1 + x.shape[0], dtype=torch.float64)
         draws = torch.rand(x.shape[0], generator=self._generator, dtype=torch.float64)
-        slots = (draws * positions).long()
-        keep = slots < self.sample_size
-        for row, slot in zip(x[keep.to(x.device)], slots[keep].tolist()):
-            self.sample[slot] = row
+        slots = (draws * positions).long()  # token t replaces slot j < sample_size with prob. k/t
+        keep = torch.nonzero(slots < self.sample_size).flatten()
+        if keep.numel() == 0:
+            return
+        # several tokens of one batch may draw the same slot: the last one wins (sequential semantics)
+        last = torch.full((self.sample_size,), -1, dtype=torch.long)
+        last.scatter_reduce_(0, slots[keep], keep, reduce="amax")
+        filled = torch.nonzero(last >= 0).flatten()
+        self.sample[filled.to(x.device)] = x[last[filled].to(x.device)]
 
     @property
     def covariance(self) -> Tensor:

@@ -82,11 +82,24 @@ def encode(
     x32 = x.float().contiguous()
     block_scale, g = compute_scales(x32, global_amax, fmt)
     y = _blocks(x32) / (block_scale.float() * g).unsqueeze(-1)
+    return e2m1_codes(y).reshape(x.shape), block_scale, g
+
+
+def e2m1_codes(y: Tensor) -> Tensor:
+    """Nearest E2M1 code (uint8, sign-magnitude 0..15) of already-scaled float32 values ``y``.
+
+    Ties go to the even code and ``|y| > 5`` saturates to 6. Shared by :func:`encode` and by
+    quantizers that choose their own scales (e.g. GPTQ, column by column with fixed block scales).
+    """
     a = y.abs()
     magnitude = torch.bucketize(a, _table("bounds", a.device), out_int32=True).to(torch.uint8)
     tie_up = functools.reduce(torch.logical_or, [a == t for t in _ROUND_UP_TIES])
-    codes = magnitude + tie_up.to(torch.uint8) + ((y < 0).to(torch.uint8) << 3)
-    return codes.reshape(x.shape), block_scale, g
+    return magnitude + tie_up.to(torch.uint8) + ((y < 0).to(torch.uint8) << 3)
+
+
+def e2m1_values(codes: Tensor) -> Tensor:
+    """float32 E2M1 values of codes 0..15 (same shape)."""
+    return _table("values", codes.device)[codes.long()]
 
 
 def decode(codes: Tensor, block_scale: Tensor, global_scale: Tensor) -> Tensor:
