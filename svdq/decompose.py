@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from svdq.config import SVDQConfig
-from svdq.formats import PackedTensor, QuantFormat, fake_quant, quantize
+from svdq.formats import PackedTensor, QuantFormat, fake_quant, quantize, trusted_inputs
 from svdq.gptq import gptq_quantize
 from svdq.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd, randomized_svd_product
 from svdq.smoothing import smoothing_vector
@@ -125,8 +125,8 @@ def decompose_linear(
             "to decompose it from its weight alone, or exclude it)"
         )
     W = weight.detach().float()
-    solver = _Solver(W, stats if has_data else None, config)
-    out = solver.run()
+    with trusted_inputs():  # W and the statistics are validated above: skip per-call NaN syncs
+        out = _Solver(W, stats if has_data else None, config).run()
     return SVDQResult(
         **out,
         weight_only=not has_data,
@@ -171,7 +171,7 @@ class _Solver:
         return t if (t is None or not subset or self.rows is None) else t[self.rows]
 
     # -- scoring -------------------------------------------------------------------------------------
-    def error(self, s: Tensor, Rq: Tensor, B: Tensor | None, A_raw: Tensor | None, subset=False) -> float:
+    def error(self, s, Rq, B, A_raw, subset=False, as_tensor=False):
         """Relative output error of ``y = Q_a(x/s)·Rqᵀ + (x·A_rawᵀ)·Bᵀ`` against ``x·Wᵀ``.
 
         ``Rq`` and ``B`` hold the scored rows (all rows, or the subset when ``subset``).
@@ -181,12 +181,12 @@ class _Solver:
             W_hat = Rq / s
             if B is not None:
                 W_hat = W_hat + B @ A_raw
-            return _rel(W_hat - W, W)
+            return _rel(W_hat - W, W, as_tensor)
         y_ref = self.y_ref if not subset or self.rows is None else self.y_ref[:, self.rows]
         y = fake_quant(self.X / s, self.aq) @ Rq.T
         if B is not None:
             y = y + (self.X @ A_raw.T) @ B.T
-        return _rel(y - y_ref, y_ref)
+        return _rel(y - y_ref, y_ref, as_tensor)
 
     # -- branch --------------------------------------------------------------------------------------
     def branch(self, target_raw: Tensor, s: Tensor, whiten: bool) -> tuple[Tensor, Tensor]:
@@ -212,9 +212,10 @@ class _Solver:
         R = (self._sub(self.W, subset) - self._sub(B, subset) @ A_raw) * s
         return R, fake_quant(R, self.wq)
 
-    def score(self, s: Tensor, B: Tensor, A_raw: Tensor) -> float:
+    def score(self, s: Tensor, B: Tensor, A_raw: Tensor) -> Tensor:
+        """Error on the scoring rows, as a 0-d tensor (no host sync)."""
         _, Rq = self.residual(s, B, A_raw, subset=True)
-        return self.error(s, Rq, self._sub(B, True), A_raw, subset=True)
+        return self.error(s, Rq, self._sub(B, True), A_raw, subset=True, as_tensor=True)
 
     # -- search --------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -234,18 +235,18 @@ class _Solver:
             candidates = [(None, ones)]
         whiten = self.L is not None
         shared = self.branch(self.W, ones, True) if whiten else None
-        alpha_errors, best = [], None
+        scored = []  # (alpha, whiten, s, B, A_raw, error tensor): no host sync inside the loop
         for alpha, s in candidates:
             B, A_raw = shared if whiten else self.branch(self.W, s, False)
-            err = self.score(s, B, A_raw)
-            if alpha is not None:
-                alpha_errors.append((alpha, whiten, err))
-            if best is None or err < best[0]:
-                best = (err, alpha, whiten, s, B, A_raw)
+            scored.append((alpha, whiten, s, B, A_raw, self.score(s, B, A_raw)))
+        errors = torch.stack([c[-1] for c in scored]).tolist()
+        alpha_errors = [(c[0], c[1], e) for c, e in zip(scored, errors) if c[0] is not None]
+        i = min(range(len(errors)), key=errors.__getitem__)
+        best = (errors[i], *scored[i][:5])
         err, alpha, whiten, s, B, A_raw = best
         if whiten:
             B2, A2 = self.branch(self.W, s, False)
-            err2 = self.score(s, B2, A2)
+            err2 = self.score(s, B2, A2).item()
             if alpha is not None:
                 alpha_errors.append((alpha, False, err2))
             if err2 < err:
@@ -291,7 +292,8 @@ class _Solver:
         )
 
 
-def _rel(diff: Tensor, ref: Tensor) -> float:
-    den = ref.double().norm().item()
-    num = diff.double().norm().item()
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+def _rel(diff: Tensor, ref: Tensor, as_tensor: bool = False):
+    """``‖diff‖ / ‖ref‖`` in float64 (0 for 0/0, inf for x/0); a float, or a 0-d tensor if ``as_tensor``."""
+    num, den = diff.double().norm(), ref.double().norm()
+    rel = torch.where(den > 0, num / den.clamp_min(1e-300), torch.where(num == 0, 0.0, math.inf))
+    return rel if as_tensor else rel.item()

@@ -73,13 +73,33 @@ def randomized_svd(
         generator = torch.Generator(device=M.device)
         generator.manual_seed(seed)
     omega = torch.randn(n, k, generator=generator, device=M.device, dtype=dtype)
-    Q = torch.linalg.qr(M @ omega).Q
+    Q = _orth(M @ omega)
     for _ in range(power_iters):
-        Z = torch.linalg.qr(M.mT @ Q).Q
-        Q = torch.linalg.qr(M @ Z).Q
+        Z = _orth(M.mT @ Q)
+        Q = _orth(M @ Z)
     U_small, S, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
     U = Q @ U_small
     return U[:, :rank], S[:rank], Vh[:rank]
+
+
+def _orth(Y: Tensor) -> Tensor:
+    """Orthonormal basis ``Q (m × k)`` of the columns of a tall ``Y (m × k)``.
+
+    CPU: Householder QR. CUDA: shifted Cholesky-QR, three passes (Gram matrix and triangular solves in
+    float64), which avoids the slow tall-skinny QR kernels and stays accurate for ill-conditioned ``Y``
+    (the shift keeps the first Cholesky positive definite; the later passes restore orthogonality).
+    """
+    if not Y.is_cuda:
+        return torch.linalg.qr(Y).Q
+    Q = Y.double()
+    eye = torch.eye(Y.shape[1], dtype=torch.float64, device=Y.device)
+    for i in range(3):
+        G = Q.mT @ Q
+        if i == 0:
+            G = G + (1e-12 * G.diagonal().sum() + 1e-300) * eye
+        R = torch.linalg.cholesky(G, upper=True)
+        Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+    return Q.to(Y.dtype)
 
 
 def damped_cholesky(C: Tensor, damp: float = 0.01, *, max_tries: int = 16) -> tuple[Tensor, bool]:
@@ -219,9 +239,9 @@ def randomized_svd_product(
     generator = torch.Generator(device=left.device)
     generator.manual_seed(seed)
     omega = torch.randn(n, k, generator=generator, device=left.device)
-    Q = torch.linalg.qr(left @ (right @ omega)).Q
+    Q = _orth(left @ (right @ omega))
     for _ in range(power_iters):
-        Z = torch.linalg.qr(right.mT @ (left.mT @ Q)).Q
-        Q = torch.linalg.qr(left @ (right @ Z)).Q
+        Z = _orth(right.mT @ (left.mT @ Q))
+        Q = _orth(left @ (right @ Z))
     U_small, S, Vh = torch.linalg.svd((Q.mT @ left) @ right, full_matrices=False)
     return (Q @ U_small)[:, :rank], S[:rank], Vh[:rank]

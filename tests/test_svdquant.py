@@ -314,3 +314,20 @@ def test_randomized_svd_product_matches_explicit():
     best = torch.linalg.svd(left @ right)
     tail = best.S[16:].square().sum().sqrt()
     assert (left @ right - approx).norm() <= 1.01 * tail
+
+
+@pytest.mark.gpu
+def test_cuda_cholesky_qr_orthonormalizes_ill_conditioned_bases():
+    from svdq.lowrank import _orth, randomized_svd
+
+    g = torch.Generator().manual_seed(14)
+    Y = torch.randn(5000, 40, generator=g) * torch.logspace(0, -6, 40)
+    Q = _orth(Y.cuda())
+    torch.testing.assert_close(Q.T @ Q, torch.eye(40, device="cuda"), rtol=0, atol=1e-5)
+    # same column space as the CPU Householder QR
+    Q_cpu = _orth(Y)
+    assert (Q.cpu() @ (Q.cpu().T @ Q_cpu) - Q_cpu).norm() < 1e-3
+    M = torch.randn(3000, 1000, generator=g) * torch.logspace(0, -2, 1000)
+    S_gpu = randomized_svd(M.cuda(), 32, exact_below=0)[1].cpu()
+    S_cpu = randomized_svd(M, 32, exact_below=0)[1]
+    torch.testing.assert_close(S_gpu, S_cpu, rtol=1e-3, atol=0)

@@ -30,6 +30,7 @@ on CUDA, but nvfp4's global scale can differ between CPU and CUDA by one ulp (se
 :mod:`svdq.formats.nvfp4`).
 """
 
+from ._common import trusted_inputs
 from .api import dequantize, fake_quant, quantize
 from .config import FORMAT_NAMES, INT4_GROUP_SIZES, QuantFormat, parse_format
 from .packing import PackedTensor, pack_nibbles, unpack_nibbles
@@ -44,5 +45,6 @@ __all__ = [
     "pack_nibbles",
     "parse_format",
     "quantize",
+    "trusted_inputs",
     "unpack_nibbles",
 ]
