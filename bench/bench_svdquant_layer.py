@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     )
     base = SVDQConfig(weight_format=fmt_name, act_format=act_name, rank=args.rank)
     variants = {
+        "ours (whiten + refine x4)": base.replace(refine_steps=4),
         "ours (whiten + refine)": base,
         "ours (whiten, no refine)": base.replace(refine_steps=0),
         "ours (no whiten, refine)": base.replace(whiten=False),

@@ -36,7 +36,7 @@ class SVDQConfig:
     act_format: str = "nvfp4"
     rank: int = 32
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    refine_steps: int = 4
+    refine_steps: int = 1
     refine_tol: float = 1e-3
     residual_quant: str = "rtn"
     whiten: bool = True
