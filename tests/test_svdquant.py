@@ -329,6 +329,8 @@ def test_cuda_cholesky_qr_orthonormalizes_ill_conditioned_bases():
     Q_gpu, Q_cpu = _orth(Y2.cuda()).cpu(), _orth(Y2)
     assert (Q_gpu @ (Q_gpu.T @ Q_cpu) - Q_cpu).norm() < 1e-3
     M = torch.randn(3000, 1000, generator=g) * torch.logspace(0, -2, 1000)
-    S_gpu = randomized_svd(M.cuda(), 32, exact_below=0)[1].cpu()
-    S_cpu = randomized_svd(M, 32, exact_below=0)[1]
-    torch.testing.assert_close(S_gpu, S_cpu, rtol=1e-3, atol=0)
+    S_gpu = randomized_svd(M.cuda(), 32, exact_below=0)[1].cpu().double()
+    S_exact = torch.linalg.svdvals(M.double())[:32]
+    # a flat spectrum: the randomized estimate is within a few percent, as on the CPU (other Ω draws)
+    S_cpu = randomized_svd(M, 32, exact_below=0)[1].double()
+    assert ((S_gpu - S_exact).abs() / S_exact).max() < 2 * ((S_cpu - S_exact).abs() / S_exact).max() + 1e-3
