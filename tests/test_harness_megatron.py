@@ -121,3 +121,31 @@ def test_child_failure_propagates_traceback_without_hanging():
 def test_hung_child_times_out():
     with pytest.raises(ChildProcessError_, match="timed out"):
         run_on_processes(_hangs, 1, timeout=3)
+
+
+def _train_on_cuda(rank, world):
+    init_parallel(expert_parallel=world)  # CUDA present: NCCL, no CPU patches
+    import torch.distributed as dist
+
+    model = build_tiny_gpt_moe(CFG, seed=3)
+    batch = tiny_moe_batch(CFG, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss = _loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"backend": dist.get_backend(), "device": str(next(model.parameters()).device), "losses": losses}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2])
+def test_tiny_moe_trains_on_cuda_with_nccl(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    results = run_on_processes(_train_on_cuda, world, timeout=300)
+    for r in results:
+        assert r["backend"] == "nccl" and r["device"].startswith("cuda")
+        assert r["losses"][-1] < r["losses"][0]
