@@ -1,1 +1,51 @@
-"""lora package."""
+"""lora: trainable low-rank adapters on Megatron linears and MoE experts.
+
+    from lora import LoraConfig, add_adapters, freeze_base, save_adapters, load_adapters
+
+* :mod:`lora.config` — :class:`LoraConfig` and named presets.
+* :mod:`lora.layers` — adapter modules (:class:`LoraLinear`, :class:`LoraExperts`, …).
+* :mod:`lora.model` — add / enable / disable / remove, freeze, merge, adapter files.
+* :mod:`lora.checkpoint` — ``sharded_state_dict`` (Megatron ``dist_checkpointing``) design.
+* :mod:`lora.harness` — Megatron-on-CPU test harness.
+"""
+
+from lora.config import PRESETS, LoraConfig
+from lora.layers import ExpertLoraLinear, ExpertParallelAdapter, Factor, LoraExperts, LoraLinear
+from lora.model import (
+    adapter_factors,
+    adapter_modules,
+    adapter_state_dict,
+    add_adapters,
+    disable_adapters,
+    enable_adapters,
+    freeze_base,
+    load_adapters,
+    merge_adapters,
+    remove_adapters,
+    save_adapters,
+    shared_adapters_out_of_sync,
+    unmerge_adapters,
+)
+
+__all__ = [
+    "PRESETS",
+    "ExpertLoraLinear",
+    "ExpertParallelAdapter",
+    "Factor",
+    "LoraConfig",
+    "LoraExperts",
+    "LoraLinear",
+    "adapter_factors",
+    "adapter_modules",
+    "adapter_state_dict",
+    "add_adapters",
+    "disable_adapters",
+    "enable_adapters",
+    "freeze_base",
+    "load_adapters",
+    "merge_adapters",
+    "remove_adapters",
+    "save_adapters",
+    "shared_adapters_out_of_sync",
+    "unmerge_adapters",
+]

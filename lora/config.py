@@ -1,0 +1,118 @@
+"""``LoraConfig``: which modules get adapters, their rank and scaling, the expert layouts, the init.
+
+An adapted linear computes ``y = base(x) + scaling · (x · Aᵀ) · Bᵀ`` with ``A = lora_down (r × in)``,
+``B = lora_up (out × r)`` and ``scaling = alpha / rank`` (``alpha=None`` means ``alpha = rank``, i.e.
+scaling 1, the convention for adapters initialized from an SVD branch).
+
+``targets`` are :func:`fnmatch.fnmatch` patterns over module names (``model.named_modules()``):
+
+* a matched ``ColumnParallelLinear`` / ``RowParallelLinear`` gets a :class:`lora.layers.LoraLinear`;
+* a matched ``SequentialMLP`` (e.g. ``"*.mlp.experts"``) gets a :class:`lora.layers.LoraExperts`: its
+  experts' ``linear_fc1`` / ``linear_fc2`` get branches in ``fc1_layout`` / ``fc2_layout`` (one of
+  ``svdq.shared_basis.LAYOUTS``: ``"shared-down"``, ``"shared-up"``, ``"per-expert"``, or ``None`` for
+  none) and, with ``parallel_expert=True``, a parallel adapter hidden → r → hidden around each whole expert.
+
+Linears inside a ``SequentialMLP`` are adapted only through their experts module, never on their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from svdq.shared_basis import LAYOUTS
+
+INITS = ("kaiming", "zeros", "random")
+
+ATTENTION = ("*.self_attention.linear_qkv", "*.self_attention.linear_proj")
+DENSE_MLP = ("*.mlp.linear_fc1", "*.mlp.linear_fc2")
+EXPERTS = ("*.mlp.experts",)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Adapter configuration (see the module docstring).
+
+    ``init``: ``"kaiming"`` — ``A`` kaiming-uniform, ``B = 0`` (plain LoRA: the adapted model starts equal
+    to the base); ``"zeros"`` — both zero (placeholders to be filled by ``init_from`` or a load; a zero
+    adapter gets no gradient); ``"random"`` — both kaiming-uniform (tests, debugging). Random values are
+    drawn per *global* factor name from ``seed``, so they do not depend on tensor or expert parallelism.
+    ``dtype``: adapter parameter dtype (``None``: the base weight's). ``dropout`` on the adapter input
+    (tensor parallel size 1 only).
+    """
+
+    rank: int = 16
+    alpha: float | None = None
+    targets: tuple[str, ...] = ATTENTION + DENSE_MLP + EXPERTS
+    fc1_layout: str | None = "shared-down"
+    fc2_layout: str | None = "shared-up"
+    parallel_expert: bool = False
+    dropout: float = 0.0
+    init: str = "kaiming"
+    dtype: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        for name in ("fc1_layout", "fc2_layout"):
+            value = getattr(self, name)
+            if value is not None and value not in LAYOUTS:
+                raise ValueError(f"{name} must be one of {LAYOUTS} or None, got {value!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError("targets is empty")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank`` (1 when ``alpha`` is None)."""
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    @property
+    def has_expert_adapters(self) -> bool:
+        return self.fc1_layout is not None or self.fc2_layout is not None or self.parallel_expert
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown LoraConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> LoraConfig:
+        """A named preset (:data:`PRESETS`) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown LoRA preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict] = {
+    # attention and dense MLP linears (MoE experts untouched)
+    "dense": {"targets": ATTENTION + DENSE_MLP, "fc1_layout": None, "fc2_layout": None},
+    # attention + experts: fc1 with one lora_down shared by the layer's experts, fc2 with a shared lora_up
+    "moe": {"targets": ATTENTION + DENSE_MLP + EXPERTS},
+    # the baseline: independent LoRA on every expert linear
+    "moe-per-expert": {
+        "targets": ATTENTION + DENSE_MLP + EXPERTS,
+        "fc1_layout": "per-expert",
+        "fc2_layout": "per-expert",
+    },
+    # the upstream design: hidden → r → hidden around each whole expert (shared down, per-expert up),
+    # weighted by the routing probability
+    "moe-parallel": {
+        "targets": ATTENTION + DENSE_MLP + EXPERTS,
+        "fc1_layout": None,
+        "fc2_layout": None,
+        "parallel_expert": True,
+    },
+}

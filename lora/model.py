@@ -1,0 +1,302 @@
+"""Adapter API on a (Megatron) model: add / enable / disable / remove by name pattern, freeze the base,
+merge / unmerge, and the adapter-only state dict as safetensors.
+
+    names = add_adapters(model, LoraConfig.preset("moe", rank=16))
+    freeze_base(model)                      # only adapter parameters train
+    ...train...
+    save_adapters(model, "adapters.safetensors")
+    load_adapters(fresh_model, "adapters.safetensors")   # adds the adapters if the model has none
+
+Patterns are :func:`fnmatch.fnmatch` patterns over adapter names (the module names at ``add_adapters``
+time). Adapter-file keys are global factor names (:class:`lora.layers.Factor`): ``<linear>.lora_down``,
+``<experts>.linear_fc1.lora_down`` for a factor shared by a layer's experts, and
+``<experts>.experts.<g>.linear_fc1.lora_up`` per expert with ``g`` the *global* expert index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora.config import LoraConfig
+from lora.layers import ExpertLoraLinear, ExpertParallelAdapter, Factor, LoraExperts, LoraLinear, linear_mode
+
+FILE_FORMAT = "svdq-lora"
+FILE_VERSION = "1"
+_ADAPTERS = (LoraLinear, LoraExperts)
+_WRAPPERS = (LoraLinear, LoraExperts, ExpertLoraLinear, ExpertParallelAdapter)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch(name, p) for p in patterns)
+
+
+def _is_linear(m: nn.Module) -> bool:
+    try:
+        linear_mode(m)
+        return True
+    except TypeError:
+        return False
+
+
+def _locate(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
+    """``(parent, attribute)`` under which ``target`` sits in ``model``."""
+    for _, parent in model.named_modules():
+        for cname, child in parent.named_children():
+            if child is target:
+                return parent, cname
+    raise ValueError(f"module {type(target).__name__} is not part of the model")
+
+
+def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Adapter name → adapter module (:class:`LoraLinear` or :class:`LoraExperts`)."""
+    return {m.adapter_name: m for m in model.modules() if isinstance(m, _ADAPTERS)}
+
+
+def _select(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
+    return {n: m for n, m in adapter_modules(model).items() if fnmatch(n, pattern)}
+
+
+def adapter_factors(model: nn.Module) -> dict[str, Factor]:
+    """Global factor name → :class:`Factor` of every adapter parameter on this rank."""
+    return {f.key: f for m in adapter_modules(model).values() for f in m.factors()}
+
+
+# ------------------------------------------------------------------------------------------ add/remove
+
+
+def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list[str]:
+    """Wrap every module matched by ``config.targets`` (see :mod:`lora.config`); returns their names.
+
+    Values follow ``config.init`` drawn from ``seed`` per global factor name. Base parameters keep their
+    ``requires_grad``; call :func:`freeze_base` to train only the adapters.
+    """
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    modules = dict(model.named_modules())
+    inside = [n for n, m in modules.items() if isinstance(m, (SequentialMLP, *_WRAPPERS))]
+    plans = []
+    for name, m in modules.items():
+        if not name or not _matches(name, config.targets) or any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, _WRAPPERS):
+            raise ValueError(f"{name} already has an adapter; remove_adapters() it first")
+        if type(m).__name__ in ("TEGroupedMLP", "GroupedMLP"):
+            raise NotImplementedError(f"{name}: adapters on grouped-GEMM experts are not implemented yet")
+        if isinstance(m, SequentialMLP):
+            if config.has_expert_adapters:
+                plans.append((name, m))
+        elif _is_linear(m):
+            plans.append((name, m))
+    if not plans:
+        raise ValueError(f"no Megatron linear or SequentialMLP matched targets {list(config.targets)}")
+    dtype = getattr(torch, config.dtype) if config.dtype else None
+    for name, m in plans:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(m, SequentialMLP):
+            new = LoraExperts(
+                m,
+                config.rank,
+                scaling=config.scaling,
+                fc1_layout=config.fc1_layout,
+                fc2_layout=config.fc2_layout,
+                parallel=config.parallel_expert,
+                name=name,
+                dtype=dtype,
+                dropout=config.dropout,
+            )
+        else:
+            glu = attr == "linear_fc1" and isinstance(parent, MLP) and parent.config.gated_linear_unit
+            new = LoraLinear(
+                m,
+                config.rank,
+                scaling=config.scaling,
+                name=name,
+                glu=glu,
+                dtype=dtype,
+                dropout=config.dropout,
+            )
+        new.lora_config = config
+        new.reset_adapter(config.init, seed)
+        setattr(parent, attr, new)
+    return [name for name, _ in plans]
+
+
+def remove_adapters(model: nn.Module, pattern: str = "*") -> list[str]:
+    """Unmerge (if merged) and unwrap the matched adapters, restoring the original modules."""
+    removed = []
+    for name, m in _select(model, pattern).items():
+        m.unmerge()
+        if isinstance(m, LoraExperts):
+            experts = m.base.local_experts
+            for i in range(len(experts)):
+                if isinstance(experts[i], ExpertParallelAdapter):
+                    experts[i] = experts[i].base
+                e = experts[i]
+                for attr in ("linear_fc1", "linear_fc2"):
+                    if isinstance(getattr(e, attr), ExpertLoraLinear):
+                        setattr(e, attr, getattr(e, attr).base)
+        parent, attr = _locate(model, m)
+        setattr(parent, attr, m.base)
+        removed.append(name)
+    return removed
+
+
+def enable_adapters(model: nn.Module, pattern: str = "*") -> list[str]:
+    """Turn the matched adapters on (their branch is added in forward)."""
+    return _set_enabled(model, pattern, True)
+
+
+def disable_adapters(model: nn.Module, pattern: str = "*") -> list[str]:
+    """Turn the matched adapters off (forward = base); a merged adapter must be unmerged first."""
+    return _set_enabled(model, pattern, False)
+
+
+def _set_enabled(model, pattern, value):
+    chosen = _select(model, pattern)
+    for name, m in chosen.items():
+        if m.merged and not value:
+            raise RuntimeError(f"{name} is merged into its base weight; unmerge_adapters() first")
+        m.enabled = value
+    return list(chosen)
+
+
+def freeze_base(model: nn.Module) -> list[str]:
+    """``requires_grad`` only for adapter parameters; returns the names of the trainable parameters."""
+    ids = {id(f.param) for f in adapter_factors(model).values()}
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(id(p) in ids)
+        if id(p) in ids:
+            trainable.append(name)
+    return trainable
+
+
+def merge_adapters(model: nn.Module, pattern: str = "*") -> list[str]:
+    """``W += scaling·B·A`` for the matched adapters (unquantized bases; not parallel expert adapters)."""
+    chosen = _select(model, pattern)
+    for m in chosen.values():
+        m.merge()
+    return list(chosen)
+
+
+def unmerge_adapters(model: nn.Module, pattern: str = "*") -> list[str]:
+    """Undo :func:`merge_adapters` (``W -= scaling·B·A``)."""
+    chosen = _select(model, pattern)
+    for m in chosen.values():
+        m.unmerge()
+    return list(chosen)
+
+
+# ------------------------------------------------------------------------------------------ state dict
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Global factor name → this rank's tensor (detached). Under tensor parallelism these are shards;
+    under expert parallelism only the local experts' entries (keyed by global expert index)."""
+    return {k: f.param.detach() for k, f in adapter_factors(model).items()}
+
+
+def _metadata(model: nn.Module) -> dict[str, str]:
+    groups: list[list] = []
+    for name, m in adapter_modules(model).items():
+        cfg = m.lora_config.to_dict()
+        for entry in groups:
+            if entry[0] == cfg:
+                entry[1].append(name)
+                break
+        else:
+            groups.append([cfg, [name]])
+    return {"format": FILE_FORMAT, "version": FILE_VERSION, "configs": json.dumps(groups)}
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write every adapter factor (whole tensors) and the configs (JSON metadata) to a safetensors
+    file, atomically (temporary file + ``os.replace``). Needs unsharded adapters (tensor and expert
+    parallel size 1); for sharded models use ``dist_checkpointing`` on ``model.sharded_state_dict()``."""
+    from safetensors.torch import save_file
+
+    modules = adapter_modules(model)
+    if not modules:
+        raise ValueError("the model has no adapters")
+    for name, m in modules.items():
+        sharded = any(f.size > 1 for f in m.factors()) or getattr(m, "ep_size", 1) > 1
+        if sharded:
+            raise ValueError(
+                f"{name} is sharded over tensor/expert-parallel ranks; save_adapters writes whole tensors "
+                "from one process — use dist_checkpointing.save(model.sharded_state_dict(), dir) instead"
+            )
+    tensors = {k: t.contiguous().cpu() for k, t in adapter_state_dict(model).items()}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=_metadata(model))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_adapters(
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, seed: int = 0
+) -> list[str]:
+    """Load a :func:`save_adapters` file; returns the adapter names loaded.
+
+    A model without adapters first gets them from the file's configs. Works under tensor / expert
+    parallelism (each rank takes its shards and its global experts). Raises, naming the adapter, on a
+    missing tensor (``KeyError``) or a shape mismatch (``ValueError``); with ``strict`` also on tensors
+    in the file that no adapter expects.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path} is not an adapter file (metadata format {meta.get('format')!r})")
+    modules = adapter_modules(model)
+    if not modules:
+        for cfg, names in json.loads(meta["configs"]):
+            config = dataclasses.replace(LoraConfig.from_dict(cfg), targets=tuple(names), init="zeros")
+            add_adapters(model, config, seed=seed)
+        modules = adapter_modules(model)
+    expected = set()
+    with torch.no_grad():
+        for name, m in modules.items():
+            expected.update(m.expected_keys())
+            for f in m.factors():
+                if f.key not in tensors:
+                    raise KeyError(f"adapter {name}: tensor {f.key} is missing from {path}")
+                f.param.copy_(f.to_local(tensors[f.key].to(f.param.dtype), f"adapter {name}"))
+    unexpected = sorted(set(tensors) - expected)
+    if strict and unexpected:
+        raise ValueError(f"{path} has tensors no adapter of the model expects: {unexpected[:8]}")
+    return list(modules)
+
+
+def shared_adapters_out_of_sync(model: nn.Module) -> list[str]:
+    """Keys of expert-shared factors that differ between expert-parallel ranks (collective: call on
+    all ranks). Empty when the gradient synchronization works (see :mod:`lora.layers`)."""
+    import torch.distributed as dist
+
+    bad = []
+    for m in adapter_modules(model).values():
+        if not isinstance(m, LoraExperts) or m.ep_size == 1:
+            continue
+        for f in m.shared_factors():
+            t = f.param.detach().float()
+            hi, lo = t.clone(), t.clone()
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=m.base.ep_group)
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=m.base.ep_group)
+            if not torch.equal(hi, lo):
+                bad.append(f.key)
+    return bad
