@@ -141,7 +141,8 @@ def linear_mode(base: nn.Module) -> str:
 def check_mergeable(base: nn.Module, who: str) -> Tensor:
     """The base weight, if it is a plain floating-point weight (not quantized); else ``TypeError``."""
     w = getattr(base, "weight", None)
-    if w is None or not w.dtype.is_floating_point or hasattr(base, "weight_quantizer"):
+    quantized = hasattr(base, "weight_quantizer") or getattr(base, "is_quantized_base", False)
+    if w is None or not w.dtype.is_floating_point or quantized:
         raise TypeError(f"{who}: merge/unmerge needs an unquantized floating-point base weight")
     return w
 

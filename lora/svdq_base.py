@@ -1,0 +1,234 @@
+"""SVDQuant on Megatron linears: the quantized residual becomes the frozen base, the branch the adapter.
+
+nvidia-modelopt's SVDQuant works on ``nn.Linear`` only (Megatron linears return ``(out, bias)``). Here a
+``LoraLinear`` (or an expert's ``ExpertLoraLinear``) keeps its Megatron linear, whose weight is replaced
+by the quantized residual, wrapped in :class:`SVDQBase` which quantizes the input::
+
+    out = Q_a(x / s) · Q_w(R)ᵀ        (the Megatron linear's own forward: TP communication unchanged)
+    y   = out + (x · Aᵀ) · Bᵀ          (the adapter, reading the raw input)
+
+**Tensor parallelism.** The decomposition is done on the *full* weight and full-feature input
+statistics, on every rank alike (:func:`gather_full_weight`, :func:`collect_megatron_stats`), and each
+rank keeps its shard: residual rows (column-parallel) or columns (row-parallel), smoothing slice, and the
+adapter factors sharded by ``init_from``. So the branch of a sharded weight is the branch of the full
+weight, and TP=2 reproduces TP=1. The dynamic per-tensor activation range is all-reduced (MAX) over the
+tensor-parallel group so that activation quantization does not depend on the TP size either.
+
+Storage: ``"fake"`` keeps ``Q_w(R)`` dequantized as the (frozen) Megatron weight; ``"packed"`` keeps the
+4-bit codes and scales and dequantizes them for each forward (the transient copy is freed after backward).
+Distributed checkpoints of quantized bases are not written by ``sharded_state_dict`` (it raises): export
+them with the checkpoint format instead; adapter-only checkpoints (``save_adapters``) work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lora.layers import linear_mode
+from lora.tp import group_rank_size, take_shard
+from svdq.decompose import SVDQResult
+from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
+from svdq.stats import InputStats
+
+STORAGE_MODES = ("fake", "packed")
+
+
+class SVDQBase(nn.Module):
+    """A Megatron Column/RowParallelLinear whose weight is an SVDQuant residual (see the module docstring).
+
+    ``inner``: the Megatron linear (its weight is replaced). ``residual``: this rank's packed ``Q_w(R)``
+    shard ``(out_l × in_l)``. ``smooth``: ``s`` for this rank's input features ``(in_l,)``.
+    ``forward(x, *args, **kwargs) -> (out, bias)`` like the Megatron linear.
+    """
+
+    is_quantized_base = True
+
+    def __init__(
+        self, inner: nn.Module, residual: PackedTensor, smooth: Tensor, act_format, storage="packed"
+    ):
+        super().__init__()
+        if storage not in STORAGE_MODES:
+            raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
+        self.parallel_mode = linear_mode(inner)
+        weight = inner.weight
+        if tuple(residual.shape) != tuple(weight.shape):
+            raise ValueError(f"residual shard {tuple(residual.shape)} != weight shard {tuple(weight.shape)}")
+        self.inner = inner
+        self.storage = storage
+        self.act_format: QuantFormat = parse_format(act_format)
+        self.weight_format = residual.fmt
+        self.register_buffer("smooth", smooth.detach().float().to(weight.device).clone())
+        self._residual_meta = residual.meta()
+        dtype, device = weight.dtype, weight.device
+        deq = dequantize(residual.to(device), torch.float32).to(dtype)
+        if storage == "fake":
+            inner.weight = nn.Parameter(deq, requires_grad=False)
+        else:
+            for key, t in residual.to_tensors().items():
+                self.register_buffer(f"residual_{key}", t.to(device).clone())
+            inner.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+        self._shape, self._dtype = tuple(residual.shape), dtype
+
+    def packed_residual(self) -> PackedTensor:
+        if self.storage != "packed":
+            raise RuntimeError("fake storage keeps only the dequantized residual")
+        tensors = {k[len("residual_") :]: b for k, b in self.named_buffers() if k.startswith("residual_")}
+        return PackedTensor.from_tensors(tensors, self._residual_meta)
+
+    def residual_weight(self) -> Tensor:
+        """Dequantized ``Q_w(R)`` shard in the base dtype (identical in both storage modes)."""
+        if self.storage == "fake":
+            return self.inner.weight
+        return dequantize(self.packed_residual(), torch.float32).to(self._dtype)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """``Q_a(x / s)`` with the per-tensor range taken over the whole tensor-parallel group."""
+        xs = (x.float() / self.smooth).to(x.dtype)
+        ga = None
+        if self.act_format.name in ("nvfp4", "fp8") and group_rank_size(self.inner.tp_group)[1] > 1:
+            ga = xs.detach().abs().amax().float()
+            dist.all_reduce(ga, op=dist.ReduceOp.MAX, group=self.inner.tp_group)
+            ga = torch.where(ga > 0, ga, torch.ones_like(ga))
+        with trusted_inputs():
+            return fake_quant(xs, self.act_format, global_amax=ga)
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        xq = self.quantize_input(x)
+        if self.storage == "fake":
+            return self.inner(xq, *args, **kwargs)
+        placeholder = self.inner.weight
+        self.inner.weight = nn.Parameter(self.residual_weight(), requires_grad=False)
+        try:
+            return self.inner(xq, *args, **kwargs)
+        finally:
+            self.inner.weight = placeholder
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name == "inner" or "inner" not in modules:
+                raise
+            return getattr(modules["inner"], name)
+
+    @property
+    def weight(self) -> Tensor:  # what adapters see as "the base weight"
+        return self.residual_weight()
+
+    def sharded_state_dict(self, *args, **kwargs):
+        raise NotImplementedError(
+            "quantized SVDQuant bases are exported with the svdq checkpoint format, not dist_checkpointing; "
+            "save the adapters with lora.save_adapters"
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.parallel_mode}, shape={self._shape}, weight={self.weight_format}, act={self.act_format}, "
+            f"storage={self.storage}"
+        )
+
+
+# ----------------------------------------------------------------------------------- full tensors
+
+
+def _gather(t: Tensor, dim: int, group) -> Tensor:
+    rank, size = group_rank_size(group)
+    if size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def split_dim(linear: nn.Module) -> int:
+    """Axis along which a Megatron linear's weight is sharded: 0 (column) or 1 (row)."""
+    return 0 if linear_mode(linear) == "column" else 1
+
+
+def gather_full_weight(linear: nn.Module, glu: bool = False) -> Tensor:
+    """The full ``(out × in)`` weight of a tensor-parallel linear, identical on every rank.
+
+    ``glu``: a gated fc1 whose shards are ``[gate_k; up_k]``: the full weight is ``[gate; up]``.
+    """
+    w = linear.weight.detach()
+    group = linear.tp_group
+    dim = split_dim(linear)
+    if not glu or dim != 0 or group_rank_size(group)[1] == 1:
+        return _gather(w, dim, group)
+    gate, up = w.chunk(2, dim=0)
+    return torch.cat([_gather(gate, 0, group), _gather(up, 0, group)], dim=0)
+
+
+def shard_packed(p: PackedTensor, dim: int, rank: int, size: int, glu: bool = False) -> PackedTensor:
+    """Rank ``rank``'s shard of a packed ``(out × in)`` tensor along ``dim`` (lossless: codes and scales are
+    sliced, the per-tensor scale is kept)."""
+    if size == 1:
+        return p
+    out_f, in_f = p.shape
+    shape = (out_f // size, in_f) if dim == 0 else (out_f, in_f // size)
+    tensors = {}
+    for key, t in p.to_tensors().items():
+        if t.dim() < 2:  # per-tensor scale
+            tensors[key] = t
+        else:
+            tensors[key] = take_shard(t, dim, rank, size, glu).contiguous()
+    meta = dict(p.meta())
+    meta["shape"] = list(shape)
+    return PackedTensor.from_tensors(tensors, meta)
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+
+def collect_megatron_stats(
+    linears: dict[str, nn.Module], forward_loop, model: nn.Module, sample_tokens: int = 512, seed: int = 0
+) -> dict[str, InputStats]:
+    """Full-feature input statistics of Megatron linears, identical on every tensor-parallel rank.
+
+    A forward pre-hook on each linear sees its local input: sequence-parallel column inputs are
+    gathered along the sequence, row-parallel inputs along the features (``input_is_parallel``), so
+    every rank accumulates the statistics of the full input ``(tokens × in)`` (calibration only).
+    """
+    stats, handles = {}, []
+    for name, lin in linears.items():
+        in_f = lin.weight.shape[1] * (group_rank_size(lin.tp_group)[1] if split_dim(lin) == 1 else 1)
+        stats[name] = InputStats(in_f, sample_size=sample_tokens, seed=seed)
+
+        def hook(mod, args, st=stats[name], lin=lin):
+            x = args[0].detach()
+            if split_dim(lin) == 0 and getattr(lin, "sequence_parallel", False):
+                x = _gather(x, 0, lin.tp_group)
+            elif split_dim(lin) == 1 and getattr(lin, "input_is_parallel", True):
+                x = _gather(x, x.dim() - 1, lin.tp_group)
+            st.update(x)
+
+        handles.append(lin.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+# ----------------------------------------------------------------------------------- install
+
+
+def install_svdq_base(adapter: nn.Module, result: SVDQResult, act_format, storage: str = "packed", glu=False):
+    """Turn ``adapter`` (a :class:`~lora.layers.LoraLinear` on a Megatron linear) into an SVDQuant
+    layer from the full-weight ``result``: its base becomes :class:`SVDQBase` holding this rank's
+    residual shard, and its branch ``result.lora_up · result.lora_down`` (sharded by ``init_from``)."""
+    inner = adapter.base
+    if isinstance(inner, SVDQBase):
+        raise ValueError(f"{getattr(adapter, 'adapter_name', '')}: the base is already quantized")
+    dim = split_dim(inner)
+    rank, size = group_rank_size(inner.tp_group)
+    residual = shard_packed(result.residual, dim, rank, size, glu and dim == 0)
+    smooth = take_shard(result.smooth, 0, rank, size) if dim == 1 else result.smooth
+    adapter.base = SVDQBase(inner, residual, smooth, act_format, storage)
+    adapter.init_from(result.lora_down, result.lora_up)
+    return adapter
