@@ -326,17 +326,7 @@ def _describe(q) -> str:
 
 
 def _set_svdq_residual(base: nn.Module, packed: PackedTensor) -> None:
-    setter = getattr(base, "set_residual", None)
-    if callable(setter):
-        setter(packed)
-        return
-    if base.storage == "fake":
-        w = base.inner.weight
-        w.data.copy_(dequantize(packed, torch.float32).to(w.dtype))
-        return
-    for key, t in packed.to_tensors().items():
-        base._buffers[f"residual_{key}"] = t.to(base.smooth.device).clone()
-    base._residual_meta = packed.meta()
+    base.set_residual(packed)
 
 
 def _fold_svdq(base: nn.Module, delta: Tensor, weight_format, mode: str, who: str):

@@ -71,6 +71,22 @@ class SVDQBase(nn.Module):
             inner.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
         self._shape, self._dtype = tuple(residual.shape), dtype
 
+    def set_residual(self, packed: PackedTensor) -> None:
+        """Replace the residual shard (same shape), in this base's storage mode (used by folding)."""
+        if tuple(packed.shape) != self._shape:
+            raise ValueError(f"residual shape {tuple(packed.shape)} != {self._shape}")
+        device = self.smooth.device
+        self._residual_meta = packed.meta()
+        self.weight_format = packed.fmt
+        if self.storage == "fake":
+            with torch.no_grad():
+                self.inner.weight.copy_(dequantize(packed.to(device), torch.float32).to(self._dtype))
+            return
+        for key in [k for k in self._buffers if k.startswith("residual_")]:
+            del self._buffers[key]
+        for key, t in packed.to_tensors().items():
+            self.register_buffer(f"residual_{key}", t.to(device).clone())
+
     def packed_residual(self) -> PackedTensor:
         if self.storage != "packed":
             raise RuntimeError("fake storage keeps only the dequantized residual")
