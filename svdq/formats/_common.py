@@ -30,11 +30,6 @@ E4M3_MAX = 448.0  # largest finite FP8 E4M3 (float8_e4m3fn) magnitude
 INT4_MAX = 7  # symmetric int4: scale from amax / 7, codes clamped to [-8, 7]
 
 
-def finite_checks_enabled() -> bool:
-    """False inside :func:`trusted_inputs`."""
-    return _CHECK_FINITE.get()
-
-
 def require_finite(amax: Tensor, shape: tuple[int, ...], fmt: object) -> None:
     """Raise ``ValueError`` if a reduction ``amax`` of a tensor of ``shape`` is NaN or infinite.
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import fp8, int4, nvfp4
-from ._common import finite_checks_enabled
 from .config import QuantFormat, parse_format
 from .packing import PackedTensor, pack_nibbles, unpack_nibbles
 
@@ -70,36 +68,14 @@ def _decode(fmt: QuantFormat, codes: Tensor, scale: Tensor, global_scale: Tensor
     return fp8.decode(codes, scale)
 
 
-def _qdq(x: Tensor, fmt: QuantFormat, ga: Tensor | None) -> Tensor:
-    """Quantize-dequantize (no autograd): ``decode(encode(x))`` in ``x.dtype``."""
-    codes, scale, global_scale = _encode(x, fmt, ga)
-    return _decode(fmt, codes, scale, global_scale).to(x.dtype)
-
-
-_compiled_qdq = None
-
-
-def _fast_qdq(x: Tensor, fmt: QuantFormat, ga: Tensor | None) -> Tensor:
-    """CUDA fast path: the same ``_qdq`` fused by ``torch.compile`` (one or two kernels instead of ~20
-    launches; equal to the eager result bit for bit, see tests). Used only inside ``trusted_inputs()``
-    (the NaN check is a host sync that would split the graph); ``SVDQ_COMPILE=0`` turns it off."""
-    global _compiled_qdq
-    if _compiled_qdq is None:
-        _compiled_qdq = torch.compile(_qdq, dynamic=True)
-    return _compiled_qdq(x, fmt, ga)
-
-
-def _use_fast_path(x: Tensor) -> bool:
-    return x.is_cuda and not finite_checks_enabled() and os.environ.get("SVDQ_COMPILE", "1") != "0"
-
-
 class _FakeQuantSTE(torch.autograd.Function):
     """Forward: quantize-dequantize. Backward: identity, zeroed where ``|x| > global_amax`` if given."""
 
     @staticmethod
     def forward(ctx, x: Tensor, fmt: QuantFormat, ga: Tensor | None) -> Tensor:  # type: ignore[override]
         with torch.no_grad():
-            out = _fast_qdq(x, fmt, ga) if _use_fast_path(x) else _qdq(x, fmt, ga)
+            codes, scale, global_scale = _encode(x, fmt, ga)
+            out = _decode(fmt, codes, scale, global_scale).to(x.dtype)
             mask = None if ga is None else x.float().abs() <= ga
         ctx.save_for_backward(mask)
         return out
