@@ -37,6 +37,8 @@ class LoraConfig:
     to the base); ``"zeros"`` — both zero (placeholders to be filled by ``init_from`` or a load; a zero
     adapter gets no gradient); ``"random"`` — both kaiming-uniform (tests, debugging). Random values are
     drawn per *global* factor name from ``seed``, so they do not depend on tensor or expert parallelism.
+    ``fc1_rank`` / ``fc2_rank``: expert branch ranks per projection (``None``: ``rank``) — calibration
+    picks layouts per projection at an equal parameter budget, hence possibly different ranks.
     ``dtype``: adapter parameter dtype (``None``: the base weight's). ``dropout`` on the adapter input
     (tensor parallel size 1 only).
     """
@@ -46,6 +48,8 @@ class LoraConfig:
     targets: tuple[str, ...] = ATTENTION + DENSE_MLP + EXPERTS
     fc1_layout: str | None = "shared-down"
     fc2_layout: str | None = "shared-up"
+    fc1_rank: int | None = None
+    fc2_rank: int | None = None
     parallel_expert: bool = False
     dropout: float = 0.0
     init: str = "kaiming"
@@ -53,8 +57,10 @@ class LoraConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        for name in ("rank", "fc1_rank", "fc2_rank"):
+            value = getattr(self, name)
+            if (value is not None or name == "rank") and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("fc1_layout", "fc2_layout"):
             value = getattr(self, name)
             if value is not None and value not in LAYOUTS:

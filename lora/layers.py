@@ -378,7 +378,7 @@ class ExpertLoraLinear(_Wrapper):
         owns_down, owns_up = LAYOUT_OWNS[layout]
         self.down_dim = 1 if self.mode == "row" else None
         self.up_dim = 0 if self.mode == "column" else None
-        r = group.rank
+        r = group.ranks[proj]
         if owns_down:
             self.lora_down = _new_param((r, in_l), base.weight, dtype)
             set_tp_attributes(self.lora_down, self.down_dim, base.weight)
@@ -469,7 +469,7 @@ class ExpertParallelAdapter(_Wrapper):
         self.index = index
         self.etp_rank, self.etp_size = group_rank_size(base.tp_group)
         w2 = base.linear_fc2.weight
-        self.parallel_lora_up = _new_param((w2.shape[0], group.rank), w2, dtype)
+        self.parallel_lora_up = _new_param((w2.shape[0], group.ranks["parallel"]), w2, dtype)
         set_tp_attributes(self.parallel_lora_up, None, w2)
 
     @property
@@ -549,9 +549,13 @@ class LoraExperts(_Wrapper):
         name: str = "",
         dtype: torch.dtype | None = None,
         dropout: float = 0.0,
+        ranks: dict[str, int] | None = None,
     ):
         super().__init__(base)
         self.adapter_name, self.rank = name, rank
+        # per-projection ranks ("fc1", "fc2", "parallel"): calibration may pick different layouts, and so
+        # different ranks at an equal parameter budget, for fc1 and fc2
+        self.ranks = {"fc1": rank, "fc2": rank, "parallel": rank, **(ranks or {})}
         self.scaling, self.dropout_p = float(scaling), float(dropout)
         self.fc1_layout, self.fc2_layout, self.parallel = fc1_layout, fc2_layout, bool(parallel)
         self.ep_rank, self.ep_size = group_rank_size(base.ep_group)
@@ -566,12 +570,13 @@ class LoraExperts(_Wrapper):
         object.__setattr__(self, "_ctx", None)
         e0 = base.local_experts[0]
         w1, w2 = e0.linear_fc1.weight, e0.linear_fc2.weight  # (2F_l × hidden), (hidden × F_l)
+        r1, r2, rp = self.ranks["fc1"], self.ranks["fc2"], self.ranks["parallel"]
         shapes = {
-            "fc1_lora_down": ((rank, w1.shape[1]), None, w1),
-            "fc1_lora_up": ((w1.shape[0], rank), 0, w1),
-            "fc2_lora_down": ((rank, w2.shape[1]), 1, w2),
-            "fc2_lora_up": ((w2.shape[0], rank), None, w2),
-            "parallel_lora_down": ((rank, w1.shape[1]), None, w1),
+            "fc1_lora_down": ((r1, w1.shape[1]), None, w1),
+            "fc1_lora_up": ((w1.shape[0], r1), 0, w1),
+            "fc2_lora_down": ((r2, w2.shape[1]), 1, w2),
+            "fc2_lora_up": ((w2.shape[0], r2), None, w2),
+            "parallel_lora_down": ((rp, w1.shape[1]), None, w1),
         }
         self._shared_dims = {}
         for attr in self._shared_attrs():

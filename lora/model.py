@@ -112,6 +112,7 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
                 name=name,
                 dtype=dtype,
                 dropout=config.dropout,
+                ranks={"fc1": config.fc1_rank or config.rank, "fc2": config.fc2_rank or config.rank},
             )
         else:
             glu = attr == "linear_fc1" and isinstance(parent, MLP) and parent.config.gated_linear_unit
