@@ -199,14 +199,15 @@ def shard_packed(p: PackedTensor, dim: int, rank: int, size: int, glu: bool = Fa
 # ----------------------------------------------------------------------------------- statistics
 
 
-def collect_megatron_stats(
-    linears: dict[str, nn.Module], forward_loop, model: nn.Module, sample_tokens: int = 512, seed: int = 0
-) -> dict[str, InputStats]:
-    """Full-feature input statistics of Megatron linears, identical on every tensor-parallel rank.
+def register_stats_hooks(
+    linears: dict[str, nn.Module], sample_tokens: int = 512, seed: int = 0
+) -> tuple[dict[str, InputStats], list]:
+    """Forward pre-hooks that accumulate full-feature :class:`InputStats` of Megatron linears.
 
-    A forward pre-hook on each linear sees its local input: sequence-parallel column inputs are
-    gathered along the sequence, row-parallel inputs along the features (``input_is_parallel``), so
-    every rank accumulates the statistics of the full input ``(tokens × in)`` (calibration only).
+    A hook sees its linear's local input: sequence-parallel column inputs are gathered along the
+    sequence, row-parallel inputs along the features (``input_is_parallel``), so every tensor-parallel
+    rank accumulates the statistics of the full input ``(tokens × in)`` (calibration only). Returns the
+    statistics and the hook handles (remove them when done).
     """
     stats, handles = {}, []
     for name, lin in linears.items():
@@ -222,6 +223,14 @@ def collect_megatron_stats(
             st.update(x)
 
         handles.append(lin.register_forward_pre_hook(hook))
+    return stats, handles
+
+
+def collect_megatron_stats(
+    linears: dict[str, nn.Module], forward_loop, model: nn.Module, sample_tokens: int = 512, seed: int = 0
+) -> dict[str, InputStats]:
+    """Run ``forward_loop(model)`` with :func:`register_stats_hooks` on ``linears``; returns their stats."""
+    stats, handles = register_stats_hooks(linears, sample_tokens, seed)
     try:
         with torch.no_grad():
             forward_loop(model)

@@ -1,0 +1,116 @@
+"""The calibration report: one row per dense layer and per expert projection; table, JSON, PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def dense_row(name: str, result) -> dict:
+    """Row of a dense layer from an :class:`svdq.SVDQResult`."""
+    return {
+        "layer": name,
+        "kind": "dense",
+        "rank": result.rank,
+        "layout": "-",
+        "alpha": result.alpha,
+        "refine_steps": result.refine_steps,
+        "tokens": result.n_tokens,
+        "fallbacks": "weight-only" if result.weight_only else "",
+        "rtn_error": result.rtn_error,
+        "final_error": result.final_error,
+        "seconds": result.seconds,
+    }
+
+
+def expert_row(name: str, projection: str, result) -> dict:
+    """Row of one expert projection from an :class:`svdq.moe.MoEGroupResult`."""
+    alphas = sorted({a for a in result.alphas if a is not None})
+    return {
+        "layer": f"{name}.linear_{projection}",
+        "kind": f"experts {projection}",
+        "rank": result.rank,
+        "layout": result.layout,
+        "alpha": alphas[0] if len(alphas) == 1 else (f"{alphas[0]}–{alphas[-1]}" if alphas else None),
+        "refine_steps": result.refine_steps,
+        "tokens": int(sum(result.n_tokens)),
+        "fallbacks": ",".join(f"expert {g}: no tokens" for g in result.fallback_experts),
+        "rtn_error": result.rtn_error,
+        "final_error": result.final_error,
+        "seconds": result.seconds,
+        "layout_figures": result.layout_figures,
+    }
+
+
+@dataclass
+class CalibReport:
+    """Rows (dicts, see :func:`dense_row` / :func:`expert_row`), the SVDQ config and timings."""
+
+    rows: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    layout: str = "auto"
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "config": self.config, "layout": self.layout, "seconds": self.seconds}
+
+    def write_json(self, path) -> Path:
+        """Atomic write (temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        os.replace(tmp, path)
+        return path
+
+    def table(self):
+        """A ``rich`` table of the rows."""
+        from rich.table import Table
+
+        t = Table(title=f"svdq calibration ({self.seconds:.1f} s)")
+        for col in ("layer", "rank", "layout", "α", "refine", "tokens", "RTN err", "ours err", "fallbacks"):
+            t.add_column(col, justify="right" if col not in ("layer", "layout", "fallbacks") else "left")
+        for r in self.rows:
+            t.add_row(
+                r["layer"],
+                str(r["rank"]),
+                r["layout"],
+                str(r["alpha"]),
+                str(r["refine_steps"]),
+                str(r["tokens"]),
+                f"{r['rtn_error']:.4f}",
+                f"{r['final_error']:.4f}",
+                r["fallbacks"],
+            )
+        return t
+
+    def print(self) -> None:
+        from rich.console import Console
+
+        Console().print(self.table())
+
+    def plot_png(self, path) -> Path | None:
+        """Bar chart of RTN vs ours per layer (needs matplotlib; returns None without it)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        path = Path(path)
+        names = [r["layer"].replace("decoder.layers.", "L") for r in self.rows]
+        x = range(len(names))
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
+        ax.bar([i - 0.2 for i in x], [r["rtn_error"] for r in self.rows], width=0.4, label="RTN")
+        ax.bar([i + 0.2 for i in x], [r["final_error"] for r in self.rows], width=0.4, label="SVDQuant")
+        ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("relative output error")
+        ax.legend()
+        fig.tight_layout()
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
