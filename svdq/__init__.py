@@ -9,7 +9,18 @@ No framework glue lives here (Megatron / adapters are in ``lora``, the pipeline 
 from svdq.config import PRESETS, SVDQConfig
 from svdq.decompose import SVDQResult, decompose_linear
 from svdq.layer import SVDQLinear
+from svdq.moe import MoEGroupResult, decompose_expert_group
 from svdq.quantize import quantize
 from svdq.stats import InputStats
 
-__all__ = ["PRESETS", "InputStats", "SVDQConfig", "SVDQLinear", "SVDQResult", "decompose_linear", "quantize"]
+__all__ = [
+    "PRESETS",
+    "InputStats",
+    "MoEGroupResult",
+    "SVDQConfig",
+    "SVDQLinear",
+    "SVDQResult",
+    "decompose_expert_group",
+    "decompose_linear",
+    "quantize",
+]
