@@ -8,6 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def short_name(layer: str) -> str:
+    """``decoder.layers.3.self_attention.linear_qkv`` → ``L3.attn.qkv`` (for narrow tables and plots)."""
+    for long, short in (
+        ("decoder.layers.", "L"),
+        (".self_attention.", ".attn."),
+        (".mlp.experts.", ".experts."),
+        ("linear_", ""),
+    ):
+        layer = layer.replace(long, short)
+    return layer
+
+
 def dense_row(name: str, result) -> dict:
     """Row of a dense layer from an :class:`svdq.SVDQResult`."""
     return {
@@ -33,7 +45,7 @@ def expert_row(name: str, projection: str, result) -> dict:
         "kind": f"experts {projection}",
         "rank": result.rank,
         "layout": result.layout,
-        "alpha": alphas[0] if len(alphas) == 1 else (f"{alphas[0]}–{alphas[-1]}" if alphas else None),
+        "alpha": alphas[0] if len(alphas) == 1 else (f"{alphas[0]:.1f}-{alphas[-1]:.1f}" if alphas else None),
         "refine_steps": result.refine_steps,
         "tokens": int(sum(result.n_tokens)),
         "fallbacks": ",".join(f"expert {g}: no tokens" for g in result.fallback_experts),
@@ -69,11 +81,15 @@ class CalibReport:
         from rich.table import Table
 
         t = Table(title=f"svdq calibration ({self.seconds:.1f} s)")
-        for col in ("layer", "rank", "layout", "α", "refine", "tokens", "RTN err", "ours err", "fallbacks"):
-            t.add_column(col, justify="right" if col not in ("layer", "layout", "fallbacks") else "left")
+        fallbacks = any(r["fallbacks"] for r in self.rows)
+        t.add_column("layer", no_wrap=True)
+        for col in ("rank", "layout", "α", "steps", "tokens", "RTN", "ours"):
+            t.add_column(col, justify="left" if col == "layout" else "right", no_wrap=True)
+        if fallbacks:
+            t.add_column("fallbacks")
         for r in self.rows:
-            t.add_row(
-                r["layer"],
+            cells = [
+                short_name(r["layer"]),
                 str(r["rank"]),
                 r["layout"],
                 str(r["alpha"]),
@@ -81,8 +97,8 @@ class CalibReport:
                 str(r["tokens"]),
                 f"{r['rtn_error']:.4f}",
                 f"{r['final_error']:.4f}",
-                r["fallbacks"],
-            )
+            ]
+            t.add_row(*cells, *([r["fallbacks"]] if fallbacks else []))
         return t
 
     def print(self) -> None:
@@ -100,7 +116,7 @@ class CalibReport:
         except ImportError:
             return None
         path = Path(path)
-        names = [r["layer"].replace("decoder.layers.", "L") for r in self.rows]
+        names = [short_name(r["layer"]) for r in self.rows]
         x = range(len(names))
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
         ax.bar([i - 0.2 for i in x], [r["rtn_error"] for r in self.rows], width=0.4, label="RTN")
