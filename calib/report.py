@@ -95,8 +95,8 @@ class CalibReport:
                 str(r["alpha"]),
                 str(r["refine_steps"]),
                 str(r["tokens"]),
-                f"{r['rtn_error']:.4f}",
-                f"{r['final_error']:.4f}",
+                f"{r['rtn_error']:.3f}",
+                f"{r['final_error']:.3f}",
             ]
             t.add_row(*cells, *([r["fallbacks"]] if fallbacks else []))
         return t
