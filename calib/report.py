@@ -104,7 +104,8 @@ class CalibReport:
     def print(self) -> None:
         from rich.console import Console
 
-        Console().print(self.table())
+        console = Console()
+        Console(width=max(console.width, 110)).print(self.table())
 
     def plot_png(self, path) -> Path | None:
         """Bar chart of RTN vs ours per layer (needs matplotlib; returns None without it)."""
