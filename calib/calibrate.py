@@ -33,6 +33,7 @@ from lora.tp import group_rank_size
 from svdq import SVDQConfig, decompose_linear
 from svdq.decompose import validate_layer
 from svdq.moe import decompose_expert_group
+from svdq.stats import run_with_hooks
 
 DENSE_TARGETS = ("*.self_attention.linear_qkv", "*.self_attention.linear_proj")
 EXPERT_TARGETS = ("*.mlp.experts",)
@@ -109,12 +110,7 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
             hooked[f"{name}.{i}.fc1"] = e.linear_fc1
             hooked[f"{name}.{i}.fc2"] = e.linear_fc2
     stats, handles = register_stats_hooks(hooked, cfg.sample_tokens, cfg.seed)
-    try:
-        with torch.no_grad():
-            forward_loop(model)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, forward_loop, handles)
     for name, st in stats.items():
         if st.nonfinite:
             raise ValueError(f"{name}: calibration activations contain NaN or Inf")

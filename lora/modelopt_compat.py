@@ -71,6 +71,7 @@ from lora.model import adapter_modules, remove_adapters
 from lora.tp import group_rank_size
 from svdq.formats import PackedTensor, QuantFormat, dequantize, parse_format
 from svdq.formats import quantize as quantize_tensor
+from svdq.stats import run_with_hooks
 
 WRAPPER_TYPES = (LoraLinear, LoraExperts, ExpertLoraLinear, ExpertParallelAdapter)
 ADAPTER_EXCLUDE = {"quantizer_name": "*lora*", "enable": False}
@@ -444,10 +445,5 @@ def _capture(model, targets, forward_loop, max_tokens: int) -> dict[str, tuple[T
             slot[2] += x.shape[0]
 
         handles.append(w.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            forward_loop(model)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, forward_loop, handles)
     return {k: (torch.cat(v[0]), torch.cat(v[1])) for k, v in rows.items() if v[0]}

@@ -30,7 +30,7 @@ from lora.layers import linear_mode
 from lora.tp import group_rank_size, take_shard
 from svdq.decompose import SVDQResult
 from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
-from svdq.stats import InputStats
+from svdq.stats import InputStats, run_with_hooks
 
 STORAGE_MODES = ("fake", "packed")
 
@@ -231,12 +231,7 @@ def collect_megatron_stats(
 ) -> dict[str, InputStats]:
     """Run ``forward_loop(model)`` with :func:`register_stats_hooks` on ``linears``; returns their stats."""
     stats, handles = register_stats_hooks(linears, sample_tokens, seed)
-    try:
-        with torch.no_grad():
-            forward_loop(model)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, forward_loop, handles)
     return stats
 
 

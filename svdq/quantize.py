@@ -9,14 +9,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 
-import torch
 from torch import nn
 from tqdm import tqdm
 
 from svdq.config import SVDQConfig
 from svdq.decompose import SVDQResult, decompose_linear, validate_layer
 from svdq.layer import SVDQLinear
-from svdq.stats import InputStats
+from svdq.stats import InputStats, run_with_hooks
 
 
 def find_targets(model: nn.Module, config: SVDQConfig) -> dict[str, nn.Linear]:
@@ -44,12 +43,7 @@ def collect_input_stats(
         m.register_forward_pre_hook(lambda mod, args, st=stats[name]: st.update(args[0]))
         for name, m in modules.items()
     ]
-    try:
-        with torch.no_grad():
-            forward_loop(model)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, forward_loop, handles)
     return stats
 
 

@@ -86,3 +86,13 @@ class InputStats:
         if self.gram is None:
             return torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         return self.gram
+
+
+def run_with_hooks(model, forward_loop, handles: list) -> None:
+    """Run ``forward_loop(model)`` without gradients, then remove the hook ``handles`` (also on error)."""
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        for h in handles:
+            h.remove()
