@@ -115,7 +115,7 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
         if st.nonfinite:
             raise ValueError(f"{name}: calibration activations contain NaN or Inf")
 
-    rows = []
+    rows, results = [], {}
     work = [("dense", n) for n in dense] + [("experts", n) for n in experts]
     for kind, name in tqdm(work, desc="calibrate", unit="layer", disable=not config.progress):
         if kind == "dense":
@@ -127,16 +127,21 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
             )
             install_svdq_base(model.get_submodule(name), result, cfg.act_format, config.storage)
             rows.append(dense_row(name, result))
+            results[name] = result
         else:
-            rows.extend(_calibrate_experts(model, name, experts[name], stats, config))
+            for proj, res in _calibrate_experts(model, name, experts[name], stats, config).items():
+                rows.append(expert_row(name, proj, res))
+                results[f"{name}.linear_{proj}"] = res
     freeze_base(model)
+    seconds = time.perf_counter() - t0
     return CalibReport(
-        rows=rows, config=cfg.to_dict(), layout=config.layout, seconds=time.perf_counter() - t0
+        rows=rows, config=cfg.to_dict(), layout=config.layout, seconds=seconds, results=results
     )
 
 
-def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> list[dict]:
-    """Decompose fc1 and fc2 of one SequentialMLP, add its adapters and quantized bases."""
+def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
+    """Decompose fc1 and fc2 of one SequentialMLP, add its adapters and quantized bases; returns
+    ``{"fc1": MoEGroupResult, "fc2": MoEGroupResult}``."""
     cfg = config.svdq
     ep_group = moe.ep_group if group_rank_size(moe.ep_group)[1] > 1 else None
     experts = list(moe.local_experts)
@@ -174,4 +179,4 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> list[dic
             wrapper.base = SVDQBase(
                 wrapper.base, res.residuals[i], res.expert_smooth(i), cfg.act_format, config.storage
             )
-    return [expert_row(name, proj, res) for proj, res in results.items()]
+    return results

@@ -64,6 +64,8 @@ class CalibReport:
     config: dict = field(default_factory=dict)
     layout: str = "auto"
     seconds: float = 0.0
+    # layer name → SVDQResult / MoEGroupResult (tensors; not written to JSON)
+    results: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "config": self.config, "layout": self.layout, "seconds": self.seconds}

@@ -43,6 +43,19 @@ def _calibrate_worker(rank, world, out_dir):
                 for e in m.base.local_experts
                 for p in ("linear_fc1", "linear_fc2")
             )
+    # every expert linear reproduces its quantized expert from the decomposition (adapter = branch)
+    name = "decoder.layers.0.mlp.experts"
+    group = model.get_submodule(name)
+    g = torch.Generator().manual_seed(5)
+    expert_match = []
+    for proj, width in (("fc1", CFG.hidden), ("fc2", CFG.ffn_hidden)):
+        res = report.results[f"{name}.linear_{proj}"]
+        x = torch.randn(24, width, generator=g)
+        for i, expert in enumerate(group.base.local_experts):
+            with torch.no_grad():
+                got, _ = getattr(expert, f"linear_{proj}")(x)
+            want = res.expert_forward(i, x)
+            expert_match.append(((got - want).norm() / want.norm()).item())
     shared = {
         n: p.detach().clone()
         for n, p in model.named_parameters()
@@ -60,6 +73,7 @@ def _calibrate_worker(rank, world, out_dir):
         "shared": shared,
         "trainable": trainable,
         "loss": loss.item(),
+        "expert_match": expert_match,
     }
 
 
@@ -71,6 +85,7 @@ def test_calibrate_single_process_replaces_every_target(tmp_path):
     for row in r["rows"]:
         assert row["final_error"] < row["rtn_error"], row
     assert r["logit_err"] < 0.15
+    assert max(r["expert_match"]) < 1e-5  # installed experts == MoEGroupResult.expert_forward
     adapter_names = {"fc1_lora_down", "fc1_lora_up", "fc2_lora_down", "fc2_lora_up", "lora_down", "lora_up"}
     assert {"lora_down", "lora_up"} <= set(r["trainable"]) <= adapter_names  # the base is frozen
     assert torch.isfinite(torch.tensor(r["loss"]))
