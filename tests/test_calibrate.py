@@ -129,3 +129,29 @@ def _no_match_worker(rank, world):
         assert not called  # failed before running the forward loop
         return str(exc)
     return "no error"
+
+
+def _nan_worker(rank, world, where):
+    from calib.calibrate import CalibConfig, calibrate
+
+    init_parallel()
+    model = build_tiny_gpt_moe(CFG, seed=1)
+    batches = _batches()
+    if where == "weight":
+        with torch.no_grad():
+            model.decoder.layers[1].mlp.experts.local_experts[2].linear_fc2.weight[0, 0] = float("nan")
+    else:
+        with torch.no_grad():
+            model.embedding.word_embeddings.weight[batches[0]["tokens"][0, 0]] = float("inf")
+    try:
+        calibrate(model, _loop(batches), CalibConfig(progress=False))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_calibrate_names_the_layer_with_nonfinite_weights_or_activations():
+    (weight_msg,) = run_on_processes(_nan_worker, 1, "weight", timeout=120)
+    assert "decoder.layers.1.mlp.experts.local_experts.2.linear_fc2: weight contains NaN" in weight_msg
+    (act_msg,) = run_on_processes(_nan_worker, 1, "activation", timeout=120)
+    assert "calibration activations contain NaN or Inf" in act_msg and "decoder.layers.0" in act_msg
