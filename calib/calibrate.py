@@ -3,7 +3,9 @@
 Same calling convention as ``svdq.quantize`` and nvidia-modelopt's ``mtq.quantize``. Steps:
 
 1. **Targets**: Megatron linears matching ``config.dense_targets`` and ``SequentialMLP`` experts modules
-   matching ``config.expert_targets`` (an empty match is an error, raised before any work).
+   matching ``config.expert_targets`` (an empty match is an error, raised before any work). A plain torch
+   model (no Megatron module) goes through :func:`svdq.quantize` instead (``nn.Linear`` modules selected by
+   ``config.svdq.include`` / ``exclude``), with the same report.
 2. **Statistics** by forward pre-hooks, no change to model code: per dense linear the full-feature input
    (gathered over tensor-parallel ranks); per expert the *routed* inputs of its ``linear_fc1`` and, for
    ``linear_fc2``, the routed intermediate activations (SequentialMLP calls each expert on its tokens).
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calib.report import CalibReport, dense_row, expert_row
+from calib.report import CalibReport, dense_row, expert_row, summary_row
 from lora.config import LoraConfig
 from lora.model import add_adapters, freeze_base
 from lora.svdq_base import SVDQBase, gather_full_weight, install_svdq_base, register_stats_hooks
@@ -101,6 +103,8 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
     is an adapter wrapper over a frozen SVDQuant base; only adapter parameters require gradients.
     """
     t0 = time.perf_counter()
+    if not _has_megatron_modules(model):
+        return _calibrate_torch(model, forward_loop, config, t0)
     dense, experts = find_targets(model, config)
     _validate(dense, experts, config)
     cfg = config.svdq
@@ -137,6 +141,28 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
     return CalibReport(
         rows=rows, config=cfg.to_dict(), layout=config.layout, seconds=seconds, results=results
     )
+
+
+def _has_megatron_modules(model: nn.Module) -> bool:
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    kinds = (ColumnParallelLinear, RowParallelLinear, SequentialMLP)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+def _calibrate_torch(model: nn.Module, forward_loop, config: CalibConfig, t0: float) -> CalibReport:
+    """A plain torch model: ``svdq.quantize`` replaces the ``nn.Linear`` modules selected by
+    ``config.svdq.include`` / ``exclude`` with :class:`svdq.SVDQLinear` (the branch is the trainable
+    lora_down / lora_up), then the report is built from their summaries."""
+    from svdq import SVDQLinear, quantize
+
+    quantize(model, config.svdq, forward_loop, storage=config.storage, progress=config.progress)
+    rows = [
+        summary_row(name, m.svdq_summary) for name, m in model.named_modules() if isinstance(m, SVDQLinear)
+    ]
+    seconds = time.perf_counter() - t0
+    return CalibReport(rows=rows, config=config.svdq.to_dict(), layout="-", seconds=seconds)
 
 
 def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:

@@ -37,6 +37,23 @@ def dense_row(name: str, result) -> dict:
     }
 
 
+def summary_row(name: str, summary: dict) -> dict:
+    """Row of a plain-torch layer from its ``SVDQLinear.svdq_summary``."""
+    return {
+        "layer": name,
+        "kind": "dense",
+        "rank": summary["rank"],
+        "layout": "-",
+        "alpha": summary["alpha"],
+        "refine_steps": len(summary["step_errors"]) - 1,
+        "tokens": summary["n_tokens"],
+        "fallbacks": "weight-only" if summary["weight_only"] else "",
+        "rtn_error": summary["rtn_error"],
+        "final_error": summary["final_error"],
+        "seconds": summary["seconds"],
+    }
+
+
 def expert_row(name: str, projection: str, result) -> dict:
     """Row of one expert projection from an :class:`svdq.moe.MoEGroupResult`."""
     alphas = sorted({a for a in result.alphas if a is not None})

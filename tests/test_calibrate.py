@@ -155,3 +155,19 @@ def test_calibrate_names_the_layer_with_nonfinite_weights_or_activations():
     assert "decoder.layers.1.mlp.experts.local_experts.2.linear_fc2: weight contains NaN" in weight_msg
     (act_msg,) = run_on_processes(_nan_worker, 1, "activation", timeout=120)
     assert "calibration activations contain NaN or Inf" in act_msg and "decoder.layers.0" in act_msg
+
+
+def test_calibrate_plain_torch_model_goes_through_svdq_quantize(tmp_path):
+    from calib.calibrate import CalibConfig, calibrate
+    from svdq import SVDQConfig, SVDQLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    x = torch.randn(512, 64)
+    x[:, :2] *= 15
+    report = calibrate(model, lambda m: m(x), CalibConfig(svdq=SVDQConfig(rank=8), progress=False))
+    assert isinstance(model[0], SVDQLinear) and isinstance(model[2], SVDQLinear)
+    assert [r["layer"] for r in report.rows] == ["0", "2"]
+    assert all(r["final_error"] < r["rtn_error"] for r in report.rows)
+    report.write_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["tokens"] == 512
