@@ -1,9 +1,11 @@
 """The ``svdq`` command line.
 
     svdq quickstart [--steps N] [--device cpu|cuda]
+    svdq calibrate --out DIR [--model tiny|module:function] [--data builtin|FILE|DIR|ids.npy] ...
 
-``quickstart`` is the README's main command. For now it is a smoke run of the pipeline that exists:
-build the tiny Megatron GPT-MoE, train it a few steps, then run what later issues add.
+``quickstart`` is the README's main command (train the tiny GPT-MoE → calibrate → fine-tune adapters).
+``calibrate`` calibrates a model on a token stream and writes its report (see ``calib.cli_calibrate``).
+Input errors exit with status 2 and one line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+
+from calib import cli_calibrate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    cli_calibrate.add_parser(sub)
     return parser
 
 
@@ -31,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         from calib.quickstart import run_quickstart
 
         return run_quickstart(steps=args.steps, seed=args.seed, device=args.device)
+    if args.command == "calibrate":
+        try:
+            return cli_calibrate.run(args)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"svdq calibrate: error: {exc}", file=sys.stderr)
+            return 2
     return 2
 
 

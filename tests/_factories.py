@@ -1,0 +1,31 @@
+"""Model factories for the ``svdq calibrate --model module:function`` tests."""
+
+import torch
+from torch import nn
+
+
+class ByteMLP(nn.Module):
+    """A plain torch language model over bytes: embedding → MLP → logits."""
+
+    vocab_size = 256
+    seq_len = 32
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(256, 64)
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
+        self.lm_head = nn.Linear(64, 256)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return self.lm_head(h + self.down(torch.nn.functional.gelu(self.up(h))))
+
+
+def make_byte_mlp():
+    return ByteMLP()
+
+
+def not_a_module():
+    return 42
