@@ -30,6 +30,8 @@ def test_calibrate_builtin_model_and_corpus(tmp_path):
     assert len(report["rows"]) == 8
     assert all(r["final_error"] < r["rtn_error"] for r in report["rows"])
     assert "mean relative output error" in proc.stdout
+    png = (tmp_path / "out" / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert not list((tmp_path / "out").glob("*.tmp*"))  # no temporary files left
 
 
