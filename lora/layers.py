@@ -185,6 +185,14 @@ class _Wrapper(nn.Module):
         self._save_to_state_dict(destination, prefix, keep_vars)
         return destination
 
+    @property
+    def tp_group_for_checkpoint(self):
+        return self.base.tp_group
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """The base's sharded tensors plus this wrapper's factors (see :mod:`lora.checkpoint`)."""
+        return ckpt.wrapper_sharded_state_dict(self, prefix, sharded_offsets, metadata, self.factors())
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         own = set(self._parameters) | set(self._buffers)
         for key in [k for k in state_dict if k.startswith(prefix)]:
@@ -336,14 +344,7 @@ class LoraLinear(_Wrapper):
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
 
-    # -- checkpoint
-    @property
-    def tp_group_for_checkpoint(self):
-        return self.base.tp_group
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        return ckpt.wrapper_sharded_state_dict(self, prefix, sharded_offsets, metadata, self.factors())
-
+    # -- repr
     def extra_repr(self) -> str:
         return f"mode={self.mode}, rank={self.rank}, scaling={self.scaling}, enabled={self.enabled}"
 
@@ -442,13 +443,6 @@ class ExpertLoraLinear(_Wrapper):
         A, B = self.local_factors()
         return self._group.scaling * (B.float() @ A.float())
 
-    @property
-    def tp_group_for_checkpoint(self):
-        return self.base.tp_group
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        return ckpt.wrapper_sharded_state_dict(self, prefix, sharded_offsets, metadata, self.factors())
-
     def extra_repr(self) -> str:
         return f"proj={self.proj}, layout={self.layout}, local_expert={self.index}"
 
@@ -510,13 +504,6 @@ class ExpertParallelAdapter(_Wrapper):
         if self.etp_size > 1:
             delta = delta / self.etp_size
         return out + delta.to(out.dtype), bias
-
-    @property
-    def tp_group_for_checkpoint(self):
-        return self.base.tp_group
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        return ckpt.wrapper_sharded_state_dict(self, prefix, sharded_offsets, metadata, self.factors())
 
 
 _SHARED = {  # (proj, layout) -> attribute of the factor shared by the experts

@@ -19,19 +19,23 @@ def _loss(model, batch):
     return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
 
 
-def _train_20_steps(rank, world):
-    init_parallel()
-    model = build_tiny_gpt_moe(CFG, seed=3)
+def _train(model, steps: int) -> list[float]:
+    """AdamW on a fixed batch; the losses of every step."""
     batch = tiny_moe_batch(CFG, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(20):
+    for _ in range(steps):
         loss = _loss(model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def _train_20_steps(rank, world):
+    init_parallel()
+    return _train(build_tiny_gpt_moe(CFG, seed=3), 20)
 
 
 def test_loss_decreases_over_20_steps_single_process():
@@ -128,15 +132,7 @@ def _train_on_cuda(rank, world):
     import torch.distributed as dist
 
     model = build_tiny_gpt_moe(CFG, seed=3)
-    batch = tiny_moe_batch(CFG, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(10):
-        loss = _loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(model, 10)
     return {"backend": dist.get_backend(), "device": str(next(model.parameters()).device), "losses": losses}
 
 
