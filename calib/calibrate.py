@@ -8,37 +8,70 @@ Same calling convention as ``svdq.quantize`` and nvidia-modelopt's ``mtq.quantiz
    ``config.svdq.include`` / ``exclude``), with the same report.
 2. **Statistics** by forward pre-hooks, no change to model code: per dense linear the full-feature input
    (gathered over tensor-parallel ranks); per expert the *routed* inputs of its ``linear_fc1`` and, for
-   ``linear_fc2``, the routed intermediate activations (SequentialMLP calls each expert on its tokens).
+   ``linear_fc2``, the routed intermediate activations (SequentialMLP calls each expert on its tokens; the
+   router probability is applied after the activation, so it is part of fc2's input).
 3. **Decompose**: dense layers with :func:`svdq.decompose_linear` on the full weight; each expert group
-   with :func:`svdq.moe.decompose_expert_group` (fc1 shared smoothing, fc2 per expert, layout per
-   projection at an equal parameter budget, shared factor agreed over the expert-parallel group).
+   with :func:`svdq.moe.decompose_expert_group` on the full expert weights (fc1 shared smoothing, fc2 per
+   expert, layout per projection at an equal parameter budget, shared factor agreed over the
+   expert-parallel group).
 4. **Install**: every target gets adapters initialized from its branch (``lora_down``/``lora_up``) and
-   an :class:`~lora.svdq_base.SVDQBase` holding its quantized residual; the base is frozen.
-5. **Report**: one row per dense layer and per expert projection (:class:`calib.report.CalibReport`).
+   an :class:`~lora.svdq_base.SVDQBase` holding its quantized residual (this rank's tensor-parallel
+   shard); the base is frozen.
+5. **Activation ranges** (``act_range="static"``, the default): ``forward_loop`` runs once more through
+   the installed layers (dynamic ranges) and every SVDQuant base gets ``input_amax = max|x/s|`` over all
+   calibration batches, all-reduced (MAX) over its tensor-parallel group, per expert for experts
+   (:func:`lora.svdq_base.calibrate_input_ranges`). Formats without a per-tensor range (int4, per-channel
+   fp8) and experts that get no token in that pass stay dynamic. ``"dynamic"`` skips this pass.
+6. **Report**: one row per dense layer and per expert projection (:class:`calib.report.CalibReport`).
+
+**Modes.** ``mode="all"`` collects the statistics of every target in one pass of ``forward_loop`` (peak
+statistics memory: all targets). ``mode="layerwise"`` runs steps 2–4 one transformer layer
+(``….layers.<i>``) at a time: hooks on that layer's targets only, one pass of ``forward_loop``, decompose,
+install, free the statistics, next layer. Peak statistics memory is one layer's, at the price of one
+forward pass per layer. This is the usual sequential scheme: later layers are calibrated on the outputs of
+the already quantized earlier layers (with dynamic activation ranges; step 5 comes at the end), so their
+figures differ slightly from "all" mode. If a layer fails (e.g. non-finite activations), the layers before
+it stay quantized in place.
+
+**Parallelism.** Tensor parallelism (dense and expert TP) and expert parallelism: every rank decomposes
+the full weights from full-feature statistics and keeps its shard, so TP=2 reproduces TP=1. All ranks
+call ``calibrate`` with the same config, and ``forward_loop`` must feed the same batches on every
+data-parallel rank (statistics of replicated dense layers are not reduced over data parallelism).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from calib.report import CalibReport, dense_row, expert_row, summary_row
+from calib.report import CalibReport, act_range_label, dense_row, expert_row, summary_row
 from lora.config import LoraConfig
 from lora.model import add_adapters, freeze_base
-from lora.svdq_base import SVDQBase, gather_full_weight, install_svdq_base, register_stats_hooks
+from lora.svdq_base import (
+    calibrate_input_ranges,
+    gather_full_weight,
+    install_expert_base,
+    install_svdq_base,
+    register_stats_hooks,
+)
 from lora.tp import group_rank_size
 from svdq import SVDQConfig, decompose_linear
 from svdq.decompose import validate_layer
+from svdq.layer import ACT_RANGES
 from svdq.moe import decompose_expert_group
-from svdq.stats import run_with_hooks
+from svdq.stats import InputStats, run_with_hooks
 
 DENSE_TARGETS = ("*.self_attention.linear_qkv", "*.self_attention.linear_proj")
 EXPERT_TARGETS = ("*.mlp.experts",)
+MODES = ("all", "layerwise")
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -47,7 +80,10 @@ class CalibConfig:
 
     ``svdq``: formats, rank, smoothing grid, refinement (see :class:`svdq.SVDQConfig`). ``layout``: expert
     layout per projection, ``"auto"`` (best at equal budget) or one of ``shared-down``, ``shared-up``,
-    ``per-expert``. ``storage``: ``"packed"`` or ``"fake"`` residuals.
+    ``per-expert``. ``storage``: ``"packed"`` or ``"fake"`` residuals. ``mode``: ``"all"`` (one statistics
+    pass for every target) or ``"layerwise"`` (one transformer layer at a time, bounded memory; see the
+    module docstring). ``act_range``: ``"static"`` (calibrated per-tensor activation ranges) or
+    ``"dynamic"`` (per call, the behaviour before static ranges existed).
     """
 
     svdq: SVDQConfig = field(default_factory=SVDQConfig)
@@ -56,6 +92,14 @@ class CalibConfig:
     expert_targets: tuple[str, ...] = EXPERT_TARGETS
     storage: str = "packed"
     progress: bool = True
+    mode: str = "all"
+    act_range: str = "static"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"CalibConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.act_range not in ACT_RANGES:
+            raise ValueError(f"CalibConfig.act_range must be one of {ACT_RANGES}, got {self.act_range!r}")
 
 
 def _match(name: str, patterns) -> bool:
@@ -82,13 +126,26 @@ def find_targets(model: nn.Module, config: CalibConfig) -> tuple[dict, dict]:
     return dense, experts
 
 
+def layer_key(name: str) -> str:
+    """The transformer layer of a target: ``decoder.layers.3`` for
+    ``decoder.layers.3.self_attention.linear_qkv``; a target outside ``….layers.<i>`` is its own layer."""
+    m = _LAYER.match(name)
+    return m.group(1) if m else name
+
+
+def stats_nbytes(stats) -> int:
+    """Bytes held by :class:`~svdq.stats.InputStats` objects: second moment (``in² × 8``), absmax
+    (``in × 4``) and token sample (``k × in × 4``)."""
+    return sum(
+        t.numel() * t.element_size() for st in stats for t in (st.gram, st.absmax, st.sample) if t is not None
+    )
+
+
 def _validate(dense: dict, experts: dict, config: CalibConfig) -> None:
     """Shape / format / finiteness checks for every target, before any calibration work."""
     for name, lin in dense.items():
         validate_layer(name, lin.weight, config.svdq)
     for name, moe in experts.items():
-        if group_rank_size(moe.tp_group)[1] > 1:
-            raise ValueError(f"{name}: expert tensor parallelism > 1 is not supported by calibrate yet")
         for i, e in enumerate(moe.local_experts):
             for proj in ("linear_fc1", "linear_fc2"):
                 w = getattr(e, proj).weight
@@ -99,48 +156,123 @@ def _validate(dense: dict, experts: dict, config: CalibConfig) -> None:
 def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig()) -> CalibReport:
     """Calibrate ``model`` in place (see the module docstring); returns the report.
 
-    ``forward_loop(model)`` runs the calibration batches (no gradients needed). Afterwards every target
-    is an adapter wrapper over a frozen SVDQuant base; only adapter parameters require gradients.
+    ``forward_loop(model)`` runs the calibration batches (no gradients needed). It is called once
+    (``mode="all"``) or once per transformer layer (``"layerwise"``), plus once for static activation
+    ranges. Afterwards every target is an adapter wrapper over a frozen SVDQuant base; only adapter
+    parameters require gradients. ``report.peak_stats_bytes``: the most statistics bytes alive at once
+    (:func:`stats_nbytes`; all targets in "all" mode, the largest layer in "layerwise" mode).
     """
     t0 = time.perf_counter()
     if not _has_megatron_modules(model):
         return _calibrate_torch(model, forward_loop, config, t0)
     dense, experts = find_targets(model, config)
     _validate(dense, experts, config)
-    cfg = config.svdq
-    hooked = dict(dense)
-    for name, moe in experts.items():
-        for i, e in enumerate(moe.local_experts):
+    work = [
+        ("dense" if n in dense else "experts", n)
+        for n, _ in model.named_modules()
+        if n in dense or n in experts
+    ]
+    layerwise = config.mode == "layerwise"
+    if layerwise:
+        by_layer: dict[str, list] = {}
+        for item in work:
+            by_layer.setdefault(layer_key(item[1]), []).append(item)
+        passes = list(by_layer.values())
+    else:
+        passes = [work]
+    show = config.progress
+    rows, results, peak = {}, {}, 0
+    for items in tqdm(passes, desc="calibrate (layerwise)", unit="layer", disable=not show or not layerwise):
+        stats = _collect_stats(model, forward_loop, items, dense, experts, config.svdq)
+        peak = max(peak, stats_nbytes(stats.values()))
+        for kind, name in tqdm(items, desc="calibrate", unit="layer", disable=not show or layerwise):
+            if kind == "dense":
+                rows[name], results[name] = _calibrate_dense(model, name, dense[name], stats[name], config)
+                continue
+            for proj, res in _calibrate_experts(model, name, experts[name], stats, config).items():
+                row = expert_row(name, proj, res)
+                row["stats_bytes"] = stats_nbytes(stats[f"{name}.{i}.{proj}"] for i in range(res.num_experts))
+                rows[row["layer"]], results[row["layer"]] = row, res
+        del stats
+    freeze_base(model)
+    bases = _svdq_bases(model, work)
+    ranges = dict.fromkeys(bases)
+    if config.act_range == "static":
+        ranges = calibrate_input_ranges(model, forward_loop, bases)
+    for layer, row in rows.items():
+        row["input_amax"] = (
+            ranges[layer] if layer in bases else [ranges[k] for k in bases if k.startswith(layer + "#")]
+        )
+        row["act_range"] = act_range_label(row["input_amax"])
+    return CalibReport(
+        rows=list(rows.values()),
+        config=config.svdq.to_dict(),
+        layout=config.layout,
+        seconds=time.perf_counter() - t0,
+        results=results,
+        mode=config.mode,
+        act_range=config.act_range,
+        peak_stats_bytes=peak,
+    )
+
+
+def _collect_stats(model, forward_loop, items, dense: dict, experts: dict, cfg: SVDQConfig) -> dict:
+    """One pass of ``forward_loop`` with statistics hooks on the targets ``items`` only; raises (on every
+    rank) if an activation is not finite. Keys: dense names, ``"<experts>.<i>.fc1"`` / ``.fc2``."""
+    hooked = {}
+    for kind, name in items:
+        if kind == "dense":
+            hooked[name] = dense[name]
+            continue
+        for i, e in enumerate(experts[name].local_experts):
             hooked[f"{name}.{i}.fc1"] = e.linear_fc1
             hooked[f"{name}.{i}.fc2"] = e.linear_fc2
     stats, handles = register_stats_hooks(hooked, cfg.sample_tokens, cfg.seed)
     run_with_hooks(model, forward_loop, handles)
-    for name, st in stats.items():
-        if st.nonfinite:
-            raise ValueError(f"{name}: calibration activations contain NaN or Inf")
+    _raise_if_nonfinite(model, stats)
+    return stats
 
-    rows, results = [], {}
-    work = [("dense", n) for n in dense] + [("experts", n) for n in experts]
-    for kind, name in tqdm(work, desc="calibrate", unit="layer", disable=not config.progress):
-        if kind == "dense":
-            lin = dense[name]
-            result = decompose_linear(gather_full_weight(lin), stats[name], cfg, name=name)
-            add_adapters(
-                model,
-                LoraConfig(rank=cfg.rank, targets=(name,), fc1_layout=None, fc2_layout=None, init="zeros"),
-            )
-            install_svdq_base(model.get_submodule(name), result, cfg.act_format, config.storage)
-            rows.append(dense_row(name, result))
-            results[name] = result
-        else:
-            for proj, res in _calibrate_experts(model, name, experts[name], stats, config).items():
-                rows.append(expert_row(name, proj, res))
-                results[f"{name}.linear_{proj}"] = res
-    freeze_base(model)
-    seconds = time.perf_counter() - t0
-    return CalibReport(
-        rows=rows, config=cfg.to_dict(), layout=config.layout, seconds=seconds, results=results
+
+def _raise_if_nonfinite(model: nn.Module, stats: dict[str, InputStats]) -> None:
+    """``ValueError`` naming the first layer whose calibration activations were not finite, raised on every
+    rank (the others would otherwise wait in the next collective)."""
+    bad = [name for name, st in stats.items() if st.nonfinite]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([int(bool(bad))], dtype=torch.int64, device=next(model.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not bad:
+            raise ValueError("calibration activations contain NaN or Inf on another rank")
+    if bad:
+        raise ValueError(f"{bad[0]}: calibration activations contain NaN or Inf")
+
+
+def _calibrate_dense(model, name: str, linear: nn.Module, stats: InputStats, config: CalibConfig):
+    """Decompose one dense linear on its full weight, add its adapter and quantized base;
+    returns ``(report row, SVDQResult)``."""
+    cfg = config.svdq
+    result = decompose_linear(gather_full_weight(linear), stats, cfg, name=name)
+    add_adapters(
+        model, LoraConfig(rank=cfg.rank, targets=(name,), fc1_layout=None, fc2_layout=None, init="zeros")
     )
+    install_svdq_base(model.get_submodule(name), result, cfg.act_format, config.storage)
+    row = dense_row(name, result)
+    row["stats_bytes"] = stats_nbytes([stats])
+    return row, result
+
+
+def _svdq_bases(model: nn.Module, work) -> dict:
+    """The installed SVDQuant bases: a dense layer under its name, local expert ``i`` of an experts module
+    under ``"<experts>.linear_fc1#<i>"`` / ``"….linear_fc2#<i>"`` (the same order on every rank)."""
+    bases = {}
+    for kind, name in work:
+        module = model.get_submodule(name)
+        if kind == "dense":
+            bases[name] = module.base
+            continue
+        for proj in ("fc1", "fc2"):
+            for i, expert in enumerate(module.base.local_experts):
+                bases[f"{name}.linear_{proj}#{i}"] = getattr(expert, f"linear_{proj}").base
+    return bases
 
 
 def _has_megatron_modules(model: nn.Module) -> bool:
@@ -157,23 +289,39 @@ def _calibrate_torch(model: nn.Module, forward_loop, config: CalibConfig, t0: fl
     lora_down / lora_up), then the report is built from their summaries."""
     from svdq import SVDQLinear, quantize
 
-    quantize(model, config.svdq, forward_loop, storage=config.storage, progress=config.progress)
+    if config.mode != "all":
+        raise ValueError(f"mode={config.mode!r} needs a Megatron model; plain torch models use mode='all'")
+    quantize(
+        model,
+        config.svdq,
+        forward_loop,
+        storage=config.storage,
+        progress=config.progress,
+        act_range=config.act_range,
+    )
     rows = [
         summary_row(name, m.svdq_summary) for name, m in model.named_modules() if isinstance(m, SVDQLinear)
     ]
-    seconds = time.perf_counter() - t0
-    return CalibReport(rows=rows, config=config.svdq.to_dict(), layout="-", seconds=seconds)
+    return CalibReport(
+        rows=rows,
+        config=config.svdq.to_dict(),
+        layout="-",
+        seconds=time.perf_counter() - t0,
+        act_range=config.act_range,
+    )
 
 
 def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
-    """Decompose fc1 and fc2 of one SequentialMLP, add its adapters and quantized bases; returns
-    ``{"fc1": MoEGroupResult, "fc2": MoEGroupResult}``."""
+    """Decompose fc1 and fc2 of one SequentialMLP on the full expert weights (gathered over expert tensor
+    parallelism; a GLU fc1 as ``[gate; up]``), add its adapters and quantized bases (this rank's shards);
+    returns ``{"fc1": MoEGroupResult, "fc2": MoEGroupResult}``."""
     cfg = config.svdq
     ep_group = moe.ep_group if group_rank_size(moe.ep_group)[1] > 1 else None
+    glu = bool(moe.config.gated_linear_unit)
     experts = list(moe.local_experts)
     results = {}
     for proj in ("fc1", "fc2"):
-        weights = [getattr(e, f"linear_{proj}").weight.detach() for e in experts]
+        weights = [gather_full_weight(getattr(e, f"linear_{proj}"), glu and proj == "fc1") for e in experts]
         group_stats = [stats[f"{name}.{i}.{proj}"] for i in range(len(experts))]
         results[proj] = decompose_expert_group(
             weights,
@@ -202,7 +350,8 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
         group.init_from(proj, downs, ups)
         for i, expert in enumerate(group.base.local_experts):
             wrapper = getattr(expert, f"linear_{proj}")
-            wrapper.base = SVDQBase(
-                wrapper.base, res.residuals[i], res.expert_smooth(i), cfg.act_format, config.storage
+            smooth = res.expert_smooth(i)
+            install_expert_base(
+                wrapper, res.residuals[i], smooth, cfg.act_format, config.storage, glu and proj == "fc1"
             )
     return results

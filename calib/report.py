@@ -1,4 +1,11 @@
-"""The calibration report: one row per dense layer and per expert projection; table, JSON, PNG."""
+"""The calibration report: one row per dense layer and per expert projection; table, JSON, PNG.
+
+Row fields: ``layer``, ``kind``, ``rank``, ``layout``, ``alpha``, ``refine_steps``, ``tokens``, ``fallbacks``,
+``rtn_error`` / ``final_error`` (relative output errors of the decomposition, dynamic activation ranges),
+``seconds``, and from the calibration pipeline: ``stats_bytes`` (bytes of the layer's calibration statistics),
+``act_range`` (``"static"`` / ``"dynamic"``) and ``input_amax`` (the static range ``max|x/s|``: a float for
+a dense layer, one value per local expert for an expert projection; ``None`` where dynamic).
+"""
 
 from __future__ import annotations
 
@@ -51,7 +58,25 @@ def summary_row(name: str, summary: dict) -> dict:
         "rtn_error": summary["rtn_error"],
         "final_error": summary["final_error"],
         "seconds": summary["seconds"],
+        "act_range": summary.get("act_range", "dynamic"),
+        "input_amax": summary.get("input_amax"),
     }
+
+
+def act_range_label(amax) -> str:
+    """``"static"`` if any range is set (a float or a list with a float), else ``"dynamic"``."""
+    values = amax if isinstance(amax, list | tuple) else [amax]
+    return "static" if any(v is not None for v in values) else "dynamic"
+
+
+def _amax_cell(amax) -> str:
+    if isinstance(amax, list | tuple):
+        values = [v for v in amax if v is not None]
+        if not values:
+            return "-"
+        text = f"{min(values):.3g}-{max(values):.3g}" if len(values) > 1 else f"{values[0]:.3g}"
+        return text + ("*" if len(values) < len(amax) else "")  # *: some experts stay dynamic
+    return "-" if amax is None else f"{amax:.3g}"
 
 
 def expert_row(name: str, projection: str, result) -> dict:
@@ -83,9 +108,21 @@ class CalibReport:
     seconds: float = 0.0
     # layer name → SVDQResult / MoEGroupResult (tensors; not written to JSON)
     results: dict = field(default_factory=dict, repr=False)
+    mode: str = "all"  # "all" targets in one pass, or "layerwise"
+    act_range: str = "dynamic"
+    # peak bytes of calibration statistics alive at once (one pass: all targets, or one layer's)
+    peak_stats_bytes: int = 0
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "config": self.config, "layout": self.layout, "seconds": self.seconds}
+        return {
+            "rows": self.rows,
+            "config": self.config,
+            "layout": self.layout,
+            "seconds": self.seconds,
+            "mode": self.mode,
+            "act_range": self.act_range,
+            "peak_stats_bytes": self.peak_stats_bytes,
+        }
 
     def write_json(self, path) -> Path:
         """Atomic write (temp file + rename)."""
@@ -99,10 +136,10 @@ class CalibReport:
         """A ``rich`` table of the rows."""
         from rich.table import Table
 
-        t = Table(title=f"svdq calibration ({self.seconds:.1f} s)")
+        t = Table(title=f"svdq calibration ({self.mode}, {self.seconds:.1f} s)")
         fallbacks = any(r["fallbacks"] for r in self.rows)
         t.add_column("layer", no_wrap=True)
-        for col in ("rank", "layout", "α", "steps", "tokens", "RTN", "ours"):
+        for col in ("rank", "layout", "α", "steps", "tokens", "RTN", "ours", "x/s amax"):
             t.add_column(col, justify="left" if col == "layout" else "right", no_wrap=True)
         if fallbacks:
             t.add_column("fallbacks")
@@ -116,6 +153,7 @@ class CalibReport:
                 str(r["tokens"]),
                 f"{r['rtn_error']:.3f}",
                 f"{r['final_error']:.3f}",
+                _amax_cell(r.get("input_amax")),
             ]
             t.add_row(*cells, *([r["fallbacks"]] if fallbacks else []))
         return t

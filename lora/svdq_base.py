@@ -14,6 +14,14 @@ adapter factors sharded by ``init_from``. So the branch of a sharded weight is t
 weight, and TP=2 reproduces TP=1. The dynamic per-tensor activation range is all-reduced (MAX) over the
 tensor-parallel group so that activation quantization does not depend on the TP size either.
 
+**Activation range.** ``input_amax`` (float32 scalar buffer, ``None`` = dynamic) fixes the per-tensor
+range of ``Q_a`` (NVFP4 global scale / FP8 per-tensor scale) to a calibrated ``max|x/s|`` — the whole
+tensor's, identical on every tensor-parallel rank (:func:`calibrate_input_ranges`); no per-call reduction
+is needed then. Values beyond it clip as the format does. Block / group scales stay per call.
+
+**Experts.** The same holds for expert linears under expert tensor parallelism (fc1 column-parallel with
+``[gate_k; up_k]`` shards, fc2 row-parallel): :func:`install_expert_base` shards a full-weight residual.
+
 Storage: ``"fake"`` keeps ``Q_w(R)`` dequantized as the (frozen) Megatron weight; ``"packed"`` keeps the
 4-bit codes and scales and dequantizes them for each forward (the transient copy is freed after backward).
 Distributed checkpoints of quantized bases are not written by ``sharded_state_dict`` (it raises): export
@@ -30,6 +38,8 @@ from lora.layers import linear_mode
 from lora.tp import group_rank_size, take_shard
 from svdq.decompose import SVDQResult
 from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
+from svdq.layer import checked_input_amax, static_range_supported
+from svdq.quantize import record_input_amax
 from svdq.stats import InputStats, run_with_hooks
 
 STORAGE_MODES = ("fake", "packed")
@@ -40,6 +50,7 @@ class SVDQBase(nn.Module):
 
     ``inner``: the Megatron linear (its weight is replaced). ``residual``: this rank's packed ``Q_w(R)``
     shard ``(out_l × in_l)``. ``smooth``: ``s`` for this rank's input features ``(in_l,)``.
+    ``input_amax``: static activation range (``None``: dynamic; see :meth:`set_input_amax`).
     ``forward(x, *args, **kwargs) -> (out, bias)`` like the Megatron linear.
     """
 
@@ -60,6 +71,7 @@ class SVDQBase(nn.Module):
         self.act_format: QuantFormat = parse_format(act_format)
         self.weight_format = residual.fmt
         self.register_buffer("smooth", smooth.detach().float().to(weight.device).clone())
+        self.register_buffer("input_amax", None)  # None: dynamic activation range
         self._residual_meta = residual.meta()
         dtype, device = weight.dtype, weight.device
         deq = dequantize(residual.to(device), torch.float32).to(dtype)
@@ -99,14 +111,39 @@ class SVDQBase(nn.Module):
             return self.inner.weight
         return dequantize(self.packed_residual(), torch.float32).to(self._dtype)
 
+    @property
+    def act_range(self) -> str:
+        """``"static"`` when ``input_amax`` is set, else ``"dynamic"``."""
+        return "dynamic" if self.input_amax is None else "static"
+
+    def set_input_amax(self, amax: Tensor | float | None) -> None:
+        """Fix the per-tensor activation range to ``amax = max|x/s|`` of the *whole* input (all
+        tensor-parallel shards); ``None`` goes back to dynamic. ``ValueError`` for a format without a
+        per-tensor range (int4, per-channel fp8, none) or a value that is not finite and > 0."""
+        if amax is None:
+            self.input_amax = None
+            return
+        self.input_amax = checked_input_amax(amax, self.act_format, "SVDQBase").to(self.smooth.device)
+
+    def smoothed_input(self, x: Tensor) -> Tensor:
+        """``x / s`` in ``x``'s dtype (computed in float32), this rank's part of it."""
+        return (x.float() / self.smooth).to(x.dtype)
+
     def quantize_input(self, x: Tensor) -> Tensor:
-        """``Q_a(x / s)`` with the per-tensor range taken over the whole tensor-parallel group."""
-        xs = (x.float() / self.smooth).to(x.dtype)
-        ga = None
-        if self.act_format.name in ("nvfp4", "fp8") and group_rank_size(self.inner.tp_group)[1] > 1:
-            ga = xs.detach().abs().amax().float()
-            dist.all_reduce(ga, op=dist.ReduceOp.MAX, group=self.inner.tp_group)
-            ga = torch.where(ga > 0, ga, torch.ones_like(ga))
+        """``Q_a(x / s)``. Per-tensor range (nvfp4, fp8): ``input_amax`` if set, else that of the whole
+        input (all-reduced MAX over the tensor-parallel group). Per-token fp8 (``fp8-channel``) on a
+        row-parallel linear: each token's range over all its feature shards (all-reduced MAX)."""
+        xs = self.smoothed_input(x)
+        ga = self.input_amax
+        group = self.inner.tp_group
+        if ga is None and group_rank_size(group)[1] > 1:
+            if static_range_supported(self.act_format):  # (an expert may get no token: amax 0)
+                ga = xs.detach().abs().amax().float() if xs.numel() else xs.new_zeros((), dtype=torch.float32)
+            elif self.act_format.name == "fp8" and self.parallel_mode == "row":
+                ga = xs.detach().abs().amax(dim=-1).float()
+            if ga is not None:
+                dist.all_reduce(ga, op=dist.ReduceOp.MAX, group=group)
+                ga = torch.where(ga > 0, ga, torch.ones_like(ga))
         with trusted_inputs():
             return fake_quant(xs, self.act_format, global_amax=ga)
 
@@ -143,7 +180,7 @@ class SVDQBase(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.parallel_mode}, shape={self._shape}, weight={self.weight_format}, act={self.act_format}, "
-            f"storage={self.storage}"
+            f"storage={self.storage}, act_range={self.act_range}"
         )
 
 
@@ -205,7 +242,8 @@ def register_stats_hooks(
     """Forward pre-hooks that accumulate full-feature :class:`InputStats` of Megatron linears.
 
     A hook sees its linear's local input: sequence-parallel column inputs are gathered along the
-    sequence, row-parallel inputs along the features (``input_is_parallel``), so every tensor-parallel
+    sequence (not those of expert linears: the token dispatcher already hands every expert-TP rank the same
+    tokens), row-parallel inputs along the features (``input_is_parallel``), so every tensor-parallel
     rank accumulates the statistics of the full input ``(tokens × in)`` (calibration only). Returns the
     statistics and the hook handles (remove them when done).
     """
@@ -216,7 +254,9 @@ def register_stats_hooks(
 
         def hook(mod, args, st=stats[name], lin=lin):
             x = args[0].detach()
-            if split_dim(lin) == 0 and getattr(lin, "sequence_parallel", False):
+            # expert linears (explicit_expert_comm) get whole, already dispatched token sets
+            sp = getattr(lin, "sequence_parallel", False) and not getattr(lin, "explicit_expert_comm", False)
+            if split_dim(lin) == 0 and sp:
                 x = _gather(x, 0, lin.tp_group)
             elif split_dim(lin) == 1 and getattr(lin, "input_is_parallel", True):
                 x = _gather(x, x.dim() - 1, lin.tp_group)
@@ -252,3 +292,53 @@ def install_svdq_base(adapter: nn.Module, result: SVDQResult, act_format, storag
     adapter.base = SVDQBase(inner, residual, smooth, act_format, storage)
     adapter.init_from(result.lora_down, result.lora_up)
     return adapter
+
+
+def install_expert_base(
+    wrapper: nn.Module, residual: PackedTensor, smooth: Tensor, act_format, storage: str = "packed", glu=False
+) -> SVDQBase:
+    """Quantize the base of an expert adapter ``wrapper`` (``ExpertLoraLinear``) from the expert's *full*
+    packed residual ``(out × in)`` and smoothing ``(in,)``: this expert-TP rank keeps its shard (rows of
+    a column-parallel fc1, ``[gate_k; up_k]`` when ``glu``; columns and the smoothing slice of a
+    row-parallel fc2). The branch is set separately (``LoraExperts.init_from``)."""
+    inner = wrapper.base
+    if isinstance(inner, SVDQBase):
+        raise ValueError(f"{getattr(wrapper, 'adapter_name', '')}: the base is already quantized")
+    dim = split_dim(inner)
+    rank, size = group_rank_size(inner.tp_group)
+    shard = shard_packed(residual, dim, rank, size, glu and dim == 0)
+    s = take_shard(smooth, 0, rank, size) if dim == 1 else smooth
+    wrapper.base = SVDQBase(inner, shard, s, act_format, storage)
+    return wrapper.base
+
+
+# ----------------------------------------------------------------------------------- activation ranges
+
+
+def calibrate_input_ranges(
+    model: nn.Module, forward_loop, bases: dict[str, SVDQBase]
+) -> dict[str, float | None]:
+    """Static activation ranges: run ``forward_loop(model)`` once (the bases as they are, normally
+    dynamic), record each base's ``max|x/s|``, all-reduce it (MAX) over the base's tensor-parallel group
+    and fix it with :meth:`SVDQBase.set_input_amax`. Returns ``{name: amax}``; ``None`` (range left
+    dynamic) for bases whose format has no per-tensor range or that saw no token (e.g. an expert that no
+    calibration token was routed to). Every rank must call it with the same ``bases`` in the same order.
+    """
+    static = {n: b for n, b in bases.items() if static_range_supported(b.act_format)}
+    local = record_input_amax(model, static, forward_loop, check_finite=False)  # NaN / Inf → inf
+    out: dict[str, float | None] = dict.fromkeys(bases)
+    bad = []
+    for name, base in static.items():
+        a = local[name]
+        a = torch.zeros((), device=base.smooth.device) if a is None else a.clone()
+        if group_rank_size(base.inner.tp_group)[1] > 1:
+            dist.all_reduce(a, op=dist.ReduceOp.MAX, group=base.inner.tp_group)
+        value = float(a)
+        if value == float("inf"):  # the same on every rank of the group: all of them raise below
+            bad.append(name)
+            continue
+        base.set_input_amax(a if value > 0 else None)
+        out[name] = value if value > 0 else None
+    if bad:  # after all reductions, so that no rank is left waiting in one
+        raise ValueError(f"{bad[0]}: calibration activations contain NaN or Inf (activation-range pass)")
+    return out

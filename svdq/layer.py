@@ -5,7 +5,15 @@
 ``x (..., in)``, ``s (in,)`` smoothing, ``R (out × in)`` the frozen residual in smoothed coordinates,
 ``A = lora_down (r × in)`` (reads the raw input), ``B = lora_up (out × r)``. ``A`` and ``B`` are
 trainable parameters; residual, scales, smoothing and bias are frozen buffers. Activation quantization
-is dynamic (per token and channel group) with straight-through gradients.
+has straight-through gradients; its block / group scales are always computed per call (per token and
+channel group). The per-tensor range (NVFP4 global scale, FP8 per-tensor scale) is either
+
+* **dynamic** (``input_amax is None``): ``max|x/s|`` of each call's input tensor, or
+* **static** (``input_amax``, a float32 scalar buffer set by :meth:`SVDQLinear.set_input_amax`, e.g. by
+  ``svdq.quantize(..., act_range="static")`` from a calibration pass): the calibrated ``max|x/s|``; larger
+  values clip (NVFP4 block scales saturate at E4M3's 448, FP8 codes at ±448) and get no gradient.
+
+INT4 activations (per-group scales only) and per-channel FP8 have no per-tensor range: always dynamic.
 
 Storage modes give identical outputs:
 * ``"fake"``: the dequantized residual is held (``out × in`` in the layer dtype);
@@ -23,6 +31,30 @@ from svdq.decompose import SVDQResult
 from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
 
 STORAGE_MODES = ("fake", "packed")
+ACT_RANGES = ("static", "dynamic")
+
+
+def static_range_supported(fmt: QuantFormat | str) -> bool:
+    """Whether activations of ``fmt`` have a per-tensor range that can be calibrated (NVFP4's global
+    scale, per-tensor FP8); INT4, per-channel FP8 and ``none`` have none."""
+    fmt = parse_format(fmt)
+    return fmt.name == "nvfp4" or (fmt.name == "fp8" and not fmt.per_channel)
+
+
+def checked_input_amax(amax: Tensor | float, fmt: QuantFormat, who: str) -> Tensor:
+    """``amax`` as a float32 0-d tensor after checking that ``fmt`` takes a static range and that the value
+    is finite and > 0 (``ValueError`` naming ``who`` otherwise)."""
+    if not static_range_supported(fmt):
+        raise ValueError(
+            f"{who}: activation format {fmt} has no per-tensor range; static input_amax needs nvfp4 or fp8"
+        )
+    t = torch.as_tensor(amax).detach().to(torch.float32)
+    if t.numel() != 1:
+        raise ValueError(f"{who}: input_amax must be one value, got shape {tuple(t.shape)}")
+    t = t.reshape(())
+    if not bool(torch.isfinite(t)) or not float(t) > 0:
+        raise ValueError(f"{who}: input_amax must be finite and > 0, got {float(t)}")
+    return t
 
 
 class SVDQLinear(nn.Module):
@@ -38,6 +70,7 @@ class SVDQLinear(nn.Module):
         act_format: QuantFormat | str = "nvfp4",
         storage: str = "packed",
         dtype: torch.dtype = torch.float32,
+        input_amax: Tensor | float | None = None,
     ):
         super().__init__()
         if storage not in STORAGE_MODES:
@@ -57,6 +90,9 @@ class SVDQLinear(nn.Module):
         self.lora_up = nn.Parameter(lora_up.detach().to(dtype).clone())
         self.register_buffer("smooth", smooth.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        self.register_buffer("input_amax", None)  # None: dynamic activation range
+        if input_amax is not None:
+            self.set_input_amax(input_amax)
         self._residual_meta = residual.meta()
         if storage == "fake":
             self.register_buffer("residual", dequantize(residual, torch.float32).to(dtype))
@@ -72,10 +108,38 @@ class SVDQLinear(nn.Module):
         act_format: QuantFormat | str = "nvfp4",
         storage: str = "packed",
         dtype: torch.dtype = torch.float32,
+        input_amax: Tensor | float | None = None,
     ) -> SVDQLinear:
         return cls(
-            result.residual, result.smooth, result.lora_down, result.lora_up, bias, act_format, storage, dtype
+            result.residual,
+            result.smooth,
+            result.lora_down,
+            result.lora_up,
+            bias,
+            act_format,
+            storage,
+            dtype,
+            input_amax,
         )
+
+    @property
+    def act_range(self) -> str:
+        """``"static"`` when ``input_amax`` is set, else ``"dynamic"``."""
+        return "dynamic" if self.input_amax is None else "static"
+
+    def set_input_amax(self, amax: Tensor | float | None) -> None:
+        """Fix the per-tensor activation range to ``amax = max|x/s|`` (``None``: back to dynamic).
+
+        Raises ``ValueError`` for a format without a per-tensor range or a value that is not finite > 0.
+        """
+        if amax is None:
+            self.input_amax = None
+            return
+        self.input_amax = checked_input_amax(amax, self.act_format, "SVDQLinear").to(self.smooth.device)
+
+    def smoothed_input(self, x: Tensor) -> Tensor:
+        """``x / s`` in ``x``'s dtype (computed in float32): what the 4-bit path quantizes."""
+        return (x.float() / self.smooth).to(x.dtype)
 
     def packed_residual(self) -> PackedTensor:
         """The residual as a :class:`PackedTensor` (re-quantized losslessly from ``fake`` storage)."""
@@ -91,9 +155,10 @@ class SVDQLinear(nn.Module):
         return dequantize(self.packed_residual(), torch.float32).to(self.lora_down.dtype).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        xs = (x.float() / self.smooth).to(x.dtype)
+        xs = self.smoothed_input(x)
         with trusted_inputs():  # a NaN input shows in the output anyway: no per-call host sync
-            base = F.linear(fake_quant(xs, self.act_format), self.residual_weight(x.dtype))
+            xq = fake_quant(xs, self.act_format, global_amax=self.input_amax)
+            base = F.linear(xq, self.residual_weight(x.dtype))
         branch = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
         y = base + branch
         if self.bias is not None:
@@ -103,5 +168,6 @@ class SVDQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-            f"weight={self.weight_format}, act={self.act_format}, storage={self.storage}"
+            f"weight={self.weight_format}, act={self.act_format}, storage={self.storage}, "
+            f"act_range={self.act_range}"
         )

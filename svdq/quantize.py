@@ -2,6 +2,10 @@
 
 Same calling convention as nvidia-modelopt's ``mtq.quantize``: ``forward_loop(model)`` runs the
 calibration batches. Input statistics are gathered by forward hooks (no change to model code).
+
+With ``act_range="static"`` (the default) ``forward_loop`` runs a second time after the layers are
+replaced (with dynamic activation ranges) and each layer's per-tensor range ``input_amax = max|x/s|`` over
+all calibration batches is recorded (:func:`record_input_amax`) and fixed (see :mod:`svdq.layer`).
 """
 
 from __future__ import annotations
@@ -9,12 +13,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from svdq.config import SVDQConfig
 from svdq.decompose import SVDQResult, decompose_linear, validate_layer
-from svdq.layer import SVDQLinear
+from svdq.layer import ACT_RANGES, SVDQLinear, static_range_supported
 from svdq.stats import InputStats, run_with_hooks
 
 
@@ -47,6 +52,44 @@ def collect_input_stats(
     return stats
 
 
+def record_input_amax(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    forward_loop: Callable[[nn.Module], None],
+    check_finite: bool = True,
+) -> dict[str, Tensor | None]:
+    """Run ``forward_loop(model)`` and return each layer's ``max|x/s|`` over all its calls.
+
+    ``layers``: modules with a ``smoothed_input(x) -> x/s`` method (:class:`~svdq.layer.SVDQLinear`,
+    ``lora.svdq_base.SVDQBase``). Values are float32 0-d tensors on the layer's device (``None``: the layer
+    got no element). Local to this process: a caller with tensor parallelism reduces them (MAX).
+    Raises ``ValueError`` naming the layer if its input is not finite (with ``check_finite=False`` such a
+    value is returned as ``inf``, e.g. to be reduced first so that every rank raises).
+    """
+    amax: dict[str, Tensor | None] = dict.fromkeys(layers)
+
+    def hook(mod, args, name):
+        xs = mod.smoothed_input(args[0].detach())
+        if xs.numel() == 0:
+            return
+        a = xs.abs().amax().float()
+        amax[name] = a if amax[name] is None else torch.maximum(amax[name], a)
+
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=name: hook(mod, args, n))
+        for name, m in layers.items()
+    ]
+    run_with_hooks(model, forward_loop, handles)
+    for name, a in amax.items():
+        if a is not None and not bool(torch.isfinite(a)):
+            if check_finite:
+                raise ValueError(
+                    f"{name}: calibration activations contain NaN or Inf (activation-range pass)"
+                )
+            amax[name] = torch.full_like(a, float("inf"))
+    return amax
+
+
 def quantize(
     model: nn.Module,
     config: SVDQConfig | dict | str = "nvfp4-w4a4-r32",
@@ -54,14 +97,21 @@ def quantize(
     *,
     storage: str = "packed",
     progress: bool = True,
+    act_range: str = "static",
 ) -> nn.Module:
     """Calibrate and replace the targeted ``nn.Linear`` modules of ``model`` in place; returns ``model``.
 
     ``config``: an :class:`SVDQConfig`, a dict of its fields, or a preset name. Each replaced layer keeps
-    its :class:`~svdq.decompose.SVDQResult` figures in ``layer.svdq_summary``. Every targeted layer is
-    validated (weight finite, rank, group divisibility) before any calibration work, and nothing is
-    replaced unless all layers decompose.
+    its :class:`~svdq.decompose.SVDQResult` figures in ``layer.svdq_summary`` (plus ``act_range`` and
+    ``input_amax``). Every targeted layer is validated (weight finite, rank, group divisibility) before any
+    calibration work, and nothing is replaced unless all layers decompose.
+
+    ``act_range``: ``"static"`` runs ``forward_loop`` once more after the replacement and fixes each
+    layer's per-tensor activation range to the calibrated ``max|x/s|`` (formats with a per-tensor range:
+    nvfp4, fp8; layers that see no data in that pass stay dynamic); ``"dynamic"`` keeps per-call ranges.
     """
+    if act_range not in ACT_RANGES:
+        raise ValueError(f"act_range must be one of {ACT_RANGES}, got {act_range!r}")
     if isinstance(config, str):
         config = SVDQConfig.preset(config)
     elif isinstance(config, dict):
@@ -86,6 +136,15 @@ def quantize(
         ).to(module.weight.device)
         layer.svdq_summary = results[name].summary()
         _set_submodule(model, name, layer)
+    layers = {name: model.get_submodule(name) for name in targets}
+    ranges = {}
+    if act_range == "static" and forward_loop is not None and static_range_supported(config.act_format):
+        ranges = record_input_amax(model, layers, forward_loop)
+    for name, layer in layers.items():
+        amax = ranges.get(name)
+        layer.set_input_amax(amax if amax is not None and float(amax) > 0 else None)
+        layer.svdq_summary["act_range"] = layer.act_range
+        layer.svdq_summary["input_amax"] = None if layer.input_amax is None else float(layer.input_amax)
     return model
 
 

@@ -23,6 +23,7 @@ def _calibrate_worker(rank, world, out_dir):
     from lora.layers import LoraExperts, LoraLinear
     from lora.svdq_base import SVDQBase
     from svdq import SVDQConfig
+    from svdq.formats import fake_quant
 
     init_parallel(expert_parallel=world)
     model = build_tiny_gpt_moe(CFG, seed=1)
@@ -46,15 +47,28 @@ def _calibrate_worker(rank, world, out_dir):
     # every expert linear reproduces its quantized expert from the decomposition (adapter = branch)
     name = "decoder.layers.0.mlp.experts"
     group = model.get_submodule(name)
+    amax = {
+        f"{p}#{i}": getattr(e, f"linear_{p}").base.input_amax
+        for p in ("fc1", "fc2")
+        for i, e in enumerate(group.base.local_experts)
+    }
     g = torch.Generator().manual_seed(5)
     expert_match = []
     for proj, width in (("fc1", CFG.hidden), ("fc2", CFG.ffn_hidden)):
         res = report.results[f"{name}.linear_{proj}"]
         x = torch.randn(24, width, generator=g)
         for i, expert in enumerate(group.base.local_experts):
+            wrapper = getattr(expert, f"linear_{proj}")
             with torch.no_grad():
-                got, _ = getattr(expert, f"linear_{proj}")(x)
+                got, _ = wrapper(x)
+                wrapper.base.set_input_amax(None)  # MoEGroupResult.expert_forward: dynamic range
+                got_dynamic, _ = wrapper(x)
             want = res.expert_forward(i, x)
+            expert_match.append(((got_dynamic - want).norm() / want.norm()).item())
+            # static range: the same expert with the calibrated max|x/s| as the per-tensor range
+            down, up = res.expert_branch(i)
+            xq = fake_quant(x / res.expert_smooth(i), res.act_format, global_amax=amax[f"{proj}#{i}"])
+            want = xq @ res.residual_weight(i).T + (x @ down.T) @ up.T
             expert_match.append(((got - want).norm() / want.norm()).item())
     shared = {
         n: p.detach().clone()

@@ -18,7 +18,14 @@ from lora.harness import compat
 
 @dataclass(frozen=True)
 class TinyMoEConfig:
-    """Shape of the tiny GPT-MoE. ``ffn_hidden`` is each expert's intermediate size (fc1 out = 2·ffn)."""
+    """Shape of the tiny GPT-MoE. ``ffn_hidden`` is each expert's intermediate size (fc1 out = 2·ffn).
+
+    ``sequence_parallel``: ``None`` → on when tensor parallelism > 1 (Megatron's usual setting). Pass
+    ``False`` to run TP > 1 on CPU: the torch RMSNorm of the local spec refuses sequence parallelism
+    there. Without it every TP rank holds the whole sequence, and Megatron's allgather dispatcher hands
+    each token to the experts once per TP rank (expert token counts are TP× those of TP=1; outputs are
+    unchanged). MoE layers then refuse to *train* (``model.train()``); run such models in eval mode.
+    """
 
     num_layers: int = 2
     hidden: int = 64
@@ -29,6 +36,7 @@ class TinyMoEConfig:
     vocab_size: int = 256
     seq_len: int = 32
     dtype: str = "float32"
+    sequence_parallel: bool | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,7 +77,7 @@ def transformer_config(cfg: TinyMoEConfig):
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
-        sequence_parallel=tp > 1,
+        sequence_parallel=tp > 1 if cfg.sequence_parallel is None else bool(cfg.sequence_parallel),
         use_cpu_initialization=True,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -82,7 +90,8 @@ def build_tiny_gpt_moe(cfg: TinyMoEConfig = TinyMoEConfig(), seed: int = 1234):
     """Build a Megatron ``GPTModel`` for ``cfg`` with deterministic weights (same ``seed`` → same model).
 
     Requires :func:`lora.harness.init_parallel`. Experts are split over expert-parallel ranks the
-    Megatron way; the weights of a global expert do not depend on the expert-parallel size.
+    Megatron way; the full (unsharded) value of every weight depends on neither the expert-parallel nor
+    the (expert) tensor-parallel size: a TP=2 / EP=2 model is the TP=1 model, sharded.
     On CUDA the model is moved to the current device.
     """
     from megatron.core.models.gpt import GPTModel
@@ -105,38 +114,53 @@ def build_tiny_gpt_moe(cfg: TinyMoEConfig = TinyMoEConfig(), seed: int = 1234):
 
 
 def _init_by_global_name(model, seed: int, std: float, num_layers: int) -> None:
-    """Re-draw every weight matrix from a generator keyed by (seed, global name, tensor-parallel rank).
+    """Re-draw every weight matrix from a generator keyed by (seed, global name), then keep this rank's
+    tensor-parallel shard of it.
 
     The global name of an expert parameter uses its *global* expert index. Megatron draws weights
     from one RNG stream in construction order, so the values would otherwise depend on how many
     experts this rank builds (and all expert-parallel ranks would get identical experts on CPU,
-    hiding checkpoint bugs that swap experts between ranks). After this, a parameter's value
-    depends only on the seed, its global name and its tensor-parallel shard — not on the
-    expert-parallel size. Norm weights (ones) are left alone. Output projections (``linear_proj``,
+    hiding checkpoint bugs that swap experts between ranks). The full tensor is drawn on every rank and
+    sharded the Megatron way (``partition_dim``; a gated fc1 keeps ``[gate_k; up_k]``), so a parameter's
+    value depends only on the seed, its global name and its shard — not on the expert- or
+    tensor-parallel size. Norm weights (ones) are left alone. Output projections (``linear_proj``,
     ``linear_fc2``) use ``std / sqrt(2 · num_layers)`` as Megatron does.
     """
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.experts import SequentialMLP
 
+    from lora.tp import full_shape, take_shard
+
     ep_rank = parallel_state.get_expert_model_parallel_rank()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    tp = (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+    etp = (
+        parallel_state.get_expert_tensor_parallel_rank(),
+        parallel_state.get_expert_tensor_parallel_world_size(),
+    )
+    glu = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
     global_names = {}
     for mod_name, module in model.named_modules():
         if isinstance(module, SequentialMLP):
             for i, expert in enumerate(module.local_experts):
                 g = ep_rank * module.num_local_experts + i
                 for pname, p in expert.named_parameters():
-                    global_names[p] = (f"{mod_name}.global_expert{g}.{pname}", etp_rank)
+                    global_names[p] = (f"{mod_name}.global_expert{g}.{pname}", etp)
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
-        gname, shard = global_names.get(p, (name, tp_rank))
-        key = zlib.crc32(f"{seed}:{gname}:{shard}".encode())
+        gname, (rank, size) = global_names.get(p, (name, tp))
+        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        key = zlib.crc32(f"{seed}:{gname}:0".encode())
         scale = std / (2 * num_layers) ** 0.5 if ("linear_proj" in gname or "linear_fc2" in gname) else std
-        fresh = torch.randn(p.shape, generator=torch.Generator().manual_seed(key)) * scale
+        fresh = torch.randn(
+            full_shape(tuple(p.shape), dim, size), generator=torch.Generator().manual_seed(key)
+        )
+        gated = glu and dim == 0 and gname.endswith("linear_fc1.weight")
         with torch.no_grad():
-            p.copy_(fresh.to(p.dtype))
+            p.copy_((take_shard(fresh, dim, rank, size, gated) * scale).to(p.dtype))
 
 
 def tiny_moe_batch(cfg: TinyMoEConfig, batch: int = 4, seed: int = 0, device=None) -> dict:
