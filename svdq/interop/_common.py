@@ -1,0 +1,104 @@
+"""Shared pieces of the exporters: atomic output directories, finding the SVDQuant layers, static
+activation ranges and captured layer inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from svdq.layer import SVDQLinear
+from svdq.stats import run_with_hooks
+
+ForwardLoop = Callable[[nn.Module], None]
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out_dir``; on success it is renamed to ``out_dir``.
+
+    Nothing appears at ``out_dir`` unless the block completes: on any exception the temporary directory is
+    removed. ``out_dir`` may be missing or an empty directory; a non-empty one raises ``FileExistsError``
+    unless ``overwrite`` (then the old directory is moved aside, the new one renamed in, the old one
+    deleted; ``out_dir`` is briefly absent between the two renames).
+    """
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "d")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)  # rename(2) replaces an empty directory
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=4) + "\n")
+
+
+def svdq_layers(model: nn.Module) -> dict[str, SVDQLinear]:
+    """``{qualified name: layer}`` of every :class:`~svdq.layer.SVDQLinear` in ``model`` (``ValueError`` if
+    there is none). A model that *is* one layer is returned under the name ``""``."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SVDQLinear)}
+    if not layers:
+        raise ValueError("the model has no svdq.SVDQLinear layers (quantize it with svdq.quantize first)")
+    return layers
+
+
+def qualified(prefix: str, name: str, leaf: str) -> str:
+    """``prefix.name.leaf`` without empty parts."""
+    return ".".join(p for p in (prefix, name, leaf) if p)
+
+
+def require_packed(name: str, layer: SVDQLinear) -> None:
+    if layer.storage != "packed":
+        raise ValueError(
+            f"{name or '<model>'}: storage='fake' keeps only the dequantized residual, not its NVFP4 codes "
+            "and scales; build the layer with storage='packed' to export it"
+        )
+
+
+def capture_inputs(
+    model: nn.Module, layers: Mapping[str, nn.Module], forward_loop: ForwardLoop, max_tokens: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(rows, amax)``: the first ``max_tokens`` input rows ``(n × in)`` each layer receives over
+    ``forward_loop``, and ``max|x|`` over *all* its inputs (float32 0-d); layers that got no input are
+    absent from both."""
+    rows: dict[str, list[Tensor]] = {name: [] for name in layers}
+    amax: dict[str, Tensor] = {}
+
+    def hook(mod, args, name):
+        x = args[0].detach()
+        if x.numel() == 0:
+            return
+        a = x.float().abs().amax()
+        amax[name] = a if name not in amax else torch.maximum(amax[name], a)
+        room = max_tokens - sum(t.shape[0] for t in rows[name])
+        if room > 0:
+            rows[name].append(x.reshape(-1, x.shape[-1])[:room].clone())
+
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=name: hook(mod, args, n))
+        for name, m in layers.items()
+    ]
+    run_with_hooks(model, forward_loop, handles)
+    return {name: torch.cat(r) for name, r in rows.items() if r}, amax
