@@ -1,11 +1,16 @@
 """The ``svdq`` command line.
 
     svdq quickstart [--steps N] [--device cpu|cuda]
-    svdq calibrate --out DIR [--model tiny|module:function] [--data builtin|FILE|DIR|ids.npy] ...
+    svdq calibrate --out DIR [--model tiny|megatron:DIR|module:function] [--data builtin|FILE|DIR|ids.npy] ...
+    svdq eval (--checkpoint DIR | --model SRC) [--adapters FILE] [--data ...] [--json FILE]
+    svdq finetune --checkpoint DIR --out FTDIR --steps N [--resume] ...
+    svdq export --checkpoint DIR [--adapters FILE] --out EXP [--max-shard-size 2GB]
+    svdq save-model --out DIR [--model tiny] [--model-config FILE]
 
 ``quickstart`` is the README's main command (train the tiny GPT-MoE → calibrate → fine-tune adapters).
-``calibrate`` calibrates a model on a token stream and writes its report (see ``calib.cli_calibrate``).
-Input errors exit with status 2 and one line naming what is wrong.
+The others: ``calib.cli_calibrate``, ``calib.cli_eval``, ``calib.cli_finetune``, ``calib.cli_export``,
+``calib.cli_save_model``. Input errors exit with status 2 and one line naming what is wrong, before any
+work; Ctrl-C exits with 130 after printing ``interrupted``; no command leaves a partial output file.
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ import argparse
 import sys
 import warnings
 
-from calib import cli_calibrate
+from calib import cli_calibrate, cli_eval, cli_export, cli_finetune, cli_save_model
+
+COMMANDS = {
+    "calibrate": cli_calibrate,
+    "eval": cli_eval,
+    "finetune": cli_finetune,
+    "export": cli_export,
+    "save-model": cli_save_model,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    cli_calibrate.add_parser(sub)
+    for module in COMMANDS.values():
+        module.add_parser(sub)
     return parser
 
 
@@ -36,13 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         from calib.quickstart import run_quickstart
 
         return run_quickstart(steps=args.steps, seed=args.seed, device=args.device)
-    if args.command == "calibrate":
-        try:
-            return cli_calibrate.run(args)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"svdq calibrate: error: {exc}", file=sys.stderr)
-            return 2
-    return 2
+    try:
+        return COMMANDS[args.command].run(args)
+    except KeyboardInterrupt:
+        print(f"svdq {args.command}: interrupted (no partial output written)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"svdq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

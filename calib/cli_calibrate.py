@@ -1,82 +1,87 @@
-"""``svdq calibrate``: calibrate a model on a token stream and write the report.
+"""``svdq calibrate``: calibrate a model on a token stream, write the quantized model and its report.
 
-    svdq calibrate --out DIR [--model tiny | module:function] [--data builtin | FILE | DIR | ids.npy]
+    svdq calibrate --out DIR [--model tiny | megatron:DIR | module:function] [--model-config FILE]
+                   [--data builtin | FILE | DIR | ids.npy] [--tokenizer tokenizer.json]
                    [--rank 16] [--layout auto] [--format nvfp4] [--tokens 16384] [--storage packed]
 
-Writes ``DIR/report.json`` and ``DIR/report.png`` (with matplotlib), each via a temporary name renamed at
-the end: an interrupted run leaves no partial file. Every input problem (missing or empty data, token ids
-outside the vocabulary, a factory that does not return a module, targets that match nothing) is reported
-before any calibration work.
+Writes ``DIR/model`` (the calibrated model, :func:`lora.export.export_quantized`, recording the model
+source so that ``svdq eval/finetune/export --checkpoint DIR/model`` rebuild it), ``DIR/report.json`` and
+``DIR/report.png`` (with matplotlib), each through a temporary name renamed at the end: an interrupted run
+leaves no partial file. Every input problem (missing or empty data, token ids outside the vocabulary, a
+factory that does not return a module, a model config that does not match its checkpoint, targets that
+match nothing, an existing ``DIR/model``) is reported before any calibration work.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-from torch import nn
+from calib.cli_common import MODEL_KEY, add_data_args
+from calib.models import build_model, resolve_source
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="SVDQuant-calibrate a model and write its report")
+    p = sub.add_parser("calibrate", help="SVDQuant-calibrate a model; write it and its report")
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
-    p.add_argument("--model", default="tiny", help="'tiny' (built-in GPT-MoE) or module:function factory")
-    p.add_argument("--data", default="builtin", help="'builtin', a text file or directory, or a .npy of ids")
+    p.add_argument(
+        "--model", default="tiny", help="'tiny' (built-in GPT-MoE), 'megatron:DIR' or module:function factory"
+    )
+    p.add_argument("--model-config", type=Path, default=None, help="TinyMoEConfig fields (JSON file)")
+    add_data_args(p, tokens_default=16384)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--layout", default="auto", help="expert layout: auto, shared-down, shared-up, per-expert")
     p.add_argument("--format", default="nvfp4", help="weight and activation format (nvfp4, int4, fp8, none)")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
     p.add_argument("--storage", default="packed", choices=["packed", "fake"])
+    p.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
     p.add_argument("--seed", type=int, default=0)
-
-
-def load_model(spec: str, seed: int) -> tuple[nn.Module, int, int]:
-    """``(model, vocab_size, seq_len)`` from ``"tiny"`` or a ``module:function`` factory (called with no
-    arguments; it must return an ``nn.Module`` and may set ``vocab_size`` / ``seq_len`` attributes)."""
-    if spec == "tiny":
-        from lora.harness import TinyMoEConfig, build_tiny_gpt_moe
-
-        cfg = TinyMoEConfig()
-        return build_tiny_gpt_moe(cfg, seed=seed), cfg.vocab_size, cfg.seq_len
-    if ":" not in spec:
-        raise ValueError(f"--model must be 'tiny' or module:function, got {spec!r}")
-    module_name, func_name = spec.split(":", 1)
-    factory = getattr(importlib.import_module(module_name), func_name, None)
-    if not callable(factory):
-        raise ValueError(f"--model {spec}: {module_name} has no callable {func_name!r}")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"--model {spec}: the factory returned {type(model).__name__}, not an nn.Module")
-    return model, int(getattr(model, "vocab_size", 256)), int(getattr(model, "seq_len", 64))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model")
 
 
 def run(args) -> int:
+    from lora.export import export_quantized
+
     from calib.calibrate import CalibConfig, calibrate
+    from calib.cli_common import device_of
     from calib.data import load_tokens, token_batches
     from lora.harness import destroy_parallel, init_parallel
     from svdq import SVDQConfig
 
     svdq_cfg = SVDQConfig(rank=args.rank, weight_format=args.format, act_format=args.format, seed=args.seed)
+    source = resolve_source(args.model, args.model_config, args.seed)
+    model_dir = args.out / "model"
+    if model_dir.exists() and not args.overwrite:
+        raise FileExistsError(f"{model_dir} exists; choose another --out or pass --overwrite")
     init_parallel(seed=args.seed)
     try:
-        model, vocab, seq_len = load_model(args.model, args.seed)
-        ids = load_tokens(args.data, vocab, max_tokens=args.tokens)
-        batches = token_batches(ids, seq_len, batch=8)
-        megatron = hasattr(model, "decoder")
+        lm = build_model(source)
+        ids = load_tokens(args.data, lm.vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer)
+        batches = token_batches(ids, lm.seq_len, batch=args.batch, device=device_of(lm.model))
 
         def forward_loop(m):
             for b in batches:
-                if megatron:
+                if lm.megatron:
                     m(b["tokens"], b["position_ids"], None)
                 else:
                     m(b["tokens"])
 
         report = calibrate(
-            model, forward_loop, CalibConfig(svdq=svdq_cfg, layout=args.layout, storage=args.storage)
+            lm.model, forward_loop, CalibConfig(svdq=svdq_cfg, layout=args.layout, storage=args.storage)
         )
+        args.out.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            MODEL_KEY: source.to_dict(),
+            "calibration": {
+                "svdq": svdq_cfg.to_dict(),
+                "layout": args.layout,
+                "storage": args.storage,
+                "data": str(args.data),
+                "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
+                "tokens": int(ids.numel()),
+            },
+        }
+        export_quantized(lm.model, model_dir, metadata=metadata, overwrite=args.overwrite)
     finally:
         destroy_parallel()
-    args.out.mkdir(parents=True, exist_ok=True)
     report.print()
     json_path = report.write_json(args.out / "report.json")
     png = report.plot_png(args.out / "report.png")
@@ -85,6 +90,7 @@ def run(args) -> int:
     print(
         f"calibrated {len(report.rows)} layers on {ids.numel()} tokens in {report.seconds:.1f} s: "
         f"mean relative output error RTN {rtn:.4f} → SVDQuant {ours:.4f}\n"
-        f"wrote {json_path}" + (f" and {png}" if png else " (install matplotlib for report.png)")
+        f"wrote {model_dir} (quantized model), {json_path}"
+        + (f" and {png}" if png else " (install matplotlib for report.png)")
     )
     return 0

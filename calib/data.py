@@ -1,11 +1,14 @@
-"""Calibration / training token streams: byte-level text, ``.npy`` token ids, or the built-in corpus.
+"""Calibration / training token streams: text (byte-level, or a ``tokenizers`` tokenizer), ``.npy`` token
+ids, or the built-in corpus.
 
 Every loader returns a 1-D ``torch.long`` tensor of token ids and fails with a clear error naming the file:
-missing path, no data, non-integer arrays, ids outside ``[0, vocab_size)``.
+missing path, no data, non-integer arrays, ids outside ``[0, vocab_size)``, text that is not UTF-8 when a
+tokenizer is given.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -29,44 +32,95 @@ def builtin_corpus(max_bytes: int = 2_000_000) -> bytes:
     return b"".join(out)[:max_bytes]
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file (``Tokenizer.from_file``)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust side raises a bare Exception
+        raise ValueError(f"tokenizer {path} cannot be read: {exc}") from None
+
+
+def _encode(texts: list[tuple[str, bytes]], tokenizer) -> torch.Tensor:
+    """Token ids of every ``(name, raw bytes)`` text, concatenated in order (UTF-8 decoding is strict)."""
+    decoded = []
+    for name, raw in texts:
+        try:
+            decoded.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{name}: not UTF-8 text (byte {exc.start}); a tokenizer needs text") from None
+    ids = [i for enc in tokenizer.encode_batch(decoded, add_special_tokens=False) for i in enc.ids]
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def load_tokens(
-    source: str | os.PathLike | None, vocab_size: int, max_tokens: int | None = None
+    source: str | os.PathLike | None,
+    vocab_size: int,
+    max_tokens: int | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> torch.Tensor:
-    """Token ids ``(N,)`` from ``source``: ``None`` / ``"builtin"`` (the built-in corpus as bytes), a text
-    file or a directory of text files (UTF-8 bytes: ids 0–255), or a ``.npy`` array of integer ids."""
+    """Token ids ``(N,)`` from ``source``: ``None`` / ``"builtin"`` (the built-in corpus), a text file or a
+    directory of text files, or a ``.npy`` array of integer ids.
+
+    Text is byte-level (UTF-8 bytes: ids 0–255) unless ``tokenizer`` names a ``tokenizer.json``; then each
+    file is encoded with it (no special tokens added) and the ids concatenated in sorted file order.
+    """
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if source is None or str(source) == BUILTIN:
-        ids = torch.frombuffer(bytearray(builtin_corpus()), dtype=torch.uint8).long()
+        raw = builtin_corpus()
         what = "the built-in corpus"
+        if tok is not None:
+            ids = _encode([(what, raw)], tok)
+        else:
+            ids = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
     else:
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"data source {path} does not exist")
         what = str(path)
         if path.suffix == ".npy":
+            if tok is not None:
+                raise ValueError(f"{path} already holds token ids; --tokenizer applies to text data only")
             arr = np.load(path, allow_pickle=False)
             if not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"{path}: token ids must be integers, got dtype {arr.dtype}")
             ids = torch.from_numpy(arr.astype(np.int64).reshape(-1))
         else:
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            raw = b"".join(p.read_bytes() for p in files)
-            ids = (
-                torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-                if raw
-                else torch.empty(0, dtype=torch.long)
-            )
+            texts = [(str(p), p.read_bytes()) for p in files]
+            raw = b"".join(t for _, t in texts)
+            if not raw:
+                ids = torch.empty(0, dtype=torch.long)
+            elif tok is not None:
+                ids = _encode(texts, tok)
+            else:
+                ids = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
     if ids.numel() == 0:
         raise ValueError(f"{what} holds no tokens")
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
+        via = f" (tokenizer {tokenizer}: vocabulary {tok.get_vocab_size()})" if tok is not None else ""
         raise ValueError(
-            f"{what}: token ids must lie in [0, {vocab_size}) for this model, found [{lo}, {hi}]"
+            f"{what}: token ids must lie in [0, {vocab_size}) for this model, found [{lo}, {hi}]{via}"
         )
     return ids[:max_tokens] if max_tokens else ids
 
 
-def token_batches(ids: torch.Tensor, seq_len: int, batch: int, max_batches: int | None = None) -> list[dict]:
-    """Consecutive ``(batch × seq_len)`` LM batches: ``tokens``, ``labels`` (shifted), ``position_ids``."""
+def fingerprint(ids: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of the int64 token ids: identifies a token stream across runs."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def token_batches(
+    ids: torch.Tensor, seq_len: int, batch: int, max_batches: int | None = None, device=None
+) -> list[dict]:
+    """Consecutive ``(batch × seq_len)`` LM batches: ``tokens``, ``labels`` (shifted), ``position_ids``
+    (on ``device``; default CPU). Batch ``i`` holds ids ``[i·batch·(seq_len+1), (i+1)·batch·(seq_len+1))``;
+    a last partial batch is dropped."""
     per_batch = batch * (seq_len + 1)
     n = ids.numel() // per_batch
     if n == 0:
@@ -77,7 +131,6 @@ def token_batches(ids: torch.Tensor, seq_len: int, batch: int, max_batches: int 
     pos = torch.arange(seq_len).unsqueeze(0).expand(batch, -1).contiguous()
     for i in range(n):
         chunk = ids[i * per_batch : (i + 1) * per_batch].view(batch, seq_len + 1)
-        out.append(
-            {"tokens": chunk[:, :-1].contiguous(), "labels": chunk[:, 1:].contiguous(), "position_ids": pos}
-        )
+        b = {"tokens": chunk[:, :-1].contiguous(), "labels": chunk[:, 1:].contiguous(), "position_ids": pos}
+        out.append({k: v.to(device) for k, v in b.items()} if device is not None else b)
     return out

@@ -1,0 +1,505 @@
+"""Adapter fine-tuning: AdamW on the adapter parameters only, linear warmup + cosine decay, gradient-norm
+clipping, bf16 autocast on CUDA (fp32 on CPU), periodic checkpoints and exact resume.
+
+Schedule (update ``k = 0 … steps-1``, peak ``lr``, ``W = warmup``, ``m = min_lr_ratio``)::
+
+    lr(k) = lr · (k + 1) / W                                          k < W
+    lr(k) = lr · (m + (1 − m) · ½ (1 + cos(π · (k − W) / max(1, steps − W))))   otherwise
+
+Data: the token stream is cut into ``n`` batches (:func:`calib.data.token_batches`); update ``k`` uses
+batch ``perm_e[k mod n]`` with ``e = k // n`` and ``perm_e`` a permutation drawn from ``(seed, e)``, so
+the data position is a function of the step.
+
+A checkpoint ``checkpoints/step-000005/`` holds ``adapters.safetensors`` (:func:`save_adapter_file`),
+``optimizer.safetensors`` (AdamW moments and step counts per parameter name), ``rng.safetensors`` (torch
+CPU / CUDA and Megatron RNG-tracker states, numpy's state) and ``state.json`` (step, losses, learning
+rates, gradient norms, the config, the data position and fingerprint, optimizer hyperparameters, Python's
+``random`` state). It is written into a temporary directory renamed at the end, so a directory named
+``step-*`` is always complete; only the last ``keep`` are kept. Resuming restores all of it and the run
+continues exactly as an uninterrupted one (same losses, bit for bit, on the same machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from calib.models import LoadedModel
+
+CHECKPOINT_FORMAT = "svdq-finetune-checkpoint"
+PARAMS_FORMAT = "svdq-params"
+STEP_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the loss curve (see the module docstring). ``grad_clip = 0`` turns
+    clipping off."""
+
+    steps: int
+    lr: float = 1e-3
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    batch: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 1, "--steps must be ≥ 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.warmup >= 0, "--warmup must be ≥ 0"),
+            (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must lie in [0, 1]"),
+            (self.grad_clip >= 0, "--grad-clip must be ≥ 0 (0 = off)"),
+            (self.weight_decay >= 0, "--weight-decay must be ≥ 0"),
+            (self.batch >= 1, "--batch must be ≥ 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**d)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine decay to ``lr·min_lr_ratio``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_index(step: int, n_batches: int, seed: int) -> int:
+    """Index of the batch used by update ``step``: a fresh permutation of the ``n_batches`` per epoch."""
+    epoch, pos = divmod(step, n_batches)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n_batches, generator=g)[pos])
+
+
+# ------------------------------------------------------------------------------------------ adapter files
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameter name → parameter of every adapter factor: the factors of :mod:`lora` adapters and the
+    ``lora_down`` / ``lora_up`` branch of every :class:`svdq.SVDQLinear`."""
+    from lora.model import adapter_factors
+    from svdq import SVDQLinear
+
+    ids = {id(f.param) for f in adapter_factors(model).values()}
+    for m in model.modules():
+        if isinstance(m, SVDQLinear):
+            ids.update((id(m.lora_down), id(m.lora_up)))
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
+def _atomic(path: Path, write) -> Path:
+    """``write(tmp_path)`` then rename to ``path``; the temporary file never survives."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """JSON file written atomically (temporary name + rename)."""
+    return _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+
+
+def save_adapter_file(model: nn.Module, path: str | os.PathLike) -> Path:
+    """The model's adapters as safetensors, atomically: :func:`lora.save_adapters` for models with
+    :mod:`lora` adapters, else every :func:`adapter_parameters` tensor under its parameter name
+    (metadata ``format = svdq-params``)."""
+    from safetensors.torch import save_file
+
+    from lora.model import adapter_modules, save_adapters
+
+    if adapter_modules(model):
+        return save_adapters(model, path)
+    params = adapter_parameters(model)
+    if not params:
+        raise ValueError("the model has no adapters")
+    tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
+    meta = {"format": PARAMS_FORMAT, "version": "1"}
+    return _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def adapter_file_format(path: str | os.PathLike) -> str:
+    """The ``format`` of an adapter file (``svdq-lora`` or ``svdq-params``), read from its header only;
+    raises naming the file when it is missing, not safetensors, or not an adapter file."""
+    from safetensors import safe_open
+
+    from lora.model import FILE_FORMAT
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fmt = (fh.metadata() or {}).get("format")
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise ValueError(f"{path} is not a safetensors file: {exc}") from None
+    if fmt not in (FILE_FORMAT, PARAMS_FORMAT):
+        raise ValueError(f"{path} is not an adapter file (metadata format {fmt!r})")
+    return fmt
+
+
+def load_adapter_file(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a :func:`save_adapter_file` file into ``model`` (either format); returns what was loaded.
+    Raises naming the file and tensor on a missing, unexpected or mis-shaped tensor."""
+    from safetensors import safe_open
+
+    from lora.model import load_adapters
+
+    path = Path(path)
+    if adapter_file_format(path) != PARAMS_FORMAT:
+        try:
+            return load_adapters(model, path)
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
+    params = adapter_parameters(model)
+    with safe_open(str(path), framework="pt") as fh:
+        keys = set(fh.keys())
+        for name, p in params.items():
+            if name not in keys:
+                raise ValueError(f"{path}: tensor {name} is missing (the model's adapter)")
+            t = fh.get_tensor(name)
+            if t.shape != p.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(t.to(p.dtype))
+    extra = sorted(keys - set(params))
+    if extra:
+        raise ValueError(f"{path} has tensors the model's adapters do not: {extra[:8]}")
+    return list(params)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root`` (``step-*`` directories with a ``state.json``), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+    found = [p for p in found if (p / "state.json").is_file() and p.name[len(STEP_PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> None:
+    """Remove temporary checkpoint directories left by a killed process (names start with ``.``)."""
+    root = Path(root)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".") and ".tmp" in p.name:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
+    from megatron.core import tensor_parallel
+
+    tensors = {"torch.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch.cuda.{i}"] = s
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    for name, s in tracker.get_states().items():
+        tensors[f"megatron.{name}"] = s.cpu()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy.keys"] = torch.from_numpy(keys.astype(np.int64))
+    state = {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": cached},
+        "python_random": _jsonable(random.getstate()),
+    }
+    return tensors, state
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(tensors["torch.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    megatron = {k[len("megatron.") :]: v for k, v in tensors.items() if k.startswith("megatron.")}
+    if megatron:
+        tracker.set_states(megatron)
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["kind"],
+            tensors["numpy.keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    random.setstate(_tupled(state["python_random"]))
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    state: dict,
+    keep: int = 3,
+) -> Path:
+    """Write ``root/step-<step>/`` (see the module docstring) through a temporary directory and keep the
+    last ``keep`` checkpoints. ``names``: the parameter names of the optimizer's parameters, in order."""
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_adapter_file(model, tmp / "adapters.safetensors")
+        sd = optimizer.state_dict()
+        moments = {}
+        for i, name in enumerate(names):
+            for key, value in sd["state"].get(i, {}).items():
+                moments[f"{name}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        rng, rng_state = _rng_tensors()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+        full = {
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            **state,
+            "step": step,
+            "optimizer": {"param_names": names, "param_groups": groups},
+            "rng": rng_state,
+        }
+        (tmp / "state.json").write_text(json.dumps(full, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        doomed = root / f".{old.name}.tmp-delete{os.getpid()}"
+        os.replace(old, doomed)  # a checkpoint disappears atomically, then its files
+        shutil.rmtree(doomed, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
+) -> dict:
+    """Restore adapters, optimizer state and RNG states from a :func:`save_checkpoint` directory; returns
+    its ``state.json``. Raises ``ValueError`` when the checkpoint's parameters differ from ``names``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a fine-tuning checkpoint (format {state.get('format')!r})")
+    saved_names = state["optimizer"]["param_names"]
+    if saved_names != names:
+        diff = sorted(set(saved_names) ^ set(names))[:4] or "their order"
+        raise ValueError(f"{path}: the checkpoint trains other adapter parameters than this model ({diff})")
+    load_adapter_file(model, path / "adapters.safetensors")
+    moments = load_file(str(path / "optimizer.safetensors"))
+    sd = optimizer.state_dict()
+    new_state = {}
+    for i, name in enumerate(names):
+        entry = {k.split("/", 1)[1]: v for k, v in moments.items() if k.split("/", 1)[0] == name}
+        if entry:
+            new_state[i] = entry
+    groups = state["optimizer"]["param_groups"]
+    sd["state"] = new_state
+    sd["param_groups"] = [
+        {**g, "betas": tuple(g["betas"]), "params": old["params"]}
+        if "betas" in g
+        else {**g, "params": old["params"]}
+        for g, old in zip(groups, sd["param_groups"])
+    ]
+    optimizer.load_state_dict(sd)
+    _restore_rng(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+@contextlib.contextmanager
+def routers_outside_autocast(model: nn.Module):
+    """Run Megatron MoE routers' gating outside ``torch.autocast`` while the context is active.
+
+    The gating is a custom autograd function (``router_gating_linear``): under autocast its forward
+    matmul returns bf16, and its backward then multiplies that bf16 gradient by the fp32 weight, which
+    fails. Outside autocast the gating runs in its input's dtype (or ``moe_router_dtype``) both ways.
+    """
+    try:
+        from megatron.core.transformer.moe.router import Router
+    except ImportError:  # no Megatron: nothing to guard
+        yield
+        return
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    for r in routers:
+
+        def gating(inp, _orig=r.gating):
+            with torch.autocast("cuda", enabled=False):
+                return _orig(inp)
+
+        r.gating = gating  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for r in routers:
+            del r.gating
+
+
+def check_resumable(path: str | os.PathLike, cfg: TrainConfig, run_info: dict | None = None) -> dict:
+    """Raise ``ValueError`` (listing ``{field: (was, now)}``) unless the checkpoint at ``path`` was made
+    with the same :class:`TrainConfig` and, when given, the same ``run_info``; returns its state."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    now = cfg.to_dict()
+    if state.get("config") != now:
+        diff = {k: (v, now.get(k)) for k, v in state.get("config", {}).items() if now.get(k) != v}
+        raise ValueError(f"--resume: the checkpoint {path} was made with other settings (was, now): {diff}")
+    if run_info is not None and state.get("run") != run_info:
+        diff = {k: (v, run_info.get(k)) for k, v in state.get("run", {}).items() if run_info.get(k) != v}
+        raise ValueError(f"--resume: the checkpoint {path} belongs to another run (was, now): {diff}")
+    return state
+
+
+def _train_step(lm: LoadedModel, optimizer, params: list, batches, cfg: TrainConfig, k: int, on_cuda: bool):
+    """Update ``k``: set ``lr(k)``, mean token loss of its batch (bf16 autocast on CUDA), backward, clip the
+    gradient norm to ``cfg.grad_clip``, AdamW step. Returns ``(loss, lr, gradient norm before clipping)``."""
+    lr = lr_at(k, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    batch = batches[batch_index(k, len(batches), cfg.seed)]
+    with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
+        loss = lm.token_losses(batch).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"finetune: the loss of step {k + 1} is {value}")
+    return value, lr, float(norm)
+
+
+@dataclass
+class FinetuneResult:
+    """Per-update ``losses`` / ``lrs`` / ``grad_norms`` (all steps, resumed ones included), the step
+    reached, and whether the run stopped early (``stop_at``)."""
+
+    losses: list[float]
+    lrs: list[float]
+    grad_norms: list[float]
+    step: int
+    stopped: bool
+
+
+def finetune(
+    lm: LoadedModel,
+    batches: list[dict],
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: str | os.PathLike,
+    save_every: int = 5,
+    keep: int = 3,
+    resume_from: str | os.PathLike | None = None,
+    stop_at: int | None = None,
+    run_info: dict | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Train the adapters of ``lm.model`` for ``cfg.steps`` updates on ``batches``.
+
+    ``run_info`` (JSON) is stored in every checkpoint under ``"run"`` and must equal the resumed
+    checkpoint's (the caller puts the data fingerprint and model checkpoint there). ``stop_at``: save a
+    checkpoint after that update and return (``stopped=True``). Checkpoints every ``save_every`` updates
+    (0 = only at ``stop_at`` and the end).
+    """
+    model = lm.model
+    params = adapter_parameters(model)
+    if not params:
+        raise ValueError("the model has no adapter parameters to train")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    names = list(params)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run_info = run_info or {}
+    losses, lrs, norms, start = [], [], [], 0
+    if resume_from is not None:
+        check_resumable(resume_from, cfg, run_info)
+        state = load_checkpoint(resume_from, model, optimizer, names)
+        start, losses, lrs, norms = state["step"], state["losses"], state["lrs"], state["grad_norms"]
+    if stop_at is not None and stop_at <= start:
+        raise ValueError(f"--stop-at {stop_at} is not after the resumed checkpoint's step {start}")
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    on_cuda = next(iter(params.values())).is_cuda
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", disable=not progress)
+    guard = routers_outside_autocast(model) if on_cuda else contextlib.nullcontext()
+
+    def checkpoint(step):
+        state = {"config": cfg.to_dict(), "run": run_info, "losses": losses, "lrs": lrs, "grad_norms": norms}
+        state["data_position"] = {
+            "batches": len(batches),
+            **dict(zip(("epoch", "index"), divmod(step, len(batches)))),
+        }
+        save_checkpoint(checkpoint_dir, step, model, optimizer, names, state, keep)
+
+    try:
+        with guard:
+            for k in range(start, end):
+                value, lr, norm = _train_step(lm, optimizer, list(params.values()), batches, cfg, k, on_cuda)
+                losses.append(value)
+                lrs.append(lr)
+                norms.append(norm)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                if (save_every and (k + 1) % save_every == 0) or k + 1 == end:
+                    checkpoint(k + 1)
+    finally:
+        bar.close()
+    model.eval()
+    return FinetuneResult(losses, lrs, norms, end, stopped=end < cfg.steps)
