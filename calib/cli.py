@@ -1,13 +1,14 @@
 """The ``svdq`` command line.
 
-    svdq quickstart [--steps N] [--device cpu|cuda]
+    svdq quickstart [--steps 100] [--rank 32] [--device cpu|cuda] [--json FILE] [--model-config FILE]
     svdq calibrate --out DIR [--model tiny|megatron:DIR|module:function] [--data builtin|FILE|DIR|ids.npy] ...
     svdq eval (--checkpoint DIR | --model SRC) [--adapters FILE] [--data ...] [--json FILE]
     svdq finetune --checkpoint DIR --out FTDIR --steps N [--resume] ...
     svdq export --checkpoint DIR [--adapters FILE] --out EXP [--max-shard-size 2GB]
     svdq save-model --out DIR [--model tiny] [--model-config FILE]
 
-``quickstart`` is the README's main command (train the tiny GPT-MoE → calibrate → fine-tune adapters).
+``quickstart`` is the README's main command (pretrained GPT-MoE → RTN / SVDQuant → fine-tune vs a QLoRA-style
+baseline → export → reload; see ``calib.quickstart``).
 The others: ``calib.cli_calibrate``, ``calib.cli_eval``, ``calib.cli_finetune``, ``calib.cli_export``,
 ``calib.cli_save_model``. Input errors exit with status 2 and one line naming what is wrong, before any
 work; Ctrl-C exits with 130 after printing ``interrupted``; no command leaves a partial output file.
@@ -33,10 +34,22 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdq", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    quick = sub.add_parser("quickstart", help="end-to-end run on the built-in tiny MoE model")
-    quick.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    quick = sub.add_parser(
+        "quickstart", help="quantize → calibrate → fine-tune → export on a pretrained GPT-MoE (a table)"
+    )
+    quick.add_argument("--steps", type=int, default=100, help="fine-tuning steps, ours and baseline (100)")
+    quick.add_argument("--rank", type=int, default=32, help="SVDQuant / LoRA rank (32)")
+    quick.add_argument("--lr", type=float, default=1e-3, help="peak fine-tuning learning rate (1e-3)")
+    quick.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 8 × seq (8)")
+    quick.add_argument("--eval-tokens", type=int, default=16384, help="tokens per held-out evaluation")
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    quick.add_argument(
+        "--model-config", default=None, help="JSON of TinyMoEConfig fields: a bigger model, trained now"
+    )
+    quick.add_argument("--pretrain-steps", type=int, default=300, help="training steps for --model-config")
+    quick.add_argument("--export-dir", default=None, help="keep the export here (default: a temp dir)")
+    quick.add_argument("--json", default=None, help="write every figure as JSON")
     for module in COMMANDS.values():
         module.add_parser(sub)
     return parser
@@ -47,9 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core and modelopt warn at import about optional kernels (Apex, TE) we do not use
     warnings.filterwarnings("ignore", module=r"(megatron|modelopt)\..*")
     if args.command == "quickstart":
-        from calib.quickstart import run_quickstart
+        from calib.quickstart import config_from_file, run_quickstart
 
-        return run_quickstart(steps=args.steps, seed=args.seed, device=args.device)
+        return run_quickstart(
+            steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+            rank=args.rank,
+            json_path=args.json,
+            lr=args.lr,
+            calib_batches=args.calib_batches,
+            eval_tokens=args.eval_tokens,
+            model_config=config_from_file(args.model_config) if args.model_config else None,
+            pretrain_steps=args.pretrain_steps,
+            export_dir=args.export_dir,
+        )
     try:
         return COMMANDS[args.command].run(args)
     except KeyboardInterrupt:

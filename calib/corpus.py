@@ -93,21 +93,24 @@ def random_windows(ids: torch.Tensor, batch: int, seq_len: int, generator: torch
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, batch: int, max_tokens: int) -> list[dict]:
-    """Consecutive non-overlapping windows covering the first ``max_tokens`` ids, in batches."""
-    n = min(ids.numel() - 1, max_tokens) // seq_len
-    if n == 0:
+    """Evaluation batches: ``n = max_tokens // seq_len`` windows of ``seq_len + 1`` ids starting at evenly
+    spaced offsets ``i · (N − seq_len − 1) // n`` over the whole stream (so they sample every part of it),
+    in batches of ``batch`` (the last may be smaller). Deterministic."""
+    span = ids.numel() - seq_len - 1
+    if span < 0:
         raise ValueError(f"{ids.numel()} ids are fewer than one window of {seq_len + 1}")
+    n = max(1, min(max_tokens // seq_len, span + 1))
+    starts = torch.tensor([i * span // n for i in range(n)])
     pos = torch.arange(seq_len)
     out = []
     for b0 in range(0, n, batch):
-        rows = range(b0, min(b0 + batch, n))
-        idx = torch.tensor([r * seq_len for r in rows])[:, None] + torch.arange(seq_len + 1)[None]
+        idx = starts[b0 : b0 + batch, None] + torch.arange(seq_len + 1)[None]
         chunk = ids[idx].long()
         out.append(
             {
                 "tokens": chunk[:, :-1].contiguous(),
                 "labels": chunk[:, 1:].contiguous(),
-                "position_ids": pos.unsqueeze(0).expand(len(rows), -1).contiguous(),
+                "position_ids": pos.unsqueeze(0).expand(idx.shape[0], -1).contiguous(),
             }
         )
     return out
