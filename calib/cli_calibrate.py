@@ -3,6 +3,7 @@
     svdq calibrate --out DIR [--model tiny | megatron:DIR | module:function] [--model-config FILE]
                    [--data builtin | FILE | DIR | ids.npy] [--tokenizer tokenizer.json]
                    [--rank 16] [--layout auto] [--format nvfp4] [--tokens 16384] [--storage packed]
+                   [--mode all | layerwise] [--act-range static | dynamic]
 
 Writes ``DIR/model`` (the calibrated model, :func:`lora.export.export_quantized`, recording the model
 source so that ``svdq eval/finetune/export --checkpoint DIR/model`` rebuild it), ``DIR/report.json`` and
@@ -32,17 +33,28 @@ def add_parser(sub) -> None:
     p.add_argument("--layout", default="auto", help="expert layout: auto, shared-down, shared-up, per-expert")
     p.add_argument("--format", default="nvfp4", help="weight and activation format (nvfp4, int4, fp8, none)")
     p.add_argument("--storage", default="packed", choices=["packed", "fake"])
+    p.add_argument(
+        "--mode",
+        default="all",
+        choices=["all", "layerwise"],
+        help="'layerwise': one transformer layer at a time, statistics memory bounded by one layer",
+    )
+    p.add_argument(
+        "--act-range",
+        default="static",
+        choices=["static", "dynamic"],
+        help="activation quantization range: calibrated per layer (static) or per call (dynamic)",
+    )
     p.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model")
 
 
 def run(args) -> int:
-    from lora.export import export_quantized
-
     from calib.calibrate import CalibConfig, calibrate
     from calib.cli_common import device_of
     from calib.data import load_tokens, token_batches
+    from lora.export import export_quantized
     from lora.harness import destroy_parallel, init_parallel
     from svdq import SVDQConfig
 
@@ -65,7 +77,15 @@ def run(args) -> int:
                     m(b["tokens"])
 
         report = calibrate(
-            lm.model, forward_loop, CalibConfig(svdq=svdq_cfg, layout=args.layout, storage=args.storage)
+            lm.model,
+            forward_loop,
+            CalibConfig(
+                svdq=svdq_cfg,
+                layout=args.layout,
+                storage=args.storage,
+                mode=args.mode,
+                act_range=args.act_range,
+            ),
         )
         args.out.mkdir(parents=True, exist_ok=True)
         metadata = {
@@ -74,6 +94,8 @@ def run(args) -> int:
                 "svdq": svdq_cfg.to_dict(),
                 "layout": args.layout,
                 "storage": args.storage,
+                "mode": args.mode,
+                "act_range": args.act_range,
                 "data": str(args.data),
                 "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
                 "tokens": int(ids.numel()),

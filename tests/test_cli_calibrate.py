@@ -40,7 +40,8 @@ def test_calibrate_factory_model_on_a_text_file_and_a_tokenized_corpus(tmp_path)
     cases = [
         ["calibrate", "--out", tmp_path / "o", "--model", "_factories:make_byte_mlp", "--data", text]
         + ["--rank", "8", "--tokens", "8192"],
-        ["calibrate", "--out", tmp_path / "t", *tokenized, "--model-config", small, "--rank", "4"],
+        ["calibrate", "--out", tmp_path / "t", *tokenized, "--model-config", small, "--rank", "4"]
+        + ["--mode", "layerwise", "--act-range", "dynamic"],
         [
             "eval",
             "--checkpoint",
@@ -57,6 +58,10 @@ def test_calibrate_factory_model_on_a_text_file_and_a_tokenized_corpus(tmp_path)
         assert code == 0, (argv, err[-3000:])
     rows = json.loads((tmp_path / "o" / "report.json").read_text())["rows"]
     assert [r["layer"] for r in rows] == ["up", "down"]  # lm_head excluded by default
+    calibration = read_export_metadata(tmp_path / "t" / "model")["user"]["calibration"]
+    assert calibration["mode"] == "layerwise" and calibration["act_range"] == "dynamic"
+    t_report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert t_report["mode"] == "layerwise" and t_report["act_range"] == "dynamic"
     assert read_export_metadata(tmp_path / "t" / "model")["user"]["calibration"]["tokenizer"].endswith(
         ".json"
     )

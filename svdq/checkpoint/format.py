@@ -136,6 +136,13 @@ def _save_file(tensors: dict[str, Tensor], path: Path, header_meta: dict[str, st
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=header_meta)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates files 0600; use the usual permissions
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_file(names: Iterable[str], tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
