@@ -440,8 +440,9 @@ def _capture(model, targets, forward_loop, max_tokens: int) -> dict[str, tuple[T
             x = x.reshape(-1, x.shape[-1])[:room]
             y = out[0].detach()
             y = y.reshape(-1, y.shape[-1])[: x.shape[0]]
-            slot[0].append(x)
-            slot[1].append(y)
+            # copies: Megatron adds the residual into a linear's output in place (eval, no grad)
+            slot[0].append(x.clone())
+            slot[1].append(y.clone())
             slot[2] += x.shape[0]
 
         handles.append(w.register_forward_hook(hook))
