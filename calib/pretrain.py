@@ -132,31 +132,24 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean()
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to ``min_ratio · peak``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
 def train(cfg: TinyMoEConfig, steps: int, batch: int, lr: float, seed: int, log_every: int = 100):
     """Train from scratch on the base-domain training split; returns ``(model, info)``."""
     from tqdm import tqdm
 
     from calib.corpus import eval_windows, random_windows, stdlib_split
+    from calib.train import TrainConfig, lr_at
     from lora.harness import build_tiny_gpt_moe
 
     split = stdlib_split()
     model = build_tiny_gpt_moe(cfg, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
-    warmup = max(1, steps // 20)
+    schedule = TrainConfig(steps=steps, lr=lr, warmup=max(1, steps // 20), min_lr_ratio=0.1)
     log, t0 = [], time.perf_counter()
     bar = tqdm(range(steps), desc="pretrain", unit="step")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup)
+            group["lr"] = lr_at(step, schedule)
         loss = lm_loss(model, random_windows(split.base_train, batch, cfg.seq_len, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
