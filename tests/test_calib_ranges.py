@@ -236,7 +236,13 @@ def test_calibrate_static_ranges_megatron():
             assert a is None, n
             continue
         assert a is not None and abs(a - want[n]) <= ULP * want[n], (n, a, want[n])
-        assert r["out_rel"][n] < 1e-5, (n, r["out_rel"][n])
+        # the reference divides by the block scale in float64, the format (bit-exact with modelopt) in
+        # float32: a value on an E2M1 rounding boundary may take the neighbouring code (seen once, on
+        # megatron-core 0.19 / Python 3.12: 8e-4 on one expert). One flipped code moves a layer's output
+        # by well under 5e-3; most layers match to float32 round-off.
+        assert r["out_rel"][n] < 5e-3, (n, r["out_rel"][n])
+    exact = [n for n, v in r["out_rel"].items() if v < 1e-5]
+    assert len(exact) >= 0.9 * len(r["out_rel"]), r["out_rel"]
     # every layer's error (dense layer or expert group, summed over the group's tokens) is below RTN
     groups = {}
     for n, (num, den) in r["err"].items():
