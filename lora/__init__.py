@@ -6,10 +6,14 @@
 * :mod:`lora.layers` — adapter modules (:class:`LoraLinear`, :class:`LoraExperts`, …).
 * :mod:`lora.model` — add / enable / disable / remove, freeze, merge, adapter files.
 * :mod:`lora.checkpoint` — ``sharded_state_dict`` (Megatron ``dist_checkpointing``) design.
+* :mod:`lora.svdq_base` — SVDQuant residuals as frozen bases of Megatron linears.
+* :mod:`lora.export` — the quantized checkpoint format: ``export_quantized`` / ``load_quantized``.
+* :mod:`lora.interop` — folded export (adapters merged into the 4-bit residuals).
 * :mod:`lora.harness` — Megatron-on-CPU test harness.
 """
 
 from lora.config import PRESETS, LoraConfig
+from lora.export import export_quantized, load_quantized, read_export_metadata
 from lora.layers import ExpertLoraLinear, ExpertParallelAdapter, Factor, LoraExperts, LoraLinear
 from lora.model import (
     adapter_factors,
@@ -41,9 +45,12 @@ __all__ = [
     "add_adapters",
     "disable_adapters",
     "enable_adapters",
+    "export_quantized",
     "freeze_base",
     "load_adapters",
+    "load_quantized",
     "merge_adapters",
+    "read_export_metadata",
     "remove_adapters",
     "save_adapters",
     "shared_adapters_out_of_sync",
