@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from calib.data import lm_batch
+
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "pydoc_data", "__pycache__"}
 
 
@@ -82,17 +84,16 @@ def stdlib_split(heldout_fraction: float = 0.05, shift_heldout_fraction: float =
     )
 
 
-def random_windows(ids: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator) -> dict:
-    """A language-modelling batch of ``batch`` random windows: ``tokens``/``labels`` ``(batch × seq_len)``
-    (labels shifted by one) and ``position_ids``."""
+def random_windows(
+    ids: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator, device=None
+) -> dict:
+    """An LM batch (:func:`calib.data.lm_batch`) of ``batch`` windows of ``seq_len + 1`` ids starting at
+    random offsets drawn from ``generator``."""
     starts = torch.randint(0, ids.numel() - seq_len - 1, (batch,), generator=generator)
-    idx = starts[:, None] + torch.arange(seq_len + 1)[None]
-    chunk = ids[idx].long()
-    pos = torch.arange(seq_len).unsqueeze(0).expand(batch, -1).contiguous()
-    return {"tokens": chunk[:, :-1].contiguous(), "labels": chunk[:, 1:].contiguous(), "position_ids": pos}
+    return lm_batch(ids[starts[:, None] + torch.arange(seq_len + 1)[None]], device)
 
 
-def eval_windows(ids: torch.Tensor, seq_len: int, batch: int, max_tokens: int) -> list[dict]:
+def eval_windows(ids: torch.Tensor, seq_len: int, batch: int, max_tokens: int, device=None) -> list[dict]:
     """Evaluation batches: ``n = max_tokens // seq_len`` windows of ``seq_len + 1`` ids starting at evenly
     spaced offsets ``i · (N − seq_len − 1) // n`` over the whole stream (so they sample every part of it),
     in batches of ``batch`` (the last may be smaller). Deterministic."""
@@ -101,16 +102,5 @@ def eval_windows(ids: torch.Tensor, seq_len: int, batch: int, max_tokens: int) -
         raise ValueError(f"{ids.numel()} ids are fewer than one window of {seq_len + 1}")
     n = max(1, min(max_tokens // seq_len, span + 1))
     starts = torch.tensor([i * span // n for i in range(n)])
-    pos = torch.arange(seq_len)
-    out = []
-    for b0 in range(0, n, batch):
-        idx = starts[b0 : b0 + batch, None] + torch.arange(seq_len + 1)[None]
-        chunk = ids[idx].long()
-        out.append(
-            {
-                "tokens": chunk[:, :-1].contiguous(),
-                "labels": chunk[:, 1:].contiguous(),
-                "position_ids": pos.unsqueeze(0).expand(idx.shape[0], -1).contiguous(),
-            }
-        )
-    return out
+    window = torch.arange(seq_len + 1)[None]
+    return [lm_batch(ids[starts[b0 : b0 + batch, None] + window], device) for b0 in range(0, n, batch)]

@@ -115,22 +115,31 @@ def fingerprint(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def lm_batch(windows: torch.Tensor, device=None) -> dict:
+    """A language-modelling batch from ``windows (b × (seq_len + 1))`` of ids: ``tokens`` (all but the
+    last id), ``labels`` (all but the first: the next id), ``position_ids`` ``0 … seq_len−1`` — each
+    ``(b × seq_len)`` int64, on ``device`` (default: where ``windows`` is)."""
+    windows = windows.long().to(device) if device is not None else windows.long()
+    pos = torch.arange(windows.shape[1] - 1, device=windows.device).expand(windows.shape[0], -1)
+    return {
+        "tokens": windows[:, :-1].contiguous(),
+        "labels": windows[:, 1:].contiguous(),
+        "position_ids": pos.contiguous(),
+    }
+
+
 def token_batches(
     ids: torch.Tensor, seq_len: int, batch: int, max_batches: int | None = None, device=None
 ) -> list[dict]:
-    """Consecutive ``(batch × seq_len)`` LM batches: ``tokens``, ``labels`` (shifted), ``position_ids``
-    (on ``device``; default CPU). Batch ``i`` holds ids ``[i·batch·(seq_len+1), (i+1)·batch·(seq_len+1))``;
-    a last partial batch is dropped."""
+    """Consecutive ``(batch × seq_len)`` LM batches (:func:`lm_batch`, on ``device``; default CPU).
+    Batch ``i`` holds ids ``[i·batch·(seq_len+1), (i+1)·batch·(seq_len+1))``; a last partial batch is
+    dropped."""
     per_batch = batch * (seq_len + 1)
     n = ids.numel() // per_batch
     if n == 0:
         raise ValueError(f"{ids.numel()} tokens are fewer than one batch of {batch} × {seq_len + 1}")
     if max_batches:
         n = min(n, max_batches)
-    out = []
-    pos = torch.arange(seq_len).unsqueeze(0).expand(batch, -1).contiguous()
-    for i in range(n):
-        chunk = ids[i * per_batch : (i + 1) * per_batch].view(batch, seq_len + 1)
-        b = {"tokens": chunk[:, :-1].contiguous(), "labels": chunk[:, 1:].contiguous(), "position_ids": pos}
-        out.append({k: v.to(device) for k, v in b.items()} if device is not None else b)
-    return out
+    return [
+        lm_batch(ids[i * per_batch : (i + 1) * per_batch].view(batch, seq_len + 1), device) for i in range(n)
+    ]

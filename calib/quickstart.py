@@ -86,10 +86,6 @@ def _lm(model, cfg):
     )
 
 
-def _to(batches: list[dict], device) -> list[dict]:
-    return [{k: v.to(device) for k, v in b.items()} for b in batches]
-
-
 def run(qc: QuickstartConfig) -> dict:
     """Run the quickstart; returns ``{"rows": [...], "figures": {...}, "targets": {...}}``."""
     from calib.calibrate import CalibConfig, calibrate
@@ -113,25 +109,23 @@ def run(qc: QuickstartConfig) -> dict:
         origin = f"pretrained weights {ASSET_DIR.name}"
     else:
         cfg = TinyMoEConfig.from_dict(qc.model_config)
-        model, info = train(cfg, qc.pretrain_steps, 32, 3e-3, qc.seed)
+        model, _ = train(cfg, qc.pretrain_steps, 32, 3e-3, qc.seed)
         origin = f"trained now, {qc.pretrain_steps} steps"
     weights = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     n_params = sum(p.numel() for p in model.parameters())
-    base_eval = _to(eval_windows(split.base_heldout, cfg.seq_len, qc.batch, qc.eval_tokens), device)
-    shift_eval = _to(eval_windows(split.shift_heldout, cfg.seq_len, qc.batch, qc.eval_tokens), device)
+    base_eval = eval_windows(split.base_heldout, cfg.seq_len, qc.batch, qc.eval_tokens, device)
+    shift_eval = eval_windows(split.shift_heldout, cfg.seq_len, qc.batch, qc.eval_tokens, device)
     gen = torch.Generator().manual_seed(qc.seed)
-    calib_data = _to(
-        [random_windows(split.base_train, qc.batch, cfg.seq_len, gen) for _ in range(qc.calib_batches)],
-        device,
-    )
-    ft_data = _to(
-        [random_windows(split.shift_train, qc.batch, cfg.seq_len, gen) for _ in range(max(qc.steps, 16))],
-        device,
-    )
+    calib_data = [
+        random_windows(split.base_train, qc.batch, cfg.seq_len, gen, device) for _ in range(qc.calib_batches)
+    ]
+    ft_data = [
+        random_windows(split.shift_train, qc.batch, cfg.seq_len, gen, device)
+        for _ in range(max(qc.steps, 16))
+    ]
 
     def ppl(m, batches):
-        with torch.no_grad():
-            return perplexity(_lm(m, cfg), batches, progress=False)["perplexity"]
+        return perplexity(_lm(m, cfg), batches, progress=False)["perplexity"]
 
     fp_base, fp_shift = ppl(model, base_eval), ppl(model, shift_eval)
     rows.append(
