@@ -69,16 +69,9 @@ def run(args) -> int:
         ids = load_tokens(args.data, lm.vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer)
         batches = token_batches(ids, lm.seq_len, batch=args.batch, device=device_of(lm.model))
 
-        def forward_loop(m):
-            for b in batches:
-                if lm.megatron:
-                    m(b["tokens"], b["position_ids"], None)
-                else:
-                    m(b["tokens"])
-
         report = calibrate(
             lm.model,
-            forward_loop,
+            lm.forward_loop(batches),
             CalibConfig(
                 svdq=svdq_cfg,
                 layout=args.layout,

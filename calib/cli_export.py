@@ -130,20 +130,6 @@ def fold_summary(report: dict[str, dict]) -> str:
     )
 
 
-def _forward_loop(lm, batches):
-    if batches is None:
-        return None
-
-    def loop(m):
-        for b in batches:
-            if lm.megatron:
-                m(b["tokens"], b["position_ids"], None)
-            else:
-                m(b["tokens"])
-
-    return loop
-
-
 def _export(args, lm, loop, metadata, max_shard) -> dict | None:
     """Write ``args.out`` in ``args.format``; returns the fold report for ``folded``, else ``None``."""
     from lora.export import export_quantized
@@ -193,7 +179,9 @@ def run(args) -> int:
             "export_format": args.format,
         }
         with torch.no_grad():
-            report = _export(args, lm, _forward_loop(lm, batches), metadata, max_shard)
+            report = _export(
+                args, lm, None if batches is None else lm.forward_loop(batches), metadata, max_shard
+            )
     finally:
         destroy_parallel()
     if report is not None:

@@ -78,6 +78,19 @@ class LoadedModel:
     megatron: bool
     source: ModelSource
 
+    def forward_loop(self, batches: list[dict]):
+        """A ``forward_loop(model)`` (the calibration convention) running ``batches`` through the model:
+        ``model(tokens, position_ids, None)`` for Megatron GPT models, ``model(tokens)`` otherwise."""
+
+        def loop(m: nn.Module) -> None:
+            for b in batches:
+                if self.megatron:
+                    m(b["tokens"], b["position_ids"], None)
+                else:
+                    m(b["tokens"])
+
+        return loop
+
     def token_losses(self, batch: dict) -> torch.Tensor:
         """Per-token cross entropy ``(b, s)`` in float32: ``-log softmax(logits)[label]`` for every
         position of ``batch["tokens"]`` / ``batch["labels"]`` (``(b, s)`` each)."""

@@ -38,14 +38,14 @@ from lora.layers import linear_mode
 from lora.tp import group_rank_size, take_shard
 from svdq.decompose import SVDQResult
 from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
-from svdq.layer import checked_input_amax, static_range_supported
+from svdq.layer import StaticActRange, static_range_supported
 from svdq.quantize import record_input_amax
 from svdq.stats import InputStats, run_with_hooks
 
 STORAGE_MODES = ("fake", "packed")
 
 
-class SVDQBase(nn.Module):
+class SVDQBase(StaticActRange, nn.Module):
     """A Megatron Column/RowParallelLinear whose weight is an SVDQuant residual (see the module docstring).
 
     ``inner``: the Megatron linear (its weight is replaced). ``residual``: this rank's packed ``Q_w(R)``
@@ -110,24 +110,6 @@ class SVDQBase(nn.Module):
         if self.storage == "fake":
             return self.inner.weight
         return dequantize(self.packed_residual(), torch.float32).to(self._dtype)
-
-    @property
-    def act_range(self) -> str:
-        """``"static"`` when ``input_amax`` is set, else ``"dynamic"``."""
-        return "dynamic" if self.input_amax is None else "static"
-
-    def set_input_amax(self, amax: Tensor | float | None) -> None:
-        """Fix the per-tensor activation range to ``amax = max|x/s|`` of the *whole* input (all
-        tensor-parallel shards); ``None`` goes back to dynamic. ``ValueError`` for a format without a
-        per-tensor range (int4, per-channel fp8, none) or a value that is not finite and > 0."""
-        if amax is None:
-            self.input_amax = None
-            return
-        self.input_amax = checked_input_amax(amax, self.act_format, "SVDQBase").to(self.smooth.device)
-
-    def smoothed_input(self, x: Tensor) -> Tensor:
-        """``x / s`` in ``x``'s dtype (computed in float32), this rank's part of it."""
-        return (x.float() / self.smooth).to(x.dtype)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """``Q_a(x / s)``. Per-tensor range (nvfp4, fp8): ``input_amax`` if set, else that of the whole

@@ -57,7 +57,31 @@ def checked_input_amax(amax: Tensor | float, fmt: QuantFormat, who: str) -> Tens
     return t
 
 
-class SVDQLinear(nn.Module):
+class StaticActRange:
+    """The activation-range part of an SVDQuant layer (:class:`SVDQLinear`, ``lora.svdq_base.SVDQBase``):
+    needs ``smooth (in,)``, ``act_format`` and an ``input_amax`` buffer (``None``: dynamic ranges)."""
+
+    @property
+    def act_range(self) -> str:
+        """``"static"`` when ``input_amax`` is set, else ``"dynamic"``."""
+        return "dynamic" if self.input_amax is None else "static"
+
+    def set_input_amax(self, amax: Tensor | float | None) -> None:
+        """Fix the per-tensor activation range to ``amax = max|x/s|`` of the whole input (all
+        tensor-parallel shards); ``None`` goes back to dynamic. ``ValueError`` for a format without a
+        per-tensor range (int4, per-channel fp8, none) or a value that is not finite and > 0."""
+        if amax is None:
+            self.input_amax = None
+            return
+        who = type(self).__name__
+        self.input_amax = checked_input_amax(amax, self.act_format, who).to(self.smooth.device)
+
+    def smoothed_input(self, x: Tensor) -> Tensor:
+        """``x / s`` in ``x``'s dtype (computed in float32): what the 4-bit path quantizes."""
+        return (x.float() / self.smooth).to(x.dtype)
+
+
+class SVDQLinear(StaticActRange, nn.Module):
     """See the module docstring. Build it with :meth:`from_result`."""
 
     def __init__(
@@ -121,25 +145,6 @@ class SVDQLinear(nn.Module):
             dtype,
             input_amax,
         )
-
-    @property
-    def act_range(self) -> str:
-        """``"static"`` when ``input_amax`` is set, else ``"dynamic"``."""
-        return "dynamic" if self.input_amax is None else "static"
-
-    def set_input_amax(self, amax: Tensor | float | None) -> None:
-        """Fix the per-tensor activation range to ``amax = max|x/s|`` (``None``: back to dynamic).
-
-        Raises ``ValueError`` for a format without a per-tensor range or a value that is not finite > 0.
-        """
-        if amax is None:
-            self.input_amax = None
-            return
-        self.input_amax = checked_input_amax(amax, self.act_format, "SVDQLinear").to(self.smooth.device)
-
-    def smoothed_input(self, x: Tensor) -> Tensor:
-        """``x / s`` in ``x``'s dtype (computed in float32): what the 4-bit path quantizes."""
-        return (x.float() / self.smooth).to(x.dtype)
 
     def packed_residual(self) -> PackedTensor:
         """The residual as a :class:`PackedTensor` (re-quantized losslessly from ``fake`` storage)."""
