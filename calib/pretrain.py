@@ -125,23 +125,20 @@ def model_is_whole(model: nn.Module) -> bool:
     return all(m.ep_group.size() == 1 for m in model.modules() if isinstance(m, SequentialMLP))
 
 
-def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean next-token cross entropy (nats) of a Megatron GPT model on ``batch``."""
-    device = next(model.parameters()).device
-    b = {k: v.to(device) for k, v in batch.items()}
-    return model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean()
-
-
 def train(cfg: TinyMoEConfig, steps: int, batch: int, lr: float, seed: int, log_every: int = 100):
     """Train from scratch on the base-domain training split; returns ``(model, info)``."""
     from tqdm import tqdm
 
+    from calib.cli_eval import perplexity
     from calib.corpus import eval_windows, random_windows, stdlib_split
+    from calib.models import LoadedModel, ModelSource
     from calib.train import TrainConfig, lr_at
     from lora.harness import build_tiny_gpt_moe
 
     split = stdlib_split()
     model = build_tiny_gpt_moe(cfg, seed=seed)
+    lm = LoadedModel(model, cfg.vocab_size, cfg.seq_len, True, ModelSource("tiny", cfg.to_dict(), seed))
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
     schedule = TrainConfig(steps=steps, lr=lr, warmup=max(1, steps // 20), min_lr_ratio=0.1)
@@ -150,7 +147,7 @@ def train(cfg: TinyMoEConfig, steps: int, batch: int, lr: float, seed: int, log_
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, schedule)
-        loss = lm_loss(model, random_windows(split.base_train, batch, cfg.seq_len, gen))
+        loss = lm.token_losses(random_windows(split.base_train, batch, cfg.seq_len, gen, device)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -158,10 +155,8 @@ def train(cfg: TinyMoEConfig, steps: int, batch: int, lr: float, seed: int, log_
         if step % log_every == 0 or step == steps - 1:
             log.append([step, round(loss.item(), 4)])
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    with torch.no_grad():
-        held = eval_windows(split.base_heldout, cfg.seq_len, batch, 64 * cfg.seq_len * batch)
-        heldout_loss = sum(lm_loss(model, b).item() for b in held) / len(held)
+    held = eval_windows(split.base_heldout, cfg.seq_len, batch, 64 * cfg.seq_len * batch, device)
+    heldout_loss = perplexity(lm, held, progress=False)["loss"]  # puts the model in eval mode
     info = {
         "training": {
             "steps": steps,
