@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora import checkpoint as ckpt
+from lora.te import explicit_expert_comm, is_grouped, te_kind, te_mode, tp_group_of
 from lora.tp import full_shape, grad_allreduce, group_rank_size, set_tp_attributes, take_shard
 
 LAYOUT_OWNS = {  # layout -> (expert owns lora_down, expert owns lora_up)
@@ -132,6 +133,9 @@ def linear_mode(base: nn.Module) -> str:
         return "column"
     if isinstance(base, RowParallelLinear):
         return "row"
+    mode = te_mode(base)
+    if mode is not None and not is_grouped(base):
+        return mode
     mode = getattr(base, "parallel_mode", None)
     if mode in ("column", "row"):
         return mode
@@ -187,7 +191,7 @@ class _Wrapper(nn.Module):
 
     @property
     def tp_group_for_checkpoint(self):
-        return self.base.tp_group
+        return tp_group_of(self.base)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """The base's sharded tensors plus this wrapper's factors (see :mod:`lora.checkpoint`)."""
@@ -232,7 +236,7 @@ class LoraLinear(_Wrapper):
         weight = getattr(base, "weight", None)
         if weight is None:
             raise TypeError(f"{name}: base linear has no weight parameter (skip_weight_param_allocation)")
-        self.tp_rank, self.tp_size = group_rank_size(getattr(base, "tp_group", None))
+        self.tp_rank, self.tp_size = group_rank_size(tp_group_of(base))
         if dropout and self.tp_size > 1:
             raise ValueError(f"{name}: adapter dropout needs tensor parallel size 1")
         out_l, in_l = weight.shape
@@ -275,24 +279,59 @@ class LoraLinear(_Wrapper):
             up.param.copy_(up.to_local(lora_up.detach(), self.adapter_name) / self.scaling)
 
     # -- forward
+    @property
+    def fused_norm(self) -> bool:
+        """The base is a Transformer Engine linear with a fused input norm: the branch reads its output."""
+        return te_kind(self.base) in ("layernorm-column", "layernorm-linear")
+
+    def _base_forward(self, x: Tensor, args, kwargs) -> tuple[Tensor, Tensor | None, Tensor, bool]:
+        """``(out, bias, branch input, returns a tuple)``. A fused-norm TE base is asked for its norm output
+        (``return_layernorm_output``, for this call only: TE returns it in high precision, local to this
+        rank's sequence shard) so that the branch reads the *normalized* input."""
+        if not self.fused_norm:
+            r = self.base(x, *args, **kwargs)
+            return (r[0], r[1], x, True) if isinstance(r, tuple) else (r, None, x, False)
+        b = self.base
+        saved = b.return_layernorm_output, b.return_layernorm_output_gathered
+        b.return_layernorm_output, b.return_layernorm_output_gathered = True, False
+        try:
+            r = b(x, *args, **kwargs)
+        finally:
+            b.return_layernorm_output, b.return_layernorm_output_gathered = saved
+        if not isinstance(r, tuple):
+            raise TypeError(f"{self.adapter_name}: the fused-norm base did not return its norm output")
+        if len(r) == 3:  # (out, bias, ln): TE returns the bias itself
+            return r[0], r[1], r[2], True
+        first, second = r
+        if isinstance(first, tuple):  # Megatron's wrapper: ((out, ln), None)
+            return first[0], second, first[1], True
+        return first, None, second, False  # plain TE LayerNormLinear: (out, ln)
+
     def forward(self, x: Tensor, *args, **kwargs):
-        out, bias = self.base(x, *args, **kwargs)
         if not self.enabled or self.merged:
-            return out, bias
-        if self.mode == "column":
+            return self.base(x, *args, **kwargs)
+        out, bias, xb, as_tuple = self._base_forward(x, args, kwargs)
+        if self.tp_size == 1:  # no communication (also: TE linears outside a Megatron parallel state)
+            xb = F.dropout(xb, self.dropout_p, self.training) if self.dropout_p else xb
+            h = F.linear(xb, self.lora_down.to(xb.dtype))
+            delta = F.linear(h, self.lora_up.to(xb.dtype)) * self.scaling
+        elif self.mode == "column":
             gather = kwargs.get("runtime_gather_output", args[1] if len(args) > 1 else None)
-            delta = self._column_delta(x, self.base.gather_output if gather is None else gather)
+            if gather is None:
+                gather = getattr(self.base, "gather_output", False)  # TE linears never gather
+            delta = self._column_delta(xb, gather)
         else:
-            delta = self._row_delta(x)
-        return out + delta.to(out.dtype), bias
+            delta = self._row_delta(xb)
+        out = out + delta.to(out.dtype)
+        return (out, bias) if as_tuple else out
 
     def _column_delta(self, x: Tensor, gather_output: bool) -> Tensor:
         from megatron.core.tensor_parallel import mappings as m
 
-        b, g = self.base, self.base.tp_group
+        b, g = self.base, tp_group_of(self.base)
         x = F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
         A, B = self.lora_down, self.lora_up.to(x.dtype)
-        if getattr(b, "explicit_expert_comm", False) or getattr(b, "disable_grad_reduce", False):
+        if explicit_expert_comm(b) or getattr(b, "disable_grad_reduce", False):
             h = F.linear(x, grad_allreduce(A, g).to(x.dtype))
         elif getattr(b, "sequence_parallel", False):
             h = m.gather_from_sequence_parallel_region(F.linear(x, grad_allreduce(A, g).to(x.dtype)), group=g)
@@ -306,13 +345,13 @@ class LoraLinear(_Wrapper):
     def _row_delta(self, x: Tensor) -> Tensor:
         from megatron.core.tensor_parallel import mappings as m
 
-        b, g = self.base, self.base.tp_group
+        b, g = self.base, tp_group_of(self.base)
         if not getattr(b, "input_is_parallel", True):
             x = m.scatter_to_tensor_model_parallel_region(x, group=g)
         x = F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
         h = F.linear(x, self.lora_down.to(x.dtype))  # partial sum over the input shards
         B = self.lora_up
-        if getattr(b, "explicit_expert_comm", False):
+        if explicit_expert_comm(b):
             B = grad_allreduce(B, g)  # delta stays a partial sum, reduced with the base output later
         elif getattr(b, "sequence_parallel", False):
             h = m.reduce_scatter_to_sequence_parallel_region(h, group=g)
@@ -374,7 +413,7 @@ class ExpertLoraLinear(_Wrapper):
             raise TypeError(f"{group.adapter_name}: expert {proj} is a {self.mode}-parallel linear")
         object.__setattr__(self, "_group", group)
         self.proj, self.index, self.layout = proj, index, layout
-        self.etp_rank, self.etp_size = group_rank_size(base.tp_group)
+        self.etp_rank, self.etp_size = group_rank_size(tp_group_of(base))
         out_l, in_l = base.weight.shape
         owns_down, owns_up = LAYOUT_OWNS[layout]
         self.down_dim = 1 if self.mode == "row" else None
@@ -421,7 +460,7 @@ class ExpertLoraLinear(_Wrapper):
         own = self._parameters.get(attr)
         if own is None:
             return ctx.shared[f"{self.proj}_{attr}"]
-        return grad_allreduce(own, self.base.tp_group) if dim is None else own
+        return grad_allreduce(own, tp_group_of(self.base)) if dim is None else own
 
     def forward(self, x: Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
@@ -438,6 +477,10 @@ class ExpertLoraLinear(_Wrapper):
             h = F.linear(group.drop(x), A.to(x.dtype))
         delta = F.linear(h, B.to(h.dtype)) * group.scaling
         return out + delta.to(out.dtype), bias
+
+    def merge_weight(self, who: str) -> Tensor:
+        """The base weight that merge / unmerge change in place."""
+        return check_mergeable(self.base, who)
 
     def delta_weight(self) -> Tensor:
         A, B = self.local_factors()
@@ -514,31 +557,17 @@ _SHARED = {  # (proj, layout) -> attribute of the factor shared by the experts
 }
 
 
-class LoraExperts(_Wrapper):
-    """Adapters on all local experts of one ``SequentialMLP`` (see the module docstring).
+class ExpertGroup(_Wrapper):
+    """What adapters on the experts of one MoE layer share, whatever the experts module: the factors shared
+    by its experts (this module's parameters, see :class:`LoraExperts`), the per-forward context with
+    their gradient reductions, initialization from given factors, merge, and the distributed checkpoint.
+    Subclasses create the per-expert wrappers and define ``expert_wrappers()`` and ``forward``."""
 
-    ``forward(permuted_local_hidden_states (N × hidden), tokens_per_expert (E_local,), permuted_probs
-    (N,), ...) -> (out, None)`` as the ``SequentialMLP``. Shared factors (this module's parameters):
-    ``fc1_lora_down (r × hidden)`` [fc1 shared-down], ``fc1_lora_up (2F_l × r)`` [fc1 shared-up, GLU],
-    ``fc2_lora_down (r × F_l)`` [fc2 shared-down], ``fc2_lora_up (hidden × r)`` [fc2 shared-up],
-    ``parallel_lora_down (r × hidden)`` [parallel adapter]. ``F_l`` = ``F / etp``.
-    """
-
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int,
-        *,
-        scaling: float = 1.0,
-        fc1_layout: str | None = "shared-down",
-        fc2_layout: str | None = "shared-up",
-        parallel: bool = False,
-        name: str = "",
-        dtype: torch.dtype | None = None,
-        dropout: float = 0.0,
-        ranks: dict[str, int] | None = None,
+    def _setup(
+        self, base, w1, w2, rank, *, scaling, fc1_layout, fc2_layout, parallel, name, dtype, dropout, ranks
     ):
-        super().__init__(base)
+        """``w1`` / ``w2``: one local expert's fc1 ``(2F_l × hidden)`` and fc2 ``(hidden × F_l)`` weight; the
+        rest as the subclass constructors' arguments."""
         self.adapter_name, self.rank = name, rank
         # per-projection ranks ("fc1", "fc2", "parallel"): calibration may pick different layouts, and so
         # different ranks at an equal parameter budget, for fc1 and fc2
@@ -555,8 +584,6 @@ class LoraExperts(_Wrapper):
         self.glu = bool(base.config.gated_linear_unit)
         self.enabled, self.merged = True, False
         object.__setattr__(self, "_ctx", None)
-        e0 = base.local_experts[0]
-        w1, w2 = e0.linear_fc1.weight, e0.linear_fc2.weight  # (2F_l × hidden), (hidden × F_l)
         r1, r2, rp = self.ranks["fc1"], self.ranks["fc2"], self.ranks["parallel"]
         shapes = {
             "fc1_lora_down": ((r1, w1.shape[1]), None, w1),
@@ -571,14 +598,6 @@ class LoraExperts(_Wrapper):
             setattr(self, attr, _new_param(shape, like, dtype))
             set_tp_attributes(getattr(self, attr), dim, like)
             self._shared_dims[attr] = dim
-        for i in range(self.num_local):
-            expert = base.local_experts[i]
-            if fc1_layout is not None:
-                expert.linear_fc1 = ExpertLoraLinear(expert.linear_fc1, self, "fc1", i, fc1_layout, dtype)
-            if fc2_layout is not None:
-                expert.linear_fc2 = ExpertLoraLinear(expert.linear_fc2, self, "fc2", i, fc2_layout, dtype)
-            if parallel:
-                base.local_experts[i] = ExpertParallelAdapter(expert, self, i, dtype)
 
     def _shared_attrs(self) -> list[str]:
         attrs = [
@@ -587,17 +606,6 @@ class LoraExperts(_Wrapper):
             if (proj, layout) in _SHARED
         ]
         return attrs + (["parallel_lora_down"] if self.parallel else [])
-
-    # -- structure
-    def expert_wrappers(self) -> list[nn.Module]:
-        """Per-expert adapter modules of the local experts (linears and parallel adapters)."""
-        out = []
-        for e in self.base.local_experts:
-            if isinstance(e, ExpertParallelAdapter):
-                out.append(e)
-                e = e.base
-            out += [m for m in (e.linear_fc1, e.linear_fc2) if isinstance(m, ExpertLoraLinear)]
-        return out
 
     def shared_factors(self) -> list[Factor]:
         out = []
@@ -639,26 +647,6 @@ class LoraExperts(_Wrapper):
             etp = [self.base.tp_group] if self._shared_dims[attr] is None else []
             ctx.shared[attr] = grad_allreduce(getattr(self, attr), *etp, self.base.ep_group)
         return ctx
-
-    def forward(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor, *args, **kwargs):
-        if not self.enabled or self.merged:
-            return self.base(hidden, tokens_per_expert, probs, *args, **kwargs)
-        ctx = self._shared_context()
-        x = hidden
-        if getattr(self.base.config, "moe_apply_probs_on_input", False):
-            x = (probs.unsqueeze(-1) * hidden).to(hidden.dtype)
-        counts = [int(c) for c in tokens_per_expert.tolist()] if self.num_local > 1 else [hidden.shape[0]]
-        if self.fc1_layout == "shared-down":  # ONE GEMM over all local tokens, split per expert
-            h = F.linear(self.drop(x), ctx.shared["fc1_lora_down"].to(x.dtype))
-            ctx.h["fc1"] = torch.split(h, counts)
-        if self.parallel:
-            h = F.linear(self.drop(x), ctx.shared["parallel_lora_down"].to(x.dtype))
-            ctx.h["parallel"] = torch.split(h, counts)
-        object.__setattr__(self, "_ctx", ctx)
-        try:
-            return self.base(hidden, tokens_per_expert, probs, *args, **kwargs)
-        finally:
-            object.__setattr__(self, "_ctx", None)
 
     # -- init from given factors
     def init_from(self, proj: str, lora_down: Tensor, lora_up: Tensor) -> None:
@@ -725,7 +713,7 @@ class LoraExperts(_Wrapper):
     def _add_delta(self, sign: float) -> None:
         with torch.no_grad():
             for w in self.expert_wrappers():
-                weight = check_mergeable(w.base, self.adapter_name)
+                weight = w.merge_weight(self.adapter_name)
                 weight.copy_((weight.float() + sign * w.delta_weight()).to(weight.dtype))
 
     # -- checkpoint
@@ -736,17 +724,112 @@ class LoraExperts(_Wrapper):
 
         metadata = compat.ensure_dp_cp_group(metadata)
         state = sharded_state_dict_default(self.base, prefix, sharded_offsets, metadata)
-        groups = (self.base.tp_group, self.base.ep_group, self.base.dp_group)
+        groups = (self.base.tp_group, self.base.ep_group, self.expert_dp_group())
         for f in self.shared_factors():
             key = f"{prefix}{f.attr}"
             state[key] = ckpt.shared_factor_sharded_tensor(key, f, sharded_offsets, metadata, groups)
         return state
+
+    def expert_dp_group(self):
+        """The expert-data-parallel group (replica ids of expert tensors): ``SequentialMLP.dp_group``;
+        ``TEGroupedMLP`` keeps it only in its linears' process-group collection."""
+        group = getattr(self.base, "dp_group", None)
+        if group is not None:
+            return group
+        pgs = getattr(self.base.linear_fc1, "_pg_collection", None)
+        if pgs is not None and getattr(pgs, "expt_dp", None) is not None:
+            return pgs.expt_dp
+        from megatron.core import parallel_state
+
+        return parallel_state.get_expert_data_parallel_group()
 
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, fc1={self.fc1_layout}, fc2={self.fc2_layout}, parallel={self.parallel}, "
             f"experts={self.first_global}..{self.first_global + self.num_local - 1} of {self.num_global}"
         )
+
+
+class LoraExperts(ExpertGroup):
+    """Adapters on all local experts of one ``SequentialMLP`` (see the module docstring).
+
+    ``forward(permuted_local_hidden_states (N × hidden), tokens_per_expert (E_local,), permuted_probs
+    (N,), ...) -> (out, None)`` as the ``SequentialMLP``. Shared factors (this module's parameters):
+    ``fc1_lora_down (r × hidden)`` [fc1 shared-down], ``fc1_lora_up (2F_l × r)`` [fc1 shared-up, GLU],
+    ``fc2_lora_down (r × F_l)`` [fc2 shared-down], ``fc2_lora_up (hidden × r)`` [fc2 shared-up],
+    ``parallel_lora_down (r × hidden)`` [parallel adapter]. ``F_l`` = ``F / etp``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        *,
+        scaling: float = 1.0,
+        fc1_layout: str | None = "shared-down",
+        fc2_layout: str | None = "shared-up",
+        parallel: bool = False,
+        name: str = "",
+        dtype: torch.dtype | None = None,
+        dropout: float = 0.0,
+        ranks: dict[str, int] | None = None,
+    ):
+        super().__init__(base)
+        e0 = base.local_experts[0]
+        w1, w2 = e0.linear_fc1.weight, e0.linear_fc2.weight  # (2F_l × hidden), (hidden × F_l)
+        self._setup(
+            base,
+            w1,
+            w2,
+            rank,
+            scaling=scaling,
+            fc1_layout=fc1_layout,
+            fc2_layout=fc2_layout,
+            parallel=parallel,
+            name=name,
+            dtype=dtype,
+            dropout=dropout,
+            ranks=ranks,
+        )
+        for i in range(self.num_local):
+            expert = base.local_experts[i]
+            if fc1_layout is not None:
+                expert.linear_fc1 = ExpertLoraLinear(expert.linear_fc1, self, "fc1", i, fc1_layout, dtype)
+            if fc2_layout is not None:
+                expert.linear_fc2 = ExpertLoraLinear(expert.linear_fc2, self, "fc2", i, fc2_layout, dtype)
+            if parallel:
+                base.local_experts[i] = ExpertParallelAdapter(expert, self, i, dtype)
+
+    # -- structure
+    def expert_wrappers(self) -> list[nn.Module]:
+        """Per-expert adapter modules of the local experts (linears and parallel adapters)."""
+        out = []
+        for e in self.base.local_experts:
+            if isinstance(e, ExpertParallelAdapter):
+                out.append(e)
+                e = e.base
+            out += [m for m in (e.linear_fc1, e.linear_fc2) if isinstance(m, ExpertLoraLinear)]
+        return out
+
+    def forward(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor, *args, **kwargs):
+        if not self.enabled or self.merged:
+            return self.base(hidden, tokens_per_expert, probs, *args, **kwargs)
+        ctx = self._shared_context()
+        x = hidden
+        if getattr(self.base.config, "moe_apply_probs_on_input", False):
+            x = (probs.unsqueeze(-1) * hidden).to(hidden.dtype)
+        counts = [int(c) for c in tokens_per_expert.tolist()] if self.num_local > 1 else [hidden.shape[0]]
+        if self.fc1_layout == "shared-down":  # ONE GEMM over all local tokens, split per expert
+            h = F.linear(self.drop(x), ctx.shared["fc1_lora_down"].to(x.dtype))
+            ctx.h["fc1"] = torch.split(h, counts)
+        if self.parallel:
+            h = F.linear(self.drop(x), ctx.shared["parallel_lora_down"].to(x.dtype))
+            ctx.h["parallel"] = torch.split(h, counts)
+        object.__setattr__(self, "_ctx", ctx)
+        try:
+            return self.base(hidden, tokens_per_expert, probs, *args, **kwargs)
+        finally:
+            object.__setattr__(self, "_ctx", None)
 
 
 def _wrapper_proj(w: nn.Module) -> str:

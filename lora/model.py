@@ -25,12 +25,21 @@ import torch
 from torch import nn
 
 from lora.config import LoraConfig
-from lora.layers import ExpertLoraLinear, ExpertParallelAdapter, Factor, LoraExperts, LoraLinear, linear_mode
+from lora.grouped import GroupedLoraLinear, LoraGroupedExperts
+from lora.layers import (
+    ExpertGroup,
+    ExpertLoraLinear,
+    ExpertParallelAdapter,
+    Factor,
+    LoraExperts,
+    LoraLinear,
+    linear_mode,
+)
+from lora.te import is_grouped
 
 FILE_FORMAT = "svdq-lora"
 FILE_VERSION = "1"
-_ADAPTERS = (LoraLinear, LoraExperts)
-_WRAPPERS = (LoraLinear, LoraExperts, ExpertLoraLinear, ExpertParallelAdapter)
+_WRAPPERS = (LoraLinear, ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, GroupedLoraLinear)
 
 
 def _matches(name: str, patterns) -> bool:
@@ -54,9 +63,17 @@ def _locate(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
     raise ValueError(f"module {type(target).__name__} is not part of the model")
 
 
+def is_adapter(m: nn.Module) -> bool:
+    """An adapter module: :class:`LoraLinear`, an expert group (:class:`LoraExperts`,
+    :class:`~lora.grouped.LoraGroupedExperts`) or a TE grouped linear adapted on its own."""
+    if isinstance(m, GroupedLoraLinear):
+        return m._group is None
+    return isinstance(m, (LoraLinear, ExpertGroup))
+
+
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Adapter name → adapter module (:class:`LoraLinear` or :class:`LoraExperts`)."""
-    return {m.adapter_name: m for m in model.modules() if isinstance(m, _ADAPTERS)}
+    """Adapter name → adapter module (see :func:`is_adapter`)."""
+    return {m.adapter_name: m for m in model.modules() if is_adapter(m)}
 
 
 def _select(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
@@ -81,28 +98,32 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     modules = dict(model.named_modules())
-    inside = [n for n, m in modules.items() if isinstance(m, (SequentialMLP, *_WRAPPERS))]
+    expert_kinds = (SequentialMLP, *_WRAPPERS)
+    inside = [n for n, m in modules.items() if isinstance(m, expert_kinds) or _is_te_grouped_mlp(m)]
     plans = []
     for name, m in modules.items():
         if not name or not _matches(name, config.targets) or any(name.startswith(p + ".") for p in inside):
             continue
         if isinstance(m, _WRAPPERS):
             raise ValueError(f"{name} already has an adapter; remove_adapters() it first")
-        if type(m).__name__ in ("TEGroupedMLP", "GroupedMLP"):
-            raise NotImplementedError(f"{name}: adapters on grouped-GEMM experts are not implemented yet")
-        if isinstance(m, SequentialMLP):
+        if type(m).__name__ == "GroupedMLP":
+            raise NotImplementedError(f"{name}: adapters on the legacy GroupedMLP are not implemented")
+        if isinstance(m, SequentialMLP) or _is_te_grouped_mlp(m):
             if config.has_expert_adapters:
                 plans.append((name, m))
-        elif _is_linear(m):
+        elif _is_linear(m) or is_grouped(m):
             plans.append((name, m))
     if not plans:
-        raise ValueError(f"no Megatron linear or SequentialMLP matched targets {list(config.targets)}")
+        raise ValueError(
+            f"no Megatron or TE linear, SequentialMLP or TEGroupedMLP matched targets {list(config.targets)}"
+        )
     dtype = getattr(torch, config.dtype) if config.dtype else None
     for name, m in plans:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        if isinstance(m, SequentialMLP):
-            new = LoraExperts(
+        if isinstance(m, SequentialMLP) or _is_te_grouped_mlp(m):
+            cls = LoraExperts if isinstance(m, SequentialMLP) else LoraGroupedExperts
+            new = cls(
                 m,
                 config.rank,
                 scaling=config.scaling,
@@ -113,6 +134,15 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
                 dtype=dtype,
                 dropout=config.dropout,
                 ranks={"fc1": config.fc1_rank or config.rank, "fc2": config.fc2_rank or config.rank},
+            )
+        elif is_grouped(m):
+            new = GroupedLoraLinear(
+                m,
+                config.rank,
+                layout=config.fc1_layout or "shared-down",
+                scaling=config.scaling,
+                name=name,
+                dtype=dtype,
             )
         else:
             glu = attr == "linear_fc1" and isinstance(parent, MLP) and parent.config.gated_linear_unit
@@ -131,11 +161,19 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
     return [name for name, _ in plans]
 
 
+def _is_te_grouped_mlp(m: nn.Module) -> bool:
+    return type(m).__name__ == "TEGroupedMLP" or any(c.__name__ == "TEGroupedMLP" for c in type(m).__mro__)
+
+
 def remove_adapters(model: nn.Module, pattern: str = "*") -> list[str]:
     """Unmerge (if merged) and unwrap the matched adapters, restoring the original modules."""
     removed = []
     for name, m in _select(model, pattern).items():
         m.unmerge()
+        if isinstance(m, LoraGroupedExperts):
+            for attr in ("linear_fc1", "linear_fc2"):
+                if isinstance(getattr(m.base, attr), GroupedLoraLinear):
+                    setattr(m.base, attr, getattr(m.base, attr).base)
         if isinstance(m, LoraExperts):
             experts = m.base.local_experts
             for i in range(len(experts)):
@@ -291,7 +329,7 @@ def shared_adapters_out_of_sync(model: nn.Module) -> list[str]:
 
     bad = []
     for m in adapter_modules(model).values():
-        if not isinstance(m, LoraExperts) or m.ep_size == 1:
+        if not isinstance(m, ExpertGroup) or m.ep_size == 1:
             continue
         for f in m.shared_factors():
             t = f.param.detach().float()

@@ -56,7 +56,7 @@ def test_add_adapters_wraps_the_targets_and_kaiming_init_keeps_the_model():
     assert torch.equal(_logits(model), ref)
     with pytest.raises(ValueError, match="already has an adapter"):
         add_adapters(model, MOE)
-    with pytest.raises(ValueError, match="no Megatron linear or SequentialMLP matched"):
+    with pytest.raises(ValueError, match="SequentialMLP or TEGroupedMLP matched targets"):
         add_adapters(tiny_model(), LoraConfig(targets=("*.nothing",)))
 
 
