@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora import checkpoint as ckpt
-from lora.te import explicit_expert_comm, is_grouped, te_kind, te_mode, tp_group_of
+from lora.te import explicit_expert_comm, fused_norm_input, is_grouped, te_kind, te_mode, tp_group_of
 from lora.tp import full_shape, grad_allreduce, group_rank_size, set_tp_attributes, take_shard
 
 LAYOUT_OWNS = {  # layout -> (expert owns lora_down, expert owns lora_up)
@@ -287,11 +287,14 @@ class LoraLinear(_Wrapper):
     def _base_forward(self, x: Tensor, args, kwargs) -> tuple[Tensor, Tensor | None, Tensor, bool]:
         """``(out, bias, branch input, returns a tuple)``. A fused-norm TE base is asked for its norm output
         (``return_layernorm_output``, for this call only: TE returns it in high precision, local to this
-        rank's sequence shard) so that the branch reads the *normalized* input."""
-        if not self.fused_norm:
-            r = self.base(x, *args, **kwargs)
-            return (r[0], r[1], x, True) if isinstance(r, tuple) else (r, None, x, False)
+        rank's sequence shard) so that the branch reads the *normalized* input. A base quantized by
+        nvidia-modelopt cannot return it (modelopt's output quantizer expects one tensor): the norm is then
+        computed here (:func:`lora.te.fused_norm_input`)."""
         b = self.base
+        if not self.fused_norm or hasattr(b, "input_quantizer"):
+            r = b(x, *args, **kwargs)
+            xb = fused_norm_input(b, x) if self.fused_norm else x
+            return (r[0], r[1], xb, True) if isinstance(r, tuple) else (r, None, xb, False)
         saved = b.return_layernorm_output, b.return_layernorm_output_gathered
         b.return_layernorm_output, b.return_layernorm_output_gathered = True, False
         try:

@@ -66,14 +66,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lora.layers import ExpertLoraLinear, ExpertParallelAdapter, LoraExperts, LoraLinear, linear_mode
+from lora.grouped import GroupedLoraLinear
+from lora.layers import (
+    ExpertGroup,
+    ExpertLoraLinear,
+    ExpertParallelAdapter,
+    LoraLinear,
+    linear_mode,
+)
 from lora.model import adapter_modules, remove_adapters
 from lora.tp import group_rank_size
 from svdq.formats import PackedTensor, QuantFormat, dequantize, parse_format
 from svdq.formats import quantize as quantize_tensor
 from svdq.stats import run_with_hooks
 
-WRAPPER_TYPES = (LoraLinear, LoraExperts, ExpertLoraLinear, ExpertParallelAdapter)
+WRAPPER_TYPES = (LoraLinear, ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, GroupedLoraLinear)
 ADAPTER_EXCLUDE = {"quantizer_name": "*lora*", "enable": False}
 
 

@@ -17,7 +17,9 @@ by class swapping) are recognized too. What matters to an adapter (DESIGN.md §6
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 _KINDS = {  # Megatron TE wrapper class name -> kind (most derived first)
     "TELayerNormColumnParallelLinear": "layernorm-column",
@@ -91,3 +93,23 @@ def explicit_expert_comm(m: nn.Module) -> bool:
     kind = te_kind(m)
     megatron_kinds = ("column", "row", "grouped-column", "grouped-row")
     return kind in megatron_kinds and getattr(m, "parallel_mode", 1) is None
+
+
+def fused_norm_input(m: nn.Module, x: Tensor) -> Tensor:
+    """The output of the input norm fused into a TE ``LayerNormLinear`` (Megatron's
+    ``TELayerNormColumnParallelLinear``), computed here in float32 and returned in ``x``'s dtype::
+
+        RMSNorm:   x · rsqrt(mean(x²) + eps) · γ          LayerNorm: (x − mean) · rsqrt(var + eps) · γ + β
+
+    with ``γ = layer_norm_weight`` (``+ 1`` under ``zero_centered_gamma``) and ``β = layer_norm_bias``.
+    Equal to TE's own norm up to rounding; differentiable in ``x`` (and γ, β)."""
+    gamma = m.layer_norm_weight.float()
+    if getattr(m, "zero_centered_gamma", False):
+        gamma = gamma + 1
+    xf = x.float()
+    if getattr(m, "normalization", "LayerNorm") == "RMSNorm":
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + m.eps) * gamma
+    else:
+        beta = getattr(m, "layer_norm_bias", None)
+        y = F.layer_norm(xf, (xf.shape[-1],), gamma, None if beta is None else beta.float(), m.eps)
+    return y.to(x.dtype)

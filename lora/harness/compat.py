@@ -28,6 +28,16 @@ def local_moe_layer_spec(num_experts: int):
     return get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
 
 
+def moe_layer_spec(num_experts: int, spec: str = "local"):
+    """The GPT-MoE layer spec: ``"local"`` (:func:`local_moe_layer_spec`), ``"te"`` (Transformer Engine
+    modules, TEGroupedMLP experts) or ``"te-sequential"`` (TE modules, SequentialMLP of TE linears)."""
+    if spec == "local":
+        return local_moe_layer_spec(num_experts)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=spec == "te")
+
+
 def ensure_dp_cp_group(metadata: dict | None) -> dict:
     """Sharded-state-dict metadata with ``dp_cp_group`` set (leaf implementations index it directly)."""
     from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group

@@ -1,4 +1,5 @@
-"""A tiny, seeded Megatron GPT-MoE: local spec, SequentialMLP experts, GLU (SwiGLU), top-2 routing.
+"""A tiny, seeded Megatron GPT-MoE: GLU (SwiGLU) experts, top-2 routing; local spec with SequentialMLP
+experts by default, or the Transformer Engine spec (GPU hosts with TE).
 
 Small enough to train on a 2-core CPU in seconds; the same builder makes bigger models for the
 quickstart and GPU runs. Call :func:`lora.harness.init_parallel` first.
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 
 from lora.harness import compat
 
+SPECS = ("local", "te", "te-sequential")
+
 
 @dataclass(frozen=True)
 class TinyMoEConfig:
@@ -25,6 +28,13 @@ class TinyMoEConfig:
     there. Without it every TP rank holds the whole sequence, and Megatron's allgather dispatcher hands
     each token to the experts once per TP rank (expert token counts are TP× those of TP=1; outputs are
     unchanged). MoE layers then refuse to *train* (``model.train()``); run such models in eval mode.
+
+    ``spec``: ``"local"`` (Megatron's local modules, SequentialMLP experts; runs on CPU), ``"te"``
+    (Transformer Engine modules, ``TEGroupedMLP`` experts) or ``"te-sequential"`` (TE modules,
+    ``SequentialMLP`` of TE linears). The weights depend on the seed and the parameter names only, so the
+    three specs build the same model (TE fuses the input norms into ``linear_qkv``; norms start at one).
+    ``fp8``: Megatron's FP8 mode (``"hybrid"`` / ``"e4m3"``, TE specs only) with ``fp8_recipe``
+    (``"delayed"`` = TE ``DelayedScaling``, ``"tensorwise"`` = ``Float8CurrentScaling``).
     """
 
     num_layers: int = 2
@@ -37,6 +47,15 @@ class TinyMoEConfig:
     seq_len: int = 32
     dtype: str = "float32"
     sequence_parallel: bool | None = None
+    spec: str = "local"
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"
+
+    def __post_init__(self) -> None:
+        if self.spec not in SPECS:
+            raise ValueError(f"TinyMoEConfig.spec must be one of {SPECS}, got {self.spec!r}")
+        if self.fp8 is not None and self.spec == "local":
+            raise ValueError("TinyMoEConfig.fp8 needs a Transformer Engine spec ('te' or 'te-sequential')")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +102,8 @@ def transformer_config(cfg: TinyMoEConfig):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         init_method_std=0.02,
+        moe_grouped_gemm=cfg.spec == "te",
+        **({"fp8": cfg.fp8, "fp8_recipe": cfg.fp8_recipe} if cfg.fp8 else {}),
     )
 
 
@@ -102,7 +123,7 @@ def build_tiny_gpt_moe(cfg: TinyMoEConfig = TinyMoEConfig(), seed: int = 1234):
     config = transformer_config(cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=compat.local_moe_layer_spec(cfg.num_experts),
+        transformer_layer_spec=compat.moe_layer_spec(cfg.num_experts, cfg.spec),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_len,
         position_embedding_type="rope",
@@ -129,6 +150,7 @@ def _init_by_global_name(model, seed: int, std: float, num_layers: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.experts import SequentialMLP
 
+    from lora.model import _is_te_grouped_mlp
     from lora.tp import full_shape, take_shard
 
     ep_rank = parallel_state.get_expert_model_parallel_rank()
@@ -148,6 +170,13 @@ def _init_by_global_name(model, seed: int, std: float, num_layers: int) -> None:
                 g = ep_rank * module.num_local_experts + i
                 for pname, p in expert.named_parameters():
                     global_names[p] = (f"{mod_name}.global_expert{g}.{pname}", etp)
+        elif _is_te_grouped_mlp(module):  # weight{i} of the grouped linears: expert i's linear_fcX.weight
+            for proj in ("linear_fc1", "linear_fc2"):
+                linear = getattr(module, proj)
+                for i in range(module.num_local_experts):
+                    g = ep_rank * module.num_local_experts + i
+                    p = getattr(linear, f"weight{i}")
+                    global_names[p] = (f"{mod_name}.global_expert{g}.{proj}.weight", etp)
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue

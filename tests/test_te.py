@@ -1,0 +1,410 @@
+"""Adapters and quantizers on Transformer Engine modules (GPU hosts with TE; skipped elsewhere).
+
+References: (1) float64 computations written out here for plain TE ``Linear`` / ``LayerNormLinear`` /
+``GroupedLinear``; (2) the *local-spec* model of the same seed: the tiny GPT-MoE's weights depend only on
+the seed and the parameter names (:mod:`lora.harness.tiny_moe`) and adapter values only on the seed and the
+global factor keys, so a TE-spec model with adapters must compute what the local-spec one computes.
+Tolerances: float32 on the GPU, where cuBLAS (and TE's GEMMs) may use TF32 (10-bit mantissa): relative
+Frobenius errors ≤ 1e-2 for whole-model logits (the adapter branch itself changes the logits by ≥ 10 %, so
+a branch on the wrong input fails by far), ≤ 2e-3 for single layers; FP8 vs bf16 logits ≤ 0.15.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+te = pytest.importorskip("transformer_engine.pytorch")
+
+from lora import (  # noqa: E402
+    LoraConfig,
+    adapter_factors,
+    adapter_state_dict,
+    add_adapters,
+    disable_adapters,
+    enable_adapters,
+    freeze_base,
+)
+from lora.grouped import GroupedLoraLinear, LoraGroupedExperts  # noqa: E402
+from lora.harness import TinyMoEConfig, build_tiny_gpt_moe, run_on_processes, tiny_moe_batch  # noqa: E402
+from lora.layers import LoraExperts, LoraLinear  # noqa: E402
+from tests._lora_helpers import megatron_world  # noqa: E402,F401 (fixture)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("megatron_world")]
+
+LORA = LoraConfig(rank=4, alpha=16.0, init="random")  # scaling 4: the branch moves the logits visibly
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _model(spec: str, seed: int = 1, **kw):
+    return build_tiny_gpt_moe(TinyMoEConfig(spec=spec, **kw), seed=seed)
+
+
+def _logits(model, batch):
+    return model(batch["tokens"], batch["position_ids"], None)
+
+
+def _no_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+# ------------------------------------------------------------------------------- plain TE modules
+
+
+def _module_with(child: torch.nn.Module) -> torch.nn.Module:
+    holder = torch.nn.Module()
+    holder.lin = child
+    return holder
+
+
+def _branch64(x, A, B, s):
+    return s * (x.double() @ A.double().T) @ B.double().T
+
+
+def test_plain_te_linear_and_layernorm_linear_vs_float64():
+    _no_tf32()
+    torch.manual_seed(0)
+    x = torch.randn(24, 64, device="cuda")
+    for kind in ("linear", "layernorm"):
+        if kind == "linear":
+            base = te.Linear(64, 48, bias=True, params_dtype=torch.float32)
+        else:
+            base = te.LayerNormLinear(64, 48, bias=False, normalization="RMSNorm", params_dtype=torch.float32)
+            with torch.no_grad():
+                base.layer_norm_weight.uniform_(0.5, 1.5)
+        holder = _module_with(base)
+        add_adapters(holder, LoraConfig(rank=4, alpha=8.0, init="random", targets=("lin",)), seed=1)
+        w = holder.lin
+        assert isinstance(w, LoraLinear) and w.fused_norm == (kind == "layernorm")
+        y = w(x)
+        assert isinstance(y, torch.Tensor)  # plain TE modules return a tensor; so does the wrapper
+        xb = x.double()
+        if kind == "layernorm":  # the branch reads the normalized input
+            xb = (
+                xb
+                * torch.rsqrt(xb.pow(2).mean(-1, keepdim=True) + base.eps)
+                * base.layer_norm_weight.double()
+            )
+        ref = xb @ base.weight.double().T + _branch64(xb, w.lora_down, w.lora_up, w.scaling)
+        if kind == "linear":
+            ref = ref + base.bias.double()
+        assert _rel(y, ref) < 2e-3, (kind, _rel(y, ref))
+        assert _rel(y, base(x)) > 1e-2  # the branch is not negligible
+
+
+@pytest.mark.parametrize("layout", ["shared-down", "shared-up", "per-expert"])
+def test_plain_te_grouped_linear_vs_float64(layout):
+    _no_tf32()
+    torch.manual_seed(0)
+    base = te.GroupedLinear(3, 64, 48, bias=False, params_dtype=torch.float32)
+    holder = _module_with(base)
+    add_adapters(
+        holder, LoraConfig(rank=4, alpha=8.0, init="random", targets=("lin",), fc1_layout=layout), seed=2
+    )
+    w = holder.lin
+    assert isinstance(w, GroupedLoraLinear)
+    splits = [16, 0, 32]
+    x = torch.randn(sum(splits), 64, device="cuda", requires_grad=True)
+    y = w(x, splits)
+    leaves = {f.key: f.param.detach().double().requires_grad_() for f in w.factors()}
+    x64 = x.detach().double()
+    parts = []
+    for i, xi in enumerate(x64.split(splits)):
+        A = leaves.get(f"lin.experts.{i}.lora_down", leaves.get("lin.lora_down"))
+        B = leaves.get(f"lin.experts.{i}.lora_up", leaves.get("lin.lora_up"))
+        parts.append(xi @ getattr(base, f"weight{i}").double().T + w.scaling * (xi @ A.T) @ B.T)
+    ref = torch.cat(parts)
+    assert _rel(y, ref) < 2e-3
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (ref * g.double()).sum().backward()
+    for f in w.factors():
+        assert _rel(f.param.grad, leaves[f.key].grad) < 2e-3, f.key
+
+
+# --------------------------------------------------------------------------- TE-spec GPT-MoE models
+
+
+@pytest.mark.parametrize("spec", ["te", "te-sequential"])
+def test_te_spec_with_adapters_matches_local_spec(spec):
+    """Adapters on TELayerNormColumnParallelLinear (branch on the normalized input), TERowParallelLinear
+    and TEGroupedMLP / SequentialMLP of TE linears give the logits and adapter gradients of the local spec."""
+    _no_tf32()
+    batch = tiny_moe_batch(TinyMoEConfig(), batch=2)
+    local, tem = _model("local"), _model(spec)
+    plain = _logits(tem, batch).detach()
+    add_adapters(local, LORA, seed=3)
+    add_adapters(tem, LORA, seed=3)
+    experts = tem.decoder.layers[0].mlp.experts
+    assert isinstance(experts, LoraGroupedExperts if spec == "te" else LoraExperts)
+    assert tem.decoder.layers[0].self_attention.linear_qkv.fused_norm
+    a, b = adapter_state_dict(local), adapter_state_dict(tem)
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for m in (local, tem):
+        freeze_base(m)
+    y_local, y_te = _logits(local, batch), _logits(tem, batch)
+    assert _rel(y_te, plain) > 0.1  # adapters change the output a lot
+    assert _rel(y_te, y_local) < 1e-2, _rel(y_te, y_local)
+    y_local.float().pow(2).mean().backward()
+    y_te.float().pow(2).mean().backward()
+    ga = {k: f.param.grad for k, f in adapter_factors(local).items()}
+    gb = {k: f.param.grad for k, f in adapter_factors(tem).items()}
+    for k in ga:
+        assert gb[k] is not None, k
+        assert _rel(gb[k], ga[k]) < 2e-2, (k, _rel(gb[k], ga[k]))
+    disable_adapters(tem)
+    assert _rel(_logits(tem, batch), plain) < 1e-6
+    enable_adapters(tem)
+
+
+def test_grouped_merge_and_remove():
+    from lora import merge_adapters, remove_adapters, unmerge_adapters
+
+    _no_tf32()
+    batch = tiny_moe_batch(TinyMoEConfig(), batch=2)
+    model = _model("te")
+    plain = _logits(model, batch).detach()
+    add_adapters(model, LORA, seed=3)
+    adapted = _logits(model, batch).detach()
+    merge_adapters(model)
+    assert _rel(_logits(model, batch), adapted) < 1e-2
+    unmerge_adapters(model)
+    remove_adapters(model)
+    assert type(model.decoder.layers[0].mlp.experts).__name__ == "TEGroupedMLP"
+    assert _rel(_logits(model, batch), plain) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------- modelopt
+
+
+def test_modelopt_on_te_both_orders():
+    """``mtq.quantize`` on a TE-spec model (modelopt's TE plugins convert the TE linears, grouped experts
+    included) with adapters added after it (a) or before it (b, :func:`lora.modelopt_compat.quantize`):
+    the same quantized model, the adapters on top and unquantized."""
+    import modelopt.torch.quantization as mtq
+
+    from lora.modelopt_compat import quantize
+
+    _no_tf32()
+    batch = tiny_moe_batch(TinyMoEConfig(), batch=2)
+
+    def loop(m):
+        _logits(m, batch)
+
+    lora = LoraConfig(rank=4, alpha=16.0, init="kaiming")
+    model_a, model_b = _model("te"), _model("te")
+    plain = _logits(model_a, batch).detach()
+    mtq.quantize(model_a, mtq.INT8_DEFAULT_CFG, loop)
+    quantized = _logits(model_a, batch).detach()
+    add_adapters(model_a, lora, seed=3)
+    add_adapters(model_b, lora, seed=3)
+    quantize(model_b, mtq.INT8_DEFAULT_CFG, loop)
+    qkv = model_b.decoder.layers[0].self_attention.linear_qkv.base
+    fc1 = model_b.decoder.layers[0].mlp.experts.base.linear_fc1.base
+    assert hasattr(qkv, "weight_quantizer") and hasattr(fc1, "weight_quantizer")
+    assert _rel(quantized, plain) > 1e-4  # quantization is active
+    # kaiming init (lora_up = 0): both orders equal the quantized model; then a nonzero branch on top
+    assert _rel(_logits(model_a, batch), quantized) < 1e-6
+    assert _rel(_logits(model_b, batch), quantized) < 1e-6
+    with torch.no_grad():
+        fa, fb = adapter_factors(model_a), adapter_factors(model_b)
+        for k, f in fa.items():
+            f.param.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(len(k)))
+            fb[k].param.copy_(f.param)
+    ya, yb = _logits(model_a, batch), _logits(model_b, batch)
+    assert _rel(ya, quantized) > 1e-2
+    assert _rel(ya, yb) < 1e-5, _rel(ya, yb)
+    assert not any("lora" in n for n, _ in model_b.named_modules() if n.endswith("quantizer"))
+
+
+# ------------------------------------------------------------------------------------------- FP8
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_fp8_recipe_finetunes_adapters(recipe):
+    """TE's FP8 recipes (``DelayedScaling``, ``Float8CurrentScaling``) active in the TE GEMMs while bf16
+    adapters train: outputs within FP8 tolerance of bf16 and the loss decreases."""
+    batch = tiny_moe_batch(TinyMoEConfig(), batch=4)
+    ref = _model("te", dtype="bfloat16")
+    model = _model("te", dtype="bfloat16", fp8="hybrid", fp8_recipe=recipe)
+    lora = LoraConfig(rank=8, alpha=16.0, init="kaiming", dtype="bfloat16")
+    for m in (ref, model):
+        add_adapters(m, lora, seed=3)
+        freeze_base(m)
+    with torch.no_grad():
+        for _ in range(3):  # delayed scaling: scales come from the amax history of earlier steps
+            y8 = _logits(model, batch)
+        y16 = _logits(ref, batch)
+    fc1 = model.decoder.layers[0].mlp.experts.base.linear_fc1.base
+    assert fc1.fp8, "FP8 was not active in the grouped expert GEMM"
+    err = _rel(y8, y16)
+    print(f"FP8 {recipe}: logits rel. error vs bf16 {err:.4f}")
+    assert err < 0.15
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.bfloat16 for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"FP8 {recipe}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.2
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def _save(model, path):
+    from megatron.core import dist_checkpointing
+
+    path.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+
+
+def _load(model, path):
+    from megatron.core import dist_checkpointing
+
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))
+
+
+def _expert_weights(model) -> dict[str, torch.Tensor]:
+    """``{(layer, proj, local expert): weight}`` whatever the experts module."""
+    out = {}
+    for li, layer in enumerate(model.decoder.layers):
+        experts = layer.mlp.experts
+        experts = getattr(experts, "base", experts)
+        for proj in ("linear_fc1", "linear_fc2"):
+            if hasattr(experts, "local_experts"):
+                for i, e in enumerate(experts.local_experts):
+                    out[(li, proj, i)] = getattr(e, proj).weight.detach().clone()
+            else:
+                lin = getattr(experts, proj)
+                for i in range(experts.num_local_experts):
+                    out[(li, proj, i)] = getattr(lin, f"weight{i}").detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("layouts", [("shared-down", "shared-up"), ("per-expert", "shared-down")])
+def test_grouped_checkpoint_loads_into_sequential_and_back(tmp_path, layouts):
+    """TEGroupedMLP → SequentialMLP (of TE linears) → TEGroupedMLP: base weights and adapters equal."""
+    _no_tf32()
+    batch = tiny_moe_batch(TinyMoEConfig(), batch=2)
+    lora = LoraConfig(rank=4, alpha=16.0, init="random", fc1_layout=layouts[0], fc2_layout=layouts[1])
+    src = _model("te", seed=1)
+    add_adapters(src, lora, seed=3)
+    _save(src, tmp_path / "grouped")
+    seq = _model("te-sequential", seed=7)
+    add_adapters(seq, lora, seed=99)
+    _load(seq, tmp_path / "grouped")
+    a, b = adapter_state_dict(src), adapter_state_dict(seq)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    wa, wb = _expert_weights(src), _expert_weights(seq)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _rel(_logits(seq, batch), _logits(src, batch)) < 1e-2
+    _save(seq, tmp_path / "sequential")
+    back = _model("te", seed=11)
+    add_adapters(back, lora, seed=98)
+    _load(back, tmp_path / "sequential")
+    c = adapter_state_dict(back)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    for (name, p), (_, q) in zip(src.named_parameters(), back.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_grouped_adapter_checkpoint_loads_into_local_spec(tmp_path):
+    """The adapter entries of a TEGroupedMLP checkpoint load into a local-spec model (SequentialMLP of
+    Megatron's local linears). Only the adapters: Megatron's own local and TE MoE layer specs name the
+    pre-MLP norm differently in checkpoints (``pre_mlp_layernorm`` vs ``mlp.linear_fc1.layer_norm_``)."""
+    from megatron.core import dist_checkpointing
+
+    _no_tf32()
+    batch = tiny_moe_batch(TinyMoEConfig(), batch=2)
+    src = _model("te", seed=1)
+    add_adapters(src, LORA, seed=3)
+    _save(src, tmp_path / "grouped")
+    local = _model("local", seed=1)  # same base weights by construction
+    add_adapters(local, LORA, seed=99)
+    request = {k: v for k, v in local.sharded_state_dict().items() if "lora" in k}
+    assert request
+    missing, unexpected = local.load_state_dict(
+        dist_checkpointing.load(request, str(tmp_path / "grouped")), strict=False
+    )
+    assert not unexpected
+    a, b = adapter_state_dict(src), adapter_state_dict(local)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _rel(_logits(local, batch), _logits(src, batch)) < 1e-2
+
+
+def _ep_worker(rank: int, world_size: int, ckpt_dir: str):
+    from lora.harness import init_parallel
+    from lora.model import shared_adapters_out_of_sync
+
+    init_parallel(1, world_size)
+    lora = LoraConfig(rank=4, alpha=16.0, init="random")
+    model = build_tiny_gpt_moe(TinyMoEConfig(spec="te"), seed=1)
+    add_adapters(model, lora, seed=3)
+    saved = {k: v.cpu().clone() for k, v in adapter_state_dict(model).items()}
+    from pathlib import Path
+
+    _save(model, Path(ckpt_dir))
+    fresh = build_tiny_gpt_moe(TinyMoEConfig(spec="te"), seed=5)
+    add_adapters(fresh, lora, seed=99)
+    _load(fresh, Path(ckpt_dir))
+    loaded = {k: v.cpu().clone() for k, v in adapter_state_dict(fresh).items()}
+    freeze_base(fresh)
+    batch = tiny_moe_batch(TinyMoEConfig(), batch=2)
+    loss = fresh(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
+    loss.backward()
+    torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=0.1).step()
+    return {
+        "saved": saved,
+        "loaded": loaded,
+        "loss": loss.item(),
+        "out_of_sync": shared_adapters_out_of_sync(fresh),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_expert_parallel_2_grouped_checkpoint_nccl(tmp_path):
+    """EP=2 on two GPUs (NCCL): each rank saves its global experts' factors (expert axis + expert-DP
+    replica ids); reloading gives every rank its own experts back (not rank 0's, DESIGN.md §4 trap 2), and
+    a single-process model — grouped or SequentialMLP — loads the EP=2 checkpoint with every global
+    expert's values."""
+    ranks = run_on_processes(_ep_worker, 2, str(tmp_path / "ep2"), timeout=600)
+    for r in ranks:
+        assert r["out_of_sync"] == []
+        assert sorted(r["saved"]) == sorted(r["loaded"])
+        for k in r["saved"]:
+            assert torch.equal(r["saved"][k], r["loaded"][k]), k
+    expert_keys = [set(k for k in r["saved"] if ".experts." in k.split("mlp.experts", 1)[1]) for r in ranks]
+    assert expert_keys[0] and not expert_keys[0] & expert_keys[1]  # each rank holds other global experts
+    union = {**ranks[0]["saved"], **ranks[1]["saved"]}
+    lora = LoraConfig(rank=4, alpha=16.0, init="random")
+    single = _model("te", seed=1)
+    add_adapters(single, lora, seed=3)
+    ref = {k: v.cpu() for k, v in adapter_state_dict(single).items()}
+    assert sorted(ref) == sorted(union)
+    for k in ref:  # values depend only on (seed, global key): EP=2 saved what EP=1 has
+        assert torch.equal(ref[k], union[k]), k
+    for spec in ("te", "te-sequential"):
+        fresh = _model(spec, seed=5)
+        add_adapters(fresh, lora, seed=99)
+        _load(fresh, tmp_path / "ep2")
+        got = {k: v.cpu() for k, v in adapter_state_dict(fresh).items()}
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), (spec, k)
+        wf, ws = _expert_weights(fresh), _expert_weights(single)
+        assert sorted(wf) == sorted(ws) and all(torch.equal(wf[k], ws[k]) for k in ws), spec
