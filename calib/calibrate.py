@@ -2,10 +2,13 @@
 
 Same calling convention as ``svdq.quantize`` and nvidia-modelopt's ``mtq.quantize``. Steps:
 
-1. **Targets**: Megatron linears matching ``config.dense_targets`` and ``SequentialMLP`` experts modules
-   matching ``config.expert_targets`` (an empty match is an error, raised before any work). A plain torch
-   model (no Megatron module) goes through :func:`svdq.quantize` instead (``nn.Linear`` modules selected by
-   ``config.svdq.include`` / ``exclude``), with the same report.
+1. **Targets**: Megatron linears (local or Transformer Engine) matching ``config.dense_targets`` and
+   ``SequentialMLP`` experts modules matching ``config.expert_targets`` (an empty match is an error,
+   raised before any work). A matched ``TEGroupedMLP`` is first replaced by the equivalent SequentialMLP
+   of TE expert linears (:func:`lora.te_convert.ungroup_experts`): quantized experts run per expert; a
+   TE linear with a fused input norm is split at install (:func:`lora.te_convert.split_fused_norm`). A
+   plain torch model (no Megatron module) goes through :func:`svdq.quantize` instead (``nn.Linear``
+   modules selected by ``config.svdq.include`` / ``exclude``), with the same report.
 2. **Statistics** by forward pre-hooks, no change to model code: per dense linear the full-feature input
    (gathered over tensor-parallel ranks); per expert the *routed* inputs of its ``linear_fc1`` and, for
    ``linear_fc2``, the routed intermediate activations (SequentialMLP calls each expert on its tokens; the
@@ -53,6 +56,7 @@ from tqdm import tqdm
 
 from calib.report import CalibReport, act_range_label, dense_row, expert_row, summary_row
 from lora.config import LoraConfig
+from lora.layers import is_linear
 from lora.model import add_adapters, freeze_base
 from lora.svdq_base import (
     calibrate_input_ranges,
@@ -61,6 +65,8 @@ from lora.svdq_base import (
     install_svdq_base,
     register_stats_hooks,
 )
+from lora.te import is_te_module
+from lora.te_convert import ungroup_experts
 from lora.tp import group_rank_size
 from svdq import SVDQConfig, decompose_linear
 from svdq.decompose import validate_layer
@@ -107,15 +113,15 @@ def _match(name: str, patterns) -> bool:
 
 
 def find_targets(model: nn.Module, config: CalibConfig) -> tuple[dict, dict]:
-    """``(dense linears, SequentialMLP modules)`` by name; raises if nothing matches."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    """``(dense linears, SequentialMLP modules)`` by name (Megatron's local or Transformer Engine
+    linears); raises if nothing matches."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     dense, experts = {}, {}
     for name, m in model.named_modules():
         if isinstance(m, SequentialMLP) and _match(name, config.expert_targets):
             experts[name] = m
-        elif isinstance(m, ColumnParallelLinear | RowParallelLinear) and _match(name, config.dense_targets):
+        elif is_linear(m) and _match(name, config.dense_targets):
             if ".experts." not in name:
                 dense[name] = m
     if not dense and not experts:
@@ -165,6 +171,7 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
     t0 = time.perf_counter()
     if not _has_megatron_modules(model):
         return _calibrate_torch(model, forward_loop, config, t0)
+    ungroup_experts(model, config.expert_targets)  # TEGroupedMLP -> SequentialMLP of TE linears
     dense, experts = find_targets(model, config)
     _validate(dense, experts, config)
     work = [
@@ -280,7 +287,7 @@ def _has_megatron_modules(model: nn.Module) -> bool:
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     kinds = (ColumnParallelLinear, RowParallelLinear, SequentialMLP)
-    return any(isinstance(m, kinds) for m in model.modules())
+    return any(isinstance(m, kinds) or is_te_module(m) for m in model.modules())
 
 
 def _calibrate_torch(model: nn.Module, forward_loop, config: CalibConfig, t0: float) -> CalibReport:

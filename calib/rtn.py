@@ -18,6 +18,7 @@ from torch import nn
 from lora.layers import ExpertLoraLinear, LoraLinear
 from lora.model import adapter_modules, add_adapters, freeze_base
 from lora.svdq_base import SVDQBase
+from lora.te import tp_group_of
 from lora.tp import group_rank_size
 from svdq.formats import quantize
 
@@ -46,7 +47,7 @@ def quantize_rtn_like(
     for name, m in model.named_modules():
         if isinstance(m, LoraLinear | ExpertLoraLinear):
             inner = m.base
-            if group_rank_size(inner.tp_group)[1] > 1:
+            if group_rank_size(tp_group_of(inner))[1] > 1:
                 raise ValueError(f"{name}: RTN baseline needs tensor parallel size 1")
             w = inner.weight.detach()
             ones = torch.ones(w.shape[1], dtype=torch.float32, device=w.device)

@@ -69,6 +69,7 @@ from lora.export_common import (
 )
 from lora.layers import ExpertLoraLinear, ExpertParallelAdapter, LoraExperts, LoraLinear, linear_mode
 from lora.svdq_base import SVDQBase
+from lora.te import tp_group_of
 from lora.tp import group_rank_size
 from svdq.checkpoint.format import DTYPE_NAMES, read_metadata, write_checkpoint
 from svdq.checkpoint.layers import LinearState, linear_meta, linear_tensors, residual_tensors
@@ -165,7 +166,7 @@ def _export_megatron(model, out: Path, max_shard_bytes, metadata, overwrite, pro
     for entry in other_tensors(model, list(dense) + list(groups)):
         full = gather_dim(entry.tensor, entry.dim, entry.group, entry.glu)
         if entry.expert is None:
-            named = {entry.key: full}
+            named = {entry.global_name(): full}
         else:
             ep_group, index, num_local = entry.expert
             parts = all_gather(full, ep_group)
@@ -205,7 +206,7 @@ def _bias(inner: nn.Module) -> torch.Tensor | None:
     if not isinstance(b, torch.Tensor):
         return None
     dim = int(b.partition_dim) if getattr(b, "tensor_model_parallel", False) else None
-    return gather_dim(b.detach(), dim, inner.tp_group)
+    return gather_dim(b.detach(), dim, tp_group_of(inner))
 
 
 def _lora_dict(adapter: nn.Module, name: str) -> dict:
@@ -227,7 +228,7 @@ def _dense(model, name: str, site: nn.Module) -> tuple[dict, dict]:
     base = unwrap(site)
     inner = base.inner
     dim, _, _ = dense_split(inner)
-    group = inner.tp_group
+    group = tp_group_of(inner)
     glu = adapter.glu if adapter is not None else is_glu_fc1(model, name)
     residual = gather_packed(_packed(base, name), dim, group, glu and dim == 0)
     smooth = gather_dim(base.smooth, 0, group) if dim == 1 else base.smooth

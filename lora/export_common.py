@@ -6,7 +6,13 @@
   whose experts' linears are ``SVDQBase``).
 * **Other tensors**: every other state-dict entry, under its global name (a ``SequentialMLP`` expert's
   local index replaced by its global one), with how it is sharded (tensor-parallel ``partition_dim``,
-  gated fc1 ``[gate_k; up_k]``, expert-parallel).
+  gated fc1 ``[gate_k; up_k]``, expert-parallel). Transformer Engine spellings get the local spec's
+  names, so that TE-spec and local-spec models read each other's exports: a fused input norm
+  (``….self_attention.linear_qkv.layer_norm_weight``, or the ``input_norm`` split off it by calibration)
+  is ``….input_layernorm.weight`` (``mlp.linear_fc1``'s is ``….pre_mlp_layernorm.weight``), as in
+  Megatron's own checkpoint key map; a ``TEGroupedMLP`` weight ``….experts.linear_fc1.weight<i>`` is
+  ``….experts.local_experts.<g>.linear_fc1.weight``. The norm of a quantized site is exported with the
+  other tensors (the site's own tensors hold only the linear).
 * **Collectives**: gather whole tensors from tensor-parallel shards and expert-parallel ranks. Tensors
   travel as raw bytes (``uint8`` views), so every dtype (float8 scales, bool, 0-d) goes through gloo
   and NCCL alike; nothing is pickled.
@@ -14,6 +20,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +29,7 @@ from torch import Tensor, nn
 
 from lora.layers import ExpertLoraLinear, ExpertParallelAdapter, LoraExperts, LoraLinear, linear_mode
 from lora.svdq_base import SVDQBase
+from lora.te import is_te_grouped_mlp, is_te_module, tp_group_of
 from lora.tp import group_rank_size, take_shard
 from svdq.formats import PackedTensor
 
@@ -123,6 +131,11 @@ def find_sites(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Mod
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
+        if type(m).__name__ == "LoraGroupedExperts":
+            raise ValueError(
+                f"{name}: adapters on unquantized TEGroupedMLP experts cannot be exported as a quantized "
+                "layer; save them with lora.save_adapters"
+            )
         if isinstance(m, (LoraExperts, SequentialMLP)):
             seq = m.base if isinstance(m, LoraExperts) else m
             bases = [unwrap(lin) for p in ("fc1", "fc2") for lin in expert_linears(seq, p)]
@@ -165,7 +178,7 @@ def is_megatron_model(model: nn.Module) -> bool:
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     kinds = (ColumnParallelLinear, RowParallelLinear, SequentialMLP, LoraLinear, LoraExperts, SVDQBase)
-    return any(isinstance(m, kinds) for m in model.modules())
+    return any(isinstance(m, kinds) or is_te_module(m) for m in model.modules())
 
 
 # ------------------------------------------------------------------------------------------ other tensors
@@ -191,7 +204,7 @@ class OtherTensor:
 
     def global_name(self, g: int | None = None) -> str:
         if self.expert is None:
-            return self.key
+            return self.template  # the canonical name (see the module docstring)
         return self.template.format(g=self.first_global if g is None else g)
 
     @property
@@ -212,10 +225,41 @@ class OtherTensor:
         return take_shard(full, self.dim, rank, size, self.glu)
 
 
+_NORM_NAMES = (  # TE fused input norms (and the norm split off them) -> the local spec's norm modules
+    ("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+    ("self_attention.linear_qkv.input_norm.", "input_layernorm."),
+    ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."),
+    ("mlp.linear_fc1.input_norm.", "pre_mlp_layernorm."),
+)
+_GROUPED_PARAM = re.compile(r"(weight|bias)(\d+)")
+
+
+def canonical_name(key: str) -> str:
+    """The export name of a (non-expert) state-dict key: TE fused-norm spellings become the local spec's
+    (see the module docstring); anything else is unchanged."""
+    for te_part, local_part in _NORM_NAMES:
+        head, sep, tail = key.partition(te_part)
+        if sep and (not head or head.endswith(".")):
+            return head + local_part + tail
+    return key
+
+
+def is_site_norm(key: str, site: str) -> bool:
+    """``key`` is the input-norm parameter of the site ``site`` (a TE fused norm, or the norm split off it):
+    exported and loaded with the other tensors."""
+    return key.startswith((f"{site}.layer_norm_", f"{site}.input_norm.")) and not key.endswith("_extra_state")
+
+
 def _expert_template(model: nn.Module, key: str) -> tuple[tuple | None, str]:
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     parts = key.split(".")
+    grouped = _GROUPED_PARAM.fullmatch(parts[-1]) if len(parts) >= 3 else None
+    if grouped and parts[-2] in ("linear_fc1", "linear_fc2"):
+        mlp = model.get_submodule(".".join(parts[:-2]))
+        if is_te_grouped_mlp(mlp):  # weight<i> of a TE grouped linear: local expert i's linear weight
+            template = ".".join([*parts[:-2], "local_experts", "{g}", parts[-2], grouped.group(1)])
+            return (mlp.ep_group, int(grouped.group(2)), mlp.num_local_experts), template
     for j in range(len(parts) - 2):
         if parts[j + 1] != "local_experts":
             continue
@@ -224,7 +268,7 @@ def _expert_template(model: nn.Module, key: str) -> tuple[tuple | None, str]:
             index = int(parts[j + 2])
             template = ".".join([*parts[: j + 2], "{g}", *parts[j + 3 :]])
             return (seq.ep_group, index, seq.num_local_experts), template
-    return None, key
+    return None, canonical_name(key)
 
 
 def other_tensors(model: nn.Module, skip: list[str]) -> list[OtherTensor]:
@@ -236,18 +280,24 @@ def other_tensors(model: nn.Module, skip: list[str]) -> list[OtherTensor]:
     for key, t in model.state_dict(keep_vars=True).items():
         if key.endswith("_extra_state") or not isinstance(t, Tensor):
             continue
-        if any(key == p or key.startswith(p + ".") for p in skip):
+        if any((key == p or key.startswith(p + ".")) and not is_site_norm(key, p) for p in skip):
             continue
         module_name = key.rpartition(".")[0]
         module = model.get_submodule(module_name) if module_name else model
         dim, group, glu = None, None, False
         if getattr(t, "tensor_model_parallel", False):
             dim = int(t.partition_dim)
-            group = getattr(module, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
-            glu = dim == 0 and is_glu_fc1(model, module_name)
+            group = tp_group_of(module) or parallel_state.get_tensor_model_parallel_group()
+            glu = dim == 0 and (is_glu_fc1(model, module_name) or _is_grouped_glu_fc1(model, module_name))
         expert, template = _expert_template(model, key)
         out.append(OtherTensor(key, t.detach(), dim, group, glu, expert, template))
     return out
+
+
+def _is_grouped_glu_fc1(model: nn.Module, name: str) -> bool:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return attr == "linear_fc1" and is_te_grouped_mlp(parent) and bool(parent.config.gated_linear_unit)
 
 
 def expert_key(group_name: str, g: int, suffix: str) -> str:
@@ -258,5 +308,5 @@ def expert_key(group_name: str, g: int, suffix: str) -> str:
 def dense_split(linear: nn.Module) -> tuple[int, int, int]:
     """``(split dim, tp rank, tp size)`` of a Megatron linear."""
     dim = 0 if linear_mode(linear) == "column" else 1
-    rank, size = group_rank_size(linear.tp_group)
+    rank, size = group_rank_size(tp_group_of(linear))
     return dim, rank, size

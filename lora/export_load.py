@@ -32,6 +32,8 @@ from lora.export_common import (
 from lora.layers import LAYOUT_OWNS, ExpertLoraLinear, LoraExperts, linear_mode
 from lora.model import adapter_modules, add_adapters, freeze_base
 from lora.svdq_base import SVDQBase, shard_packed
+from lora.te import tp_group_of
+from lora.te_convert import is_fused_norm_linear, split_fused_norm, ungroup_experts
 from lora.tp import group_rank_size, take_shard
 from svdq.checkpoint.format import DTYPE_NAMES, CheckpointReader
 from svdq.checkpoint.layers import check_specs, linear_specs, parse_linear_meta, read_linear, residual_specs
@@ -83,7 +85,7 @@ def _lora(meta: dict, who: str) -> LoraConfig | None:
 
 def _full_shape(linear: nn.Module, dim: int) -> tuple[int, int]:
     out_l, in_l = linear.weight.shape
-    size = group_rank_size(linear.tp_group)[1]
+    size = group_rank_size(tp_group_of(linear))[1]
     return (out_l * size, in_l) if dim == 0 else (out_l, in_l * size)
 
 
@@ -208,7 +210,7 @@ def _validate_group(model, reader: CheckpointReader, name: str, gmeta: dict) -> 
 
 def _expert_names(e: OtherTensor) -> list[str]:
     if e.expert is None:
-        return [e.key]
+        return [e.global_name()]
     group, index, num_local = e.expert
     return [e.global_name(r * num_local + index) for r in range(group_rank_size(group)[1])]
 
@@ -263,17 +265,20 @@ def _copy_bias(linear: nn.Module, full: torch.Tensor | None) -> None:
         return
     b = linear.bias
     dim = int(b.partition_dim) if getattr(b, "tensor_model_parallel", False) else None
-    rank, size = group_rank_size(linear.tp_group)
+    rank, size = group_rank_size(tp_group_of(linear))
     with torch.no_grad():
         b.copy_(take_shard(full, dim, rank, size))
 
 
 def _make_base(linear, st, dim: int, glu: bool, storage: str) -> SVDQBase:
-    rank, size = group_rank_size(linear.tp_group)
+    norm = None
+    if is_fused_norm_linear(linear):  # quantize between the norm and the GEMM
+        norm, linear = split_fused_norm(linear)
+    rank, size = group_rank_size(tp_group_of(linear))
     residual = shard_packed(st.residual, dim, rank, size, glu and dim == 0)
     smooth = take_shard(st.smooth, 0, rank, size) if dim == 1 else st.smooth
     _copy_bias(linear, st.bias)
-    base = SVDQBase(linear, residual, smooth, st.act_format, storage)
+    base = SVDQBase(linear, residual, smooth, st.act_format, storage, input_norm=norm)
     if st.input_amax is not None:
         base.set_input_amax(st.input_amax)
     return base
@@ -329,14 +334,14 @@ def install(model: nn.Module, reader: CheckpointReader, plan: Plan, storage: str
     """Apply a :func:`validate` plan to ``model``."""
     work = [("dense", d) for d in plan.dense] + [("group", g) for g in plan.groups]
     show = progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
+    with torch.no_grad():  # first: a fused-norm TE linear takes its norm along when it is split below
+        for e in plan.other:
+            e.tensor.copy_(e.local_from(reader.get(e.global_name())))
     for kind, p in tqdm(work, desc="svdq load", unit="layer", disable=not show):
         if kind == "dense":
             _install_dense(model, reader, p, storage)
         else:
             _install_group(model, reader, p, storage)
-    with torch.no_grad():
-        for e in plan.other:
-            e.tensor.copy_(e.local_from(reader.get(e.global_name())))
 
 
 def load_megatron(
@@ -350,6 +355,9 @@ def load_megatron(
     """Validate, then install (see the module docstring); returns the checkpoint's metadata."""
     check_no_pipeline()
     with CheckpointReader(path) as reader:
+        groups = reader.metadata.get("expert_groups")
+        if isinstance(groups, dict) and groups:  # quantized experts run as SequentialMLP (lora.te_convert)
+            ungroup_experts(model, tuple(groups))
         plan = validate(model, reader)
         install(model, reader, plan, storage, progress)
         freeze_base(model)

@@ -142,6 +142,15 @@ def linear_mode(base: nn.Module) -> str:
     raise TypeError(f"{type(base).__name__} is not a Megatron Column/RowParallelLinear")
 
 
+def is_linear(m: nn.Module) -> bool:
+    """A Megatron or Transformer Engine linear that :class:`LoraLinear` can wrap (not a grouped one)."""
+    try:
+        linear_mode(m)
+        return True
+    except TypeError:
+        return False
+
+
 def check_mergeable(base: nn.Module, who: str) -> Tensor:
     """The base weight, if it is a plain floating-point weight (not quantized); else ``TypeError``."""
     w = getattr(base, "weight", None)
@@ -291,6 +300,9 @@ class LoraLinear(_Wrapper):
         nvidia-modelopt cannot return it (modelopt's output quantizer expects one tensor): the norm is then
         computed here (:func:`lora.te.fused_norm_input`)."""
         b = self.base
+        if getattr(b, "input_norm", None) is not None:  # an SVDQuant base split off a fused-norm TE linear
+            out, bias, xn = b(x, *args, return_normalized=True, **kwargs)
+            return out, bias, xn, True
         if not self.fused_norm or hasattr(b, "input_quantizer"):
             r = b(x, *args, **kwargs)
             xb = fused_norm_input(b, x) if self.fused_norm else x

@@ -33,9 +33,9 @@ from lora.layers import (
     Factor,
     LoraExperts,
     LoraLinear,
-    linear_mode,
+    is_linear,
 )
-from lora.te import is_grouped
+from lora.te import is_grouped, is_te_grouped_mlp
 
 FILE_FORMAT = "svdq-lora"
 FILE_VERSION = "1"
@@ -44,14 +44,6 @@ _WRAPPERS = (LoraLinear, ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, G
 
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch(name, p) for p in patterns)
-
-
-def _is_linear(m: nn.Module) -> bool:
-    try:
-        linear_mode(m)
-        return True
-    except TypeError:
-        return False
 
 
 def _locate(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
@@ -99,7 +91,7 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
 
     modules = dict(model.named_modules())
     expert_kinds = (SequentialMLP, *_WRAPPERS)
-    inside = [n for n, m in modules.items() if isinstance(m, expert_kinds) or _is_te_grouped_mlp(m)]
+    inside = [n for n, m in modules.items() if isinstance(m, expert_kinds) or is_te_grouped_mlp(m)]
     plans = []
     for name, m in modules.items():
         if not name or not _matches(name, config.targets) or any(name.startswith(p + ".") for p in inside):
@@ -108,10 +100,10 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
             raise ValueError(f"{name} already has an adapter; remove_adapters() it first")
         if type(m).__name__ == "GroupedMLP":
             raise NotImplementedError(f"{name}: adapters on the legacy GroupedMLP are not implemented")
-        if isinstance(m, SequentialMLP) or _is_te_grouped_mlp(m):
+        if isinstance(m, SequentialMLP) or is_te_grouped_mlp(m):
             if config.has_expert_adapters:
                 plans.append((name, m))
-        elif _is_linear(m) or is_grouped(m):
+        elif is_linear(m) or is_grouped(m):
             plans.append((name, m))
     if not plans:
         raise ValueError(
@@ -121,7 +113,7 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
     for name, m in plans:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        if isinstance(m, SequentialMLP) or _is_te_grouped_mlp(m):
+        if isinstance(m, SequentialMLP) or is_te_grouped_mlp(m):
             cls = LoraExperts if isinstance(m, SequentialMLP) else LoraGroupedExperts
             new = cls(
                 m,
@@ -159,10 +151,6 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
         new.reset_adapter(config.init, seed)
         setattr(parent, attr, new)
     return [name for name, _ in plans]
-
-
-def _is_te_grouped_mlp(m: nn.Module) -> bool:
-    return type(m).__name__ == "TEGroupedMLP" or any(c.__name__ == "TEGroupedMLP" for c in type(m).__mro__)
 
 
 def remove_adapters(model: nn.Module, pattern: str = "*") -> list[str]:

@@ -75,6 +75,7 @@ from lora.layers import (
     linear_mode,
 )
 from lora.model import adapter_modules, remove_adapters
+from lora.te import tp_group_of
 from lora.tp import group_rank_size
 from svdq.formats import PackedTensor, QuantFormat, dequantize, parse_format
 from svdq.formats import quantize as quantize_tensor
@@ -343,7 +344,9 @@ def _fold_svdq(base: nn.Module, delta: Tensor, weight_format, mode: str, who: st
         raise ValueError(f"{who}: the SVDQuant base is {fmt}, weight_format {weight_format} was asked for")
     c = 1.0 / base.smooth.detach().double()
     with torch.no_grad():
-        packed, target = _requantize(base.residual_weight(), delta, fmt, c, group=base.tp_group, mode=mode)
+        packed, target = _requantize(
+            base.residual_weight(), delta, fmt, c, group=tp_group_of(base), mode=mode
+        )
         _set_svdq_residual(base, packed)
         w_fold = base.residual_weight().double() * c
     return w_fold, target, f"svdq({fmt})"
@@ -360,7 +363,7 @@ def _fold_plain(base: nn.Module, delta: Tensor, weight_format, mode: str, who: s
     fmt = parse_format(weight_format)
     c = torch.ones(w.shape[1], dtype=torch.float64, device=w.device)
     with torch.no_grad():
-        packed, target = _requantize(w, delta, fmt, c, group=getattr(base, "tp_group", None), mode=mode)
+        packed, target = _requantize(w, delta, fmt, c, group=tp_group_of(base), mode=mode)
         w.copy_(dequantize(packed, w.dtype))
     return w.detach().double(), target, str(fmt)
 
@@ -421,7 +424,7 @@ def fold_adapters(
         else:
             w_fold, target, fmt = _fold_plain(base, delta, weight_format, mode, key)
         x, y = captured.get(key, (None, None))
-        report[key] = {"format": fmt, **_errors(w_fold, target, delta, x, base.tp_group)}
+        report[key] = {"format": fmt, **_errors(w_fold, target, delta, x, tp_group_of(base))}
         if x is not None and x.shape[0]:
             with torch.no_grad():
                 y_fold = base(x)[0]

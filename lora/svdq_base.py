@@ -35,6 +35,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lora.layers import linear_mode
+from lora.te import explicit_expert_comm, fused_norm_input, tp_group_of
+from lora.te_convert import is_fused_norm_linear, split_fused_norm
 from lora.tp import group_rank_size, take_shard
 from svdq.decompose import SVDQResult
 from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
@@ -51,17 +53,25 @@ class SVDQBase(StaticActRange, nn.Module):
     ``inner``: the Megatron linear (its weight is replaced). ``residual``: this rank's packed ``Q_w(R)``
     shard ``(out_l × in_l)``. ``smooth``: ``s`` for this rank's input features ``(in_l,)``.
     ``input_amax``: static activation range (``None``: dynamic; see :meth:`set_input_amax`).
-    ``forward(x, *args, **kwargs) -> (out, bias)`` like the Megatron linear.
+    ``input_norm``: the norm split off a TE linear with a fused input norm (:mod:`lora.te_convert`),
+    applied first. ``forward(x, *args, **kwargs) -> (out, bias)`` like the Megatron linear.
     """
 
     is_quantized_base = True
 
     def __init__(
-        self, inner: nn.Module, residual: PackedTensor, smooth: Tensor, act_format, storage="packed"
+        self,
+        inner: nn.Module,
+        residual: PackedTensor,
+        smooth: Tensor,
+        act_format,
+        storage="packed",
+        input_norm: nn.Module | None = None,
     ):
         super().__init__()
         if storage not in STORAGE_MODES:
             raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
+        self.input_norm = input_norm
         self.parallel_mode = linear_mode(inner)
         weight = inner.weight
         if tuple(residual.shape) != tuple(weight.shape):
@@ -115,9 +125,9 @@ class SVDQBase(StaticActRange, nn.Module):
         """``Q_a(x / s)``. Per-tensor range (nvfp4, fp8): ``input_amax`` if set, else that of the whole
         input (all-reduced MAX over the tensor-parallel group). Per-token fp8 (``fp8-channel``) on a
         row-parallel linear: each token's range over all its feature shards (all-reduced MAX)."""
-        xs = self.smoothed_input(x)
+        xs = StaticActRange.smoothed_input(self, x)  # x is already normalized here
         ga = self.input_amax
-        group = self.inner.tp_group
+        group = tp_group_of(self.inner)
         if ga is None and group_rank_size(group)[1] > 1:
             if static_range_supported(self.act_format):  # (an expert may get no token: amax 0)
                 ga = xs.detach().abs().amax().float() if xs.numel() else xs.new_zeros((), dtype=torch.float32)
@@ -129,7 +139,18 @@ class SVDQBase(StaticActRange, nn.Module):
         with trusted_inputs():
             return fake_quant(xs, self.act_format, global_amax=ga)
 
-    def forward(self, x: Tensor, *args, **kwargs):
+    def smoothed_input(self, x: Tensor) -> Tensor:
+        """``norm(x) / s`` for this module's input ``x`` (``x / s`` without ``input_norm``)."""
+        return StaticActRange.smoothed_input(self, self.input_norm(x) if self.input_norm is not None else x)
+
+    def forward(self, x: Tensor, *args, return_normalized: bool = False, **kwargs):
+        """``(out, bias)``; with ``return_normalized`` also the input the GEMM path saw (``input_norm(x)``,
+        or ``x``), for an adapter whose branch must read it."""
+        xn = self.input_norm(x) if self.input_norm is not None else x
+        out = self._forward_normalized(xn, *args, **kwargs)
+        return (*out, xn) if return_normalized else out
+
+    def _forward_normalized(self, x: Tensor, *args, **kwargs):
         xq = self.quantize_input(x)
         if self.storage == "fake":
             return self.inner(xq, *args, **kwargs)
@@ -189,7 +210,7 @@ def gather_full_weight(linear: nn.Module, glu: bool = False) -> Tensor:
     ``glu``: a gated fc1 whose shards are ``[gate_k; up_k]``: the full weight is ``[gate; up]``.
     """
     w = linear.weight.detach()
-    group = linear.tp_group
+    group = tp_group_of(linear)
     dim = split_dim(linear)
     if not glu or dim != 0 or group_rank_size(group)[1] == 1:
         return _gather(w, dim, group)
@@ -223,7 +244,8 @@ def register_stats_hooks(
 ) -> tuple[dict[str, InputStats], list]:
     """Forward pre-hooks that accumulate full-feature :class:`InputStats` of Megatron linears.
 
-    A hook sees its linear's local input: sequence-parallel column inputs are gathered along the
+    A hook sees its linear's local input (for a TE linear with a fused input norm, the norm's output,
+    computed by :func:`lora.te.fused_norm_input`): sequence-parallel column inputs are gathered along the
     sequence (not those of expert linears: the token dispatcher already hands every expert-TP rank the same
     tokens), row-parallel inputs along the features (``input_is_parallel``), so every tensor-parallel
     rank accumulates the statistics of the full input ``(tokens × in)`` (calibration only). Returns the
@@ -231,17 +253,19 @@ def register_stats_hooks(
     """
     stats, handles = {}, []
     for name, lin in linears.items():
-        in_f = lin.weight.shape[1] * (group_rank_size(lin.tp_group)[1] if split_dim(lin) == 1 else 1)
+        in_f = lin.weight.shape[1] * (group_rank_size(tp_group_of(lin))[1] if split_dim(lin) == 1 else 1)
         stats[name] = InputStats(in_f, sample_size=sample_tokens, seed=seed)
 
         def hook(mod, args, st=stats[name], lin=lin):
             x = args[0].detach()
+            if is_fused_norm_linear(lin):  # a TE linear with a fused input norm: the GEMM reads norm(x)
+                x = fused_norm_input(lin, x)
             # expert linears (explicit_expert_comm) get whole, already dispatched token sets
-            sp = getattr(lin, "sequence_parallel", False) and not getattr(lin, "explicit_expert_comm", False)
+            sp = getattr(lin, "sequence_parallel", False) and not explicit_expert_comm(lin)
             if split_dim(lin) == 0 and sp:
-                x = _gather(x, 0, lin.tp_group)
+                x = _gather(x, 0, tp_group_of(lin))
             elif split_dim(lin) == 1 and getattr(lin, "input_is_parallel", True):
-                x = _gather(x, x.dim() - 1, lin.tp_group)
+                x = _gather(x, x.dim() - 1, tp_group_of(lin))
             st.update(x)
 
         handles.append(lin.register_forward_pre_hook(hook))
@@ -261,17 +285,21 @@ def collect_megatron_stats(
 
 
 def install_svdq_base(adapter: nn.Module, result: SVDQResult, act_format, storage: str = "packed", glu=False):
-    """Turn ``adapter`` (a :class:`~lora.layers.LoraLinear` on a Megatron linear) into an SVDQuant
+    """Turn ``adapter`` (a :class:`~lora.layers.LoraLinear` on a Megatron or TE linear) into an SVDQuant
     layer from the full-weight ``result``: its base becomes :class:`SVDQBase` holding this rank's
-    residual shard, and its branch ``result.lora_up · result.lora_down`` (sharded by ``init_from``)."""
+    residual shard, and its branch ``result.lora_up · result.lora_down`` (sharded by ``init_from``). A TE
+    linear with a fused input norm is split first (:func:`lora.te_convert.split_fused_norm`)."""
     inner = adapter.base
     if isinstance(inner, SVDQBase):
         raise ValueError(f"{getattr(adapter, 'adapter_name', '')}: the base is already quantized")
+    norm = None
+    if is_fused_norm_linear(inner):  # quantize between the norm and the GEMM
+        norm, inner = split_fused_norm(inner)
     dim = split_dim(inner)
-    rank, size = group_rank_size(inner.tp_group)
+    rank, size = group_rank_size(tp_group_of(inner))
     residual = shard_packed(result.residual, dim, rank, size, glu and dim == 0)
     smooth = take_shard(result.smooth, 0, rank, size) if dim == 1 else result.smooth
-    adapter.base = SVDQBase(inner, residual, smooth, act_format, storage)
+    adapter.base = SVDQBase(inner, residual, smooth, act_format, storage, input_norm=norm)
     adapter.init_from(result.lora_down, result.lora_up)
     return adapter
 
@@ -287,7 +315,7 @@ def install_expert_base(
     if isinstance(inner, SVDQBase):
         raise ValueError(f"{getattr(wrapper, 'adapter_name', '')}: the base is already quantized")
     dim = split_dim(inner)
-    rank, size = group_rank_size(inner.tp_group)
+    rank, size = group_rank_size(tp_group_of(inner))
     shard = shard_packed(residual, dim, rank, size, glu and dim == 0)
     s = take_shard(smooth, 0, rank, size) if dim == 1 else smooth
     wrapper.base = SVDQBase(inner, shard, s, act_format, storage)
@@ -313,8 +341,8 @@ def calibrate_input_ranges(
     for name, base in static.items():
         a = local[name]
         a = torch.zeros((), device=base.smooth.device) if a is None else a.clone()
-        if group_rank_size(base.inner.tp_group)[1] > 1:
-            dist.all_reduce(a, op=dist.ReduceOp.MAX, group=base.inner.tp_group)
+        if group_rank_size(tp_group_of(base.inner))[1] > 1:
+            dist.all_reduce(a, op=dist.ReduceOp.MAX, group=tp_group_of(base.inner))
         value = float(a)
         if value == float("inf"):  # the same on every rank of the group: all of them raise below
             bad.append(name)

@@ -56,6 +56,11 @@ def te_kind(m: nn.Module) -> str | None:
     return None
 
 
+def is_te_grouped_mlp(m: nn.Module) -> bool:
+    """Megatron's ``TEGroupedMLP`` (experts on TE grouped linears)."""
+    return any(c.__name__ == "TEGroupedMLP" for c in type(m).__mro__)
+
+
 def is_grouped(m: nn.Module) -> bool:
     """A TE grouped linear (``forward(x, m_splits)``, ``weight0..N-1``)."""
     return (te_kind(m) or "").startswith("grouped")

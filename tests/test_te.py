@@ -408,3 +408,113 @@ def test_expert_parallel_2_grouped_checkpoint_nccl(tmp_path):
             assert torch.equal(got[k], ref[k]), (spec, k)
         wf, ws = _expert_weights(fresh), _expert_weights(single)
         assert sorted(wf) == sorted(ws) and all(torch.equal(wf[k], ws[k]) for k in ws), spec
+
+
+# ------------------------------------------------------------------------- SVDQuant on TE modules
+
+
+def test_svdq_base_on_te_linears_vs_float64():
+    """An SVDQuant base holds a TE linear (TERowParallelLinear) or the halves of a split fused-norm one
+    (TENorm + TEColumnParallelLinear): ``y = Q_a(norm(x)/s)·Q_w(R)ᵀ``."""
+    from lora.svdq_base import SVDQBase
+    from lora.te_convert import split_fused_norm
+    from svdq.formats import dequantize, fake_quant
+    from svdq.formats import quantize as quantize_tensor
+
+    _no_tf32()
+    model = _model("te")
+    attn = model.decoder.layers[0].self_attention
+    x = torch.randn(16, 2, 64, device="cuda")
+    for kind in ("row", "fused-norm"):
+        lin, norm = attn.linear_proj, None
+        if kind == "fused-norm":
+            fused = attn.linear_qkv
+            with torch.no_grad():
+                fused.layer_norm_weight.uniform_(0.5, 1.5)
+            y_fused, _ = fused(x)
+            norm, lin = split_fused_norm(fused)
+            y_split, _ = lin(norm(x))
+            assert _rel(y_split, y_fused) < 1e-5
+        smooth = torch.rand(64, device="cuda") + 0.5
+        residual = quantize_tensor(lin.weight.detach().float() * smooth, "nvfp4")
+        base = SVDQBase(lin, residual, smooth, "nvfp4", "packed", input_norm=norm)
+        y, bias = base(x)
+        xn = norm(x) if norm is not None else x
+        ref = (
+            fake_quant(xn / smooth, "nvfp4").double() @ dequantize(residual, torch.float32).double().T.cuda()
+        )
+        assert bias is None and _rel(y, ref) < 2e-3, (kind, _rel(y, ref))
+
+
+def _calib_batches(n: int = 4):
+    return [tiny_moe_batch(TinyMoEConfig(), batch=8, seed=s) for s in range(n)]
+
+
+def _calibrated(spec: str, batches):
+    from calib.calibrate import CalibConfig, calibrate
+    from svdq import SVDQConfig
+
+    model = _model(spec, seed=1)
+    report = calibrate(
+        model,
+        lambda m: [_logits(m, b) for b in batches],
+        CalibConfig(svdq=SVDQConfig(rank=8), progress=False),
+    )
+    return model, report
+
+
+def test_calibrate_te_spec_model_matches_local_spec():
+    """``calib.calibrate`` on a TE-spec GPT-MoE (TEGroupedMLP experts, fused-norm linear_qkv, TE row
+    linears): statistics through hooks on the TE modules, every layer quantized with its adapter, each
+    below round-to-nearest, and the same decomposition as on the local-spec model of the same weights."""
+    from lora.layers import LoraExperts, LoraLinear
+    from lora.svdq_base import SVDQBase
+
+    _no_tf32()
+    batches = _calib_batches()
+    te_model, te_report = _calibrated("te", batches[1:])
+    local_model, local_report = _calibrated("local", batches[1:])
+    qkv = te_model.decoder.layers[0].self_attention.linear_qkv
+    assert isinstance(qkv, LoraLinear) and isinstance(qkv.base, SVDQBase) and qkv.base.input_norm is not None
+    experts = te_model.decoder.layers[0].mlp.experts
+    assert isinstance(experts, LoraExperts)  # the TEGroupedMLP became a SequentialMLP of TE linears
+    assert type(experts.base.local_experts[0].linear_fc1.base.inner).__name__ == "TEColumnParallelLinear"
+    rows_te = {r["layer"]: r for r in te_report.rows}
+    rows_local = {r["layer"]: r for r in local_report.rows}
+    assert sorted(rows_te) == sorted(rows_local)
+    for name, r in rows_te.items():
+        assert r["final_error"] < r["rtn_error"], r
+        assert r["final_error"] == pytest.approx(rows_local[name]["final_error"], rel=2e-2), name
+        assert r["input_amax"] is not None
+    test = batches[0]
+    with torch.no_grad():
+        y_te, y_local = _logits(te_model, test), _logits(local_model, test)
+    assert _rel(y_te, y_local) < 2e-2, _rel(y_te, y_local)
+    loss = te_model(test["tokens"], test["position_ids"], None, labels=test["labels"]).float().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in te_model.parameters() if p.requires_grad)
+
+
+def test_export_from_te_spec_is_the_local_format_and_loads_into_either(tmp_path):
+    from lora import export_quantized, load_quantized, read_export_metadata
+
+    _no_tf32()
+    batches = _calib_batches()
+    test = batches[0]
+    te_model, _ = _calibrated("te", batches[1:])
+    local_model, _ = _calibrated("local", batches[1:])
+    export_quantized(te_model, tmp_path / "te", progress=False)
+    export_quantized(local_model, tmp_path / "local", progress=False)
+    meta_te, meta_local = read_export_metadata(tmp_path / "te"), read_export_metadata(tmp_path / "local")
+    for field in ("layers", "expert_groups", "other_tensors"):
+        assert sorted(meta_te[field]) == sorted(meta_local[field]), field
+    with torch.no_grad():
+        y_te, y_local = _logits(te_model, test), _logits(local_model, test)
+    for src, ref in (("te", y_te), ("local", y_local)):
+        for spec in ("te", "te-sequential", "local"):
+            fresh = _model(spec, seed=9)
+            load_quantized(fresh, tmp_path / src, progress=False)
+            with torch.no_grad():
+                y = _logits(fresh, test)
+            tol = 1e-5 if spec.startswith("te") == (src == "te") else 2e-2  # same spec: same numerics
+            assert _rel(y, ref) < tol, (src, spec, _rel(y, ref))

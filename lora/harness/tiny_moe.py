@@ -150,7 +150,7 @@ def _init_by_global_name(model, seed: int, std: float, num_layers: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    from lora.model import _is_te_grouped_mlp
+    from lora.te import is_te_grouped_mlp
     from lora.tp import full_shape, take_shard
 
     ep_rank = parallel_state.get_expert_model_parallel_rank()
@@ -170,7 +170,7 @@ def _init_by_global_name(model, seed: int, std: float, num_layers: int) -> None:
                 g = ep_rank * module.num_local_experts + i
                 for pname, p in expert.named_parameters():
                     global_names[p] = (f"{mod_name}.global_expert{g}.{pname}", etp)
-        elif _is_te_grouped_mlp(module):  # weight{i} of the grouped linears: expert i's linear_fcX.weight
+        elif is_te_grouped_mlp(module):  # weight{i} of the grouped linears: expert i's linear_fcX.weight
             for proj in ("linear_fc1", "linear_fc2"):
                 linear = getattr(module, proj)
                 for i in range(module.num_local_experts):
