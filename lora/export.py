@@ -62,6 +62,7 @@ from lora.export_common import (
     gather_packed,
     is_glu_fc1,
     is_megatron_model,
+    linear_bias,
     other_tensors,
     rank0_call,
     unwrap,
@@ -202,8 +203,8 @@ def _packed(base: SVDQBase, who: str):
 
 
 def _bias(inner: nn.Module) -> torch.Tensor | None:
-    b = getattr(inner, "bias", None)
-    if not isinstance(b, torch.Tensor):
+    b = linear_bias(inner)
+    if b is None:
         return None
     dim = int(b.partition_dim) if getattr(b, "tensor_model_parallel", False) else None
     return gather_dim(b.detach(), dim, tp_group_of(inner))

@@ -101,6 +101,12 @@ def unwrap(m: nn.Module) -> nn.Module:
     return m.base if isinstance(m, (ExpertLoraLinear, ExpertParallelAdapter, LoraLinear)) else m
 
 
+def linear_bias(linear: nn.Module) -> Tensor | None:
+    """The linear's bias, or ``None`` (TE keeps an empty tensor as ``bias`` when it has none)."""
+    b = getattr(linear, "bias", None)
+    return b if isinstance(b, Tensor) and b.numel() > 0 else None
+
+
 def is_glu_fc1(model: nn.Module, name: str) -> bool:
     """``name`` is the ``linear_fc1`` of a gated ``MLP`` (rows ``[gate; up]``)."""
     from megatron.core.transformer.mlp import MLP

@@ -25,6 +25,7 @@ from lora.export_common import (
     expert_key,
     expert_linears,
     is_glu_fc1,
+    linear_bias,
     other_tensors,
     unwrap,
     unwrap_expert,
@@ -97,8 +98,8 @@ def _check_linear(linear: nn.Module, fields: dict, meta: dict, dim: int, who: st
     got = DTYPE_NAMES.get(linear.weight.dtype)
     if meta.get("base_dtype") != got:
         raise ValueError(f"{who}: dtype {meta.get('base_dtype')} in the checkpoint, {got} in the model")
-    bias = getattr(linear, "bias", None)
-    has_bias = isinstance(bias, torch.Tensor)
+    bias = linear_bias(linear)
+    has_bias = bias is not None
     if has_bias != fields["bias"] or (has_bias and bias.dtype != fields["bias_dtype"]):
         raise ValueError(f"{who}: the checkpoint's bias ({fields['bias_dtype']}) does not match the model's")
     try:
