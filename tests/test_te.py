@@ -389,7 +389,7 @@ def test_expert_parallel_2_grouped_checkpoint_nccl(tmp_path):
         assert sorted(r["saved"]) == sorted(r["loaded"])
         for k in r["saved"]:
             assert torch.equal(r["saved"][k], r["loaded"][k]), k
-    expert_keys = [set(k for k in r["saved"] if ".experts." in k.split("mlp.experts", 1)[1]) for r in ranks]
+    expert_keys = [{k for k in r["saved"] if ".mlp.experts.experts." in k} for r in ranks]
     assert expert_keys[0] and not expert_keys[0] & expert_keys[1]  # each rank holds other global experts
     union = {**ranks[0]["saved"], **ranks[1]["saved"]}
     lora = LoraConfig(rank=4, alpha=16.0, init="random")
@@ -491,7 +491,12 @@ def test_calibrate_te_spec_model_matches_local_spec():
     test = batches[0]
     with torch.no_grad():
         y_te, y_local = _logits(te_model, test), _logits(local_model, test)
-    assert _rel(y_te, y_local) < 2e-2, _rel(y_te, y_local)
+        y_ref = _logits(_model("local", seed=1), test)  # unquantized
+    # two 4-bit models from slightly different statistics: as far from the float model as each other, and
+    # much closer to each other than to it
+    err_te, err_local, apart = _rel(y_te, y_ref), _rel(y_local, y_ref), _rel(y_te, y_local)
+    print(f"calibrated logits: TE {err_te:.4f}, local {err_local:.4f} from float; {apart:.4f} apart")
+    assert err_te < 0.15 and abs(err_te - err_local) < 0.2 * err_local and apart < 0.5 * err_local
     loss = te_model(test["tokens"], test["position_ids"], None, labels=test["labels"]).float().mean()
     loss.backward()
     assert all(p.grad is not None for p in te_model.parameters() if p.requires_grad)
