@@ -1,12 +1,13 @@
-"""The batched per-expert product of the TE grouped adapters (``lora.grouped.grouped_rows_linear``) against
-a float64 loop over the experts, values and gradients (exact up to float64 round-off: 1e-12)."""
+"""The per-expert products of the TE grouped adapters (``lora.grouped.per_expert_linear``: a GEMM per expert,
+or for many experts one batched GEMM, ``grouped_rows_linear``) against a float64 loop over the experts,
+values and gradients (exact up to float64 round-off: 1e-12)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lora.grouped import grouped_rows_linear
+from lora.grouped import BATCHED_MIN_EXPERTS, grouped_rows_linear, per_expert_linear
 
 
 @pytest.mark.parametrize("splits", [[5, 0, 7, 1], [0, 0, 3], [4], [0, 0]])
@@ -33,3 +34,16 @@ def test_grouped_rows_linear_rejects_mismatched_splits():
         grouped_rows_linear(torch.zeros(5, 2), torch.zeros(2, 3, 2), [2, 2])
     with pytest.raises(ValueError, match="2 weight matrices"):
         grouped_rows_linear(torch.zeros(4, 2), torch.zeros(2, 3, 2), [1, 1, 2])
+
+
+@pytest.mark.parametrize("n", [3, BATCHED_MIN_EXPERTS + 4])
+def test_per_expert_linear_both_paths(n):
+    g = torch.Generator().manual_seed(n)
+    splits = [int(k) for k in torch.randint(0, 5, (n,), generator=g)]
+    splits[0] = 0
+    x = torch.randn(sum(splits), 8, generator=g, dtype=torch.float64)
+    ws = [torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(n)]
+    ref = torch.cat([xi @ w.T for xi, w in zip(x.split(splits), ws)])
+    torch.testing.assert_close(per_expert_linear(x, ws, splits), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="rows split as"):
+        per_expert_linear(x, ws[:-1], splits[:-1] + [splits[-1] + 1])
