@@ -3,7 +3,11 @@
     from lora import LoraConfig, add_adapters, freeze_base, save_adapters, load_adapters
 
 * :mod:`lora.config` — :class:`LoraConfig` and named presets.
-* :mod:`lora.layers` — adapter modules (:class:`LoraLinear`, :class:`LoraExperts`, …).
+* :mod:`lora.layers` — adapter modules (:class:`LoraLinear`, :class:`LoraExperts`, …), on Megatron's local
+  and Transformer Engine linears.
+* :mod:`lora.grouped` — adapters on TE grouped expert linears and ``TEGroupedMLP``
+  (:class:`GroupedLoraLinear`, :class:`LoraGroupedExperts`).
+* :mod:`lora.te` / :mod:`lora.te_convert` — how adapters see TE modules; TE conversions for SVDQuant.
 * :mod:`lora.model` — add / enable / disable / remove, freeze, merge, adapter files.
 * :mod:`lora.checkpoint` — ``sharded_state_dict`` (Megatron ``dist_checkpointing``) design.
 * :mod:`lora.svdq_base` — SVDQuant residuals as frozen bases of Megatron linears.
@@ -14,6 +18,7 @@
 
 from lora.config import PRESETS, LoraConfig
 from lora.export import export_quantized, load_quantized, read_export_metadata
+from lora.grouped import GroupedLoraLinear, LoraGroupedExperts
 from lora.layers import ExpertLoraLinear, ExpertParallelAdapter, Factor, LoraExperts, LoraLinear
 from lora.model import (
     adapter_factors,
@@ -36,8 +41,10 @@ __all__ = [
     "ExpertLoraLinear",
     "ExpertParallelAdapter",
     "Factor",
+    "GroupedLoraLinear",
     "LoraConfig",
     "LoraExperts",
+    "LoraGroupedExperts",
     "LoraLinear",
     "adapter_factors",
     "adapter_modules",

@@ -6,11 +6,15 @@ scaling 1, the convention for adapters initialized from an SVD branch).
 
 ``targets`` are :func:`fnmatch.fnmatch` patterns over module names (``model.named_modules()``):
 
-* a matched ``ColumnParallelLinear`` / ``RowParallelLinear`` gets a :class:`lora.layers.LoraLinear`;
+* a matched ``ColumnParallelLinear`` / ``RowParallelLinear`` (or Transformer Engine linear) gets a
+  :class:`lora.layers.LoraLinear`; a plain TE ``GroupedLinear`` a :class:`lora.grouped.GroupedLoraLinear`
+  (layout ``fc1_layout``);
 * a matched ``SequentialMLP`` (e.g. ``"*.mlp.experts"``) gets a :class:`lora.layers.LoraExperts`: its
   experts' ``linear_fc1`` / ``linear_fc2`` get branches in ``fc1_layout`` / ``fc2_layout`` (one of
   ``svdq.shared_basis.LAYOUTS``: ``"shared-down"``, ``"shared-up"``, ``"per-expert"``, or ``None`` for
-  none) and, with ``parallel_expert=True``, a parallel adapter hidden → r → hidden around each whole expert.
+  none) and, with ``parallel_expert=True``, a parallel adapter hidden → r → hidden around each whole expert;
+  a matched ``TEGroupedMLP`` gets a :class:`lora.grouped.LoraGroupedExperts` with the same branches (no
+  parallel adapter).
 
 Linears inside a ``SequentialMLP`` are adapted only through their experts module, never on their own.
 """

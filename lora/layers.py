@@ -42,7 +42,15 @@ expert weight (``allreduce=False`` when EP > 1, copied from the expert weights).
 
 **Limits.** Adapter dropout needs (expert) tensor parallel size 1. Attribute *writes* on a wrapper stay
 on the wrapper (reads fall through to the base). Megatron's gradient-norm clipping counts a shared
-expert factor once per expert-parallel rank. TE linears / ``TEGroupedMLP`` are not wrapped yet.
+expert factor once per expert-parallel rank.
+
+**Transformer Engine** (:mod:`lora.te`). ``LoraLinear`` also wraps Megatron's ``TEColumnParallelLinear`` /
+``TERowParallelLinear`` / ``TELayerNormColumnParallelLinear`` and plain ``te.pytorch.Linear`` /
+``LayerNormLinear`` (returning a tensor when the base does). On a fused-norm linear the branch reads the
+*normalized* input: TE's ``return_layernorm_output`` for that call, or, on a base quantized by
+nvidia-modelopt (which cannot return it), :func:`lora.te.fused_norm_input`. Expert TE linears inside a
+``SequentialMLP`` get Megatron's (expert) tensor-parallel group from ``_tp_group`` (TE's own is ``None``
+when Megatron does the communication). ``TEGroupedMLP`` experts: :mod:`lora.grouped`.
 """
 
 from __future__ import annotations
