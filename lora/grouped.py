@@ -389,21 +389,7 @@ class LoraGroupedExperts(ExpertGroup):
     ``linear_fc2`` become :class:`GroupedLoraLinear` wrappers holding the per-expert factors; shared
     factors (same names and shapes as on ``LoraExperts``) are this module's parameters."""
 
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int,
-        *,
-        scaling: float = 1.0,
-        fc1_layout: str | None = "shared-down",
-        fc2_layout: str | None = "shared-up",
-        parallel: bool = False,
-        name: str = "",
-        dtype: torch.dtype | None = None,
-        dropout: float = 0.0,
-        ranks: dict[str, int] | None = None,
-    ):
-        super().__init__(base)
+    def _check_base(self, base: nn.Module, name: str, parallel: bool) -> None:
         if parallel:
             raise NotImplementedError(
                 f"{name}: the parallel expert adapter is not implemented for TEGroupedMLP"
@@ -413,19 +399,18 @@ class LoraGroupedExperts(ExpertGroup):
                 f"{name}: TEGroupedMLP runs TE's fused op path (use_transformer_engine_op_fuser=True), "
                 "which bypasses its grouped linears; set use_transformer_engine_op_fuser=False"
             )
-        w1, w2 = base.linear_fc1.weight0, base.linear_fc2.weight0  # (2F_l × hidden), (hidden × F_l)
-        self._setup(
-            base, w1, w2, rank, scaling=scaling, fc1_layout=fc1_layout, fc2_layout=fc2_layout,
-            parallel=False, name=name, dtype=dtype, dropout=dropout, ranks=ranks,
-        )  # fmt: skip
-        for proj, layout in (("fc1", fc1_layout), ("fc2", fc2_layout)):
+
+    def _expert_weights(self, base: nn.Module) -> tuple[Tensor, Tensor]:
+        return base.linear_fc1.weight0, base.linear_fc2.weight0
+
+    def _wrap_experts(self, dtype) -> None:
+        for proj, layout in (("fc1", self.fc1_layout), ("fc2", self.fc2_layout)):
             if layout is not None:
-                lin = getattr(base, f"linear_{proj}")
-                r = self.ranks[proj]
+                lin = getattr(self.base, f"linear_{proj}")
                 wrapper = GroupedLoraLinear(
-                    lin, r, layout=layout, group=self, proj=proj, glu=self.glu, dtype=dtype
+                    lin, self.ranks[proj], layout=layout, group=self, proj=proj, glu=self.glu, dtype=dtype
                 )
-                setattr(base, f"linear_{proj}", wrapper)
+                setattr(self.base, f"linear_{proj}", wrapper)
 
     def expert_wrappers(self) -> list[ExpertView]:
         """Per-expert views of the grouped wrappers, fc1 then fc2 per local expert."""

@@ -584,13 +584,27 @@ class ExpertGroup(_Wrapper):
     """What adapters on the experts of one MoE layer share, whatever the experts module: the factors shared
     by its experts (this module's parameters, see :class:`LoraExperts`), the per-forward context with
     their gradient reductions, initialization from given factors, merge, and the distributed checkpoint.
-    Subclasses create the per-expert wrappers and define ``expert_wrappers()`` and ``forward``."""
+    Subclasses say where one expert's weights are (``_expert_weights``), put the per-expert wrappers in
+    place (``_wrap_experts``), may refuse a base (``_check_base``) and define ``expert_wrappers()`` and
+    ``forward``."""
 
-    def _setup(
-        self, base, w1, w2, rank, *, scaling, fc1_layout, fc2_layout, parallel, name, dtype, dropout, ranks
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        *,
+        scaling: float = 1.0,
+        fc1_layout: str | None = "shared-down",
+        fc2_layout: str | None = "shared-up",
+        parallel: bool = False,
+        name: str = "",
+        dtype: torch.dtype | None = None,
+        dropout: float = 0.0,
+        ranks: dict[str, int] | None = None,
     ):
-        """``w1`` / ``w2``: one local expert's fc1 ``(2F_l × hidden)`` and fc2 ``(hidden × F_l)`` weight; the
-        rest as the subclass constructors' arguments."""
+        super().__init__(base)
+        self._check_base(base, name, parallel)
+        w1, w2 = self._expert_weights(base)  # one local expert's fc1 (2F_l × hidden), fc2 (hidden × F_l)
         self.adapter_name, self.rank = name, rank
         # per-projection ranks ("fc1", "fc2", "parallel"): calibration may pick different layouts, and so
         # different ranks at an equal parameter budget, for fc1 and fc2
@@ -621,6 +635,18 @@ class ExpertGroup(_Wrapper):
             setattr(self, attr, _new_param(shape, like, dtype))
             set_tp_attributes(getattr(self, attr), dim, like)
             self._shared_dims[attr] = dim
+        self._wrap_experts(dtype)
+
+    # -- what the experts module decides (subclasses)
+    def _check_base(self, base: nn.Module, name: str, parallel: bool) -> None:
+        """Refuse an experts module these adapters cannot work on (default: accept)."""
+
+    def _expert_weights(self, base: nn.Module) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _wrap_experts(self, dtype) -> None:
+        """Put the per-expert wrappers in place."""
+        raise NotImplementedError
 
     def _shared_attrs(self) -> list[str]:
         attrs = [
@@ -783,45 +809,24 @@ class LoraExperts(ExpertGroup):
     ``parallel_lora_down (r × hidden)`` [parallel adapter]. ``F_l`` = ``F / etp``.
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int,
-        *,
-        scaling: float = 1.0,
-        fc1_layout: str | None = "shared-down",
-        fc2_layout: str | None = "shared-up",
-        parallel: bool = False,
-        name: str = "",
-        dtype: torch.dtype | None = None,
-        dropout: float = 0.0,
-        ranks: dict[str, int] | None = None,
-    ):
-        super().__init__(base)
+    def _expert_weights(self, base: nn.Module) -> tuple[Tensor, Tensor]:
         e0 = base.local_experts[0]
-        w1, w2 = e0.linear_fc1.weight, e0.linear_fc2.weight  # (2F_l × hidden), (hidden × F_l)
-        self._setup(
-            base,
-            w1,
-            w2,
-            rank,
-            scaling=scaling,
-            fc1_layout=fc1_layout,
-            fc2_layout=fc2_layout,
-            parallel=parallel,
-            name=name,
-            dtype=dtype,
-            dropout=dropout,
-            ranks=ranks,
-        )
+        return e0.linear_fc1.weight, e0.linear_fc2.weight
+
+    def _wrap_experts(self, dtype) -> None:
+        experts = self.base.local_experts
         for i in range(self.num_local):
-            expert = base.local_experts[i]
-            if fc1_layout is not None:
-                expert.linear_fc1 = ExpertLoraLinear(expert.linear_fc1, self, "fc1", i, fc1_layout, dtype)
-            if fc2_layout is not None:
-                expert.linear_fc2 = ExpertLoraLinear(expert.linear_fc2, self, "fc2", i, fc2_layout, dtype)
-            if parallel:
-                base.local_experts[i] = ExpertParallelAdapter(expert, self, i, dtype)
+            expert = experts[i]
+            if self.fc1_layout is not None:
+                expert.linear_fc1 = ExpertLoraLinear(
+                    expert.linear_fc1, self, "fc1", i, self.fc1_layout, dtype
+                )
+            if self.fc2_layout is not None:
+                expert.linear_fc2 = ExpertLoraLinear(
+                    expert.linear_fc2, self, "fc2", i, self.fc2_layout, dtype
+                )
+            if self.parallel:
+                experts[i] = ExpertParallelAdapter(expert, self, i, dtype)
 
     # -- structure
     def expert_wrappers(self) -> list[nn.Module]:
