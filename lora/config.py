@@ -13,8 +13,7 @@ scaling 1, the convention for adapters initialized from an SVD branch).
   experts' ``linear_fc1`` / ``linear_fc2`` get branches in ``fc1_layout`` / ``fc2_layout`` (one of
   ``svdq.shared_basis.LAYOUTS``: ``"shared-down"``, ``"shared-up"``, ``"per-expert"``, or ``None`` for
   none) and, with ``parallel_expert=True``, a parallel adapter hidden → r → hidden around each whole expert;
-  a matched ``TEGroupedMLP`` gets a :class:`lora.grouped.LoraGroupedExperts` with the same branches (no
-  parallel adapter).
+  a matched ``TEGroupedMLP`` gets a :class:`lora.grouped.LoraGroupedExperts` with the same branches.
 
 Linears inside a ``SequentialMLP`` are adapted only through their experts module, never on their own.
 """

@@ -26,8 +26,9 @@ a TEGroupedMLP model therefore loads into a SequentialMLP model of the same shap
 
 Under FP8, ``TEGroupedMLP`` pads every expert's rows before the grouped linears (``m_splits`` counts the
 padding); padded rows are zero, so their branch is zero and is removed with the padding. Adapters stay in
-their own dtype: the branch is plain ``F.linear``, outside TE's FP8 autocast. Not supported on grouped
-experts: the parallel expert adapter, adapter dropout with expert tensor parallelism.
+their own dtype: the branch is plain ``F.linear``, outside TE's FP8 autocast. The parallel expert adapter
+lives on :class:`LoraGroupedExperts` (its per-expert ``parallel_lora_up{i}`` under the SequentialMLP key
+``….experts.parallel_lora_up``). Adapter dropout needs expert tensor parallel size 1, as on SequentialMLP.
 """
 
 from __future__ import annotations
@@ -383,17 +384,39 @@ class GroupedLoraLinear(_Wrapper):
         return f"proj={self.proj}, layout={self.layout}, rank={self.rank}, experts={self.num_local}"
 
 
+class ParallelView:
+    """Local expert ``index``'s parallel adapter inside a :class:`LoraGroupedExperts`: its
+    ``parallel_lora_up{index} (hidden × r)``, with the interface of
+    :class:`lora.layers.ExpertParallelAdapter` that the expert group uses."""
+
+    proj = "parallel"
+
+    def __init__(self, group: LoraGroupedExperts, index: int):
+        self.group, self.index = group, index
+
+    @property
+    def global_index(self) -> int:
+        return self.group.first_global + self.index
+
+    def factors(self, global_index: int | None = None) -> list[Factor]:
+        g = self.global_index if global_index is None else global_index
+        key = f"{self.group.adapter_name}.experts.{g}.parallel.lora_up"
+        param = self.group._parameters[f"parallel_lora_up{self.index}"]
+        return [Factor(key, f"parallel_lora_up{self.index}", param, "up", None, False, *self.group.etp)]
+
+
 class LoraGroupedExperts(ExpertGroup):
     """Adapters on all local experts of one ``TEGroupedMLP``: :class:`lora.layers.LoraExperts` for grouped
     experts (see the module docstring). ``forward`` as the ``TEGroupedMLP``; its ``linear_fc1`` /
     ``linear_fc2`` become :class:`GroupedLoraLinear` wrappers holding the per-expert factors; shared
-    factors (same names and shapes as on ``LoraExperts``) are this module's parameters."""
+    factors (same names and shapes as on ``LoraExperts``) are this module's parameters, and so are the
+    parallel adapter's per-expert ``parallel_lora_up{i} (hidden × r)``::
+
+        out += p · scaling · (x·A_pᵀ)·B_iᵀ      (rows of expert i; one GEMM for x·A_pᵀ; ÷ etp)
+
+    with ``x`` the experts' input and ``p`` the routing probability (as :class:`ExpertParallelAdapter`)."""
 
     def _check_base(self, base: nn.Module, name: str, parallel: bool) -> None:
-        if parallel:
-            raise NotImplementedError(
-                f"{name}: the parallel expert adapter is not implemented for TEGroupedMLP"
-            )
         if getattr(base, "_with_fused_impl", False):
             raise ValueError(
                 f"{name}: TEGroupedMLP runs TE's fused op path (use_transformer_engine_op_fuser=True), "
@@ -411,18 +434,80 @@ class LoraGroupedExperts(ExpertGroup):
                     lin, self.ranks[proj], layout=layout, group=self, proj=proj, glu=self.glu, dtype=dtype
                 )
                 setattr(self.base, f"linear_{proj}", wrapper)
+        if self.parallel:
+            w2 = self._expert_weights(self.base)[1]
+            for i in range(self.num_local):
+                setattr(
+                    self, f"parallel_lora_up{i}", _new_param((w2.shape[0], self.ranks["parallel"]), w2, dtype)
+                )
+                set_tp_attributes(getattr(self, f"parallel_lora_up{i}"), None, w2)
 
-    def expert_wrappers(self) -> list[ExpertView]:
-        """Per-expert views of the grouped wrappers, fc1 then fc2 per local expert."""
+    @property
+    def etp(self) -> tuple[int, int]:
+        return self.etp_rank, self.etp_size
+
+    def expert_wrappers(self) -> list:
+        """Per-expert views: the parallel adapter (if any), then the grouped fc1 / fc2, per local expert."""
         linears = [getattr(self.base, f"linear_{p}") for p in ("fc1", "fc2")]
         linears = [m for m in linears if isinstance(m, GroupedLoraLinear)]
-        return [ExpertView(m, i) for i in range(self.num_local) for m in linears]
+        out = []
+        for i in range(self.num_local):
+            out += [ParallelView(self, i)] if self.parallel else []
+            out += [ExpertView(m, i) for m in linears]
+        return out
 
     def forward(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor, *args, **kwargs):
         if not self.enabled or self.merged:
             return self.base(hidden, tokens_per_expert, probs, *args, **kwargs)
-        object.__setattr__(self, "_ctx", self._shared_context())
+        ctx = self._shared_context()
+        object.__setattr__(self, "_ctx", ctx)
         try:
-            return self.base(hidden, tokens_per_expert, probs, *args, **kwargs)
+            out, bias = self.base(hidden, tokens_per_expert, probs, *args, **kwargs)
         finally:
             object.__setattr__(self, "_ctx", None)
+        if self.parallel:
+            out = out + self._parallel_delta(ctx, hidden, _splits(tokens_per_expert), probs).to(out.dtype)
+        return out, bias
+
+    def _parallel_delta(self, ctx: _Context, hidden: Tensor, splits: list[int], probs: Tensor) -> Tensor:
+        x, p = hidden, probs
+        if getattr(self.base.config, "moe_apply_probs_on_input", False):  # as TEGroupedMLP does
+            x, p = (probs.unsqueeze(-1) * hidden).to(hidden.dtype), torch.ones_like(probs)
+        h = F.linear(self.drop(x), ctx.shared["parallel_lora_down"].to(x.dtype))
+        ups = [
+            grad_allreduce(self._parameters[f"parallel_lora_up{i}"], self.base.tp_group)
+            for i in range(self.num_local)
+        ]
+        delta = per_expert_linear(h, [B.to(h.dtype) for B in ups], splits) * self.scaling
+        delta = delta * p.unsqueeze(-1).to(delta.dtype)
+        return delta / self.etp_size if self.etp_size > 1 else delta
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """The expert group's state, plus each local expert's ``parallel_lora_up`` under the SequentialMLP
+        key (``….experts.parallel_lora_up``) with the expert axis and expert-DP replica id."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        from lora.harness import compat
+
+        metadata = compat.ensure_dp_cp_group(metadata)
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not self.parallel:
+            return state
+        if metadata.get("singleton_local_shards", False):
+            raise NotImplementedError(f"{self.adapter_name}: singleton_local_shards with a parallel adapter")
+        edp_rank = group_rank_size(self.expert_dp_group())[0]
+        for i in range(self.num_local):
+            offsets = (*sharded_offsets, (len(sharded_offsets), self.first_global + i, self.num_global))
+            name = f"{prefix}experts.parallel_lora_up"
+            sub = make_sharded_tensors_for_checkpoint(
+                {name: self._parameters[f"parallel_lora_up{i}"]},
+                "",
+                {},
+                offsets,
+                tp_group=self.base.tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
+            )
+            sh = sub[name]
+            sh.replica_id = (*sh.replica_id[:2], edp_rank)
+            state[f"{prefix}parallel_lora_up{i}"] = sh
+        return state

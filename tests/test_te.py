@@ -33,6 +33,10 @@ from tests._lora_helpers import megatron_world  # noqa: E402,F401 (fixture)
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("megatron_world")]
 
 LORA = LoraConfig(rank=4, alpha=16.0, init="random")  # scaling 4: the branch moves the logits visibly
+# the other layouts and the parallel expert adapter (hidden → r → hidden, scaled by the routing probability)
+LORA_PARALLEL = LoraConfig(
+    rank=4, alpha=16.0, init="random", fc1_layout="per-expert", fc2_layout="shared-down", parallel_expert=True
+)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -130,16 +134,17 @@ def test_plain_te_grouped_linear_vs_float64(layout):
 # --------------------------------------------------------------------------- TE-spec GPT-MoE models
 
 
+@pytest.mark.parametrize("lora", [LORA, LORA_PARALLEL], ids=["shared", "parallel"])
 @pytest.mark.parametrize("spec", ["te", "te-sequential"])
-def test_te_spec_with_adapters_matches_local_spec(spec):
+def test_te_spec_with_adapters_matches_local_spec(spec, lora):
     """Adapters on TELayerNormColumnParallelLinear (branch on the normalized input), TERowParallelLinear
     and TEGroupedMLP / SequentialMLP of TE linears give the logits and adapter gradients of the local spec."""
     _no_tf32()
     batch = tiny_moe_batch(TinyMoEConfig(), batch=2)
     local, tem = _model("local"), _model(spec)
     plain = _logits(tem, batch).detach()
-    add_adapters(local, LORA, seed=3)
-    add_adapters(tem, LORA, seed=3)
+    add_adapters(local, lora, seed=3)
+    add_adapters(tem, lora, seed=3)
     experts = tem.decoder.layers[0].mlp.experts
     assert isinstance(experts, LoraGroupedExperts if spec == "te" else LoraExperts)
     assert tem.decoder.layers[0].self_attention.linear_qkv.fused_norm
@@ -295,12 +300,19 @@ def _expert_weights(model) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("layouts", [("shared-down", "shared-up"), ("per-expert", "shared-down")])
+@pytest.mark.parametrize(
+    "layouts",
+    [("shared-down", "shared-up", False), ("per-expert", "shared-down", True)],
+    ids=["shared", "parallel"],
+)
 def test_grouped_checkpoint_loads_into_sequential_and_back(tmp_path, layouts):
     """TEGroupedMLP → SequentialMLP (of TE linears) → TEGroupedMLP: base weights and adapters equal."""
     _no_tf32()
     batch = tiny_moe_batch(TinyMoEConfig(), batch=2)
-    lora = LoraConfig(rank=4, alpha=16.0, init="random", fc1_layout=layouts[0], fc2_layout=layouts[1])
+    fc1, fc2, parallel = layouts
+    lora = LoraConfig(
+        rank=4, alpha=16.0, init="random", fc1_layout=fc1, fc2_layout=fc2, parallel_expert=parallel
+    )
     src = _model("te", seed=1)
     add_adapters(src, lora, seed=3)
     _save(src, tmp_path / "grouped")
@@ -348,12 +360,12 @@ def test_grouped_adapter_checkpoint_loads_into_local_spec(tmp_path):
     assert _rel(_logits(local, batch), _logits(src, batch)) < 1e-2
 
 
-def _ep_worker(rank: int, world_size: int, ckpt_dir: str):
+def _ep_worker(rank: int, world_size: int, ckpt_dir: str, parallel: bool):
     from lora.harness import init_parallel
     from lora.model import shared_adapters_out_of_sync
 
     init_parallel(1, world_size)
-    lora = LoraConfig(rank=4, alpha=16.0, init="random")
+    lora = LoraConfig(rank=4, alpha=16.0, init="random", parallel_expert=parallel)
     model = build_tiny_gpt_moe(TinyMoEConfig(spec="te"), seed=1)
     add_adapters(model, lora, seed=3)
     saved = {k: v.cpu().clone() for k, v in adapter_state_dict(model).items()}
@@ -378,12 +390,13 @@ def _ep_worker(rank: int, world_size: int, ckpt_dir: str):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
-def test_expert_parallel_2_grouped_checkpoint_nccl(tmp_path):
+@pytest.mark.parametrize("parallel", [False, True], ids=["shared", "parallel"])
+def test_expert_parallel_2_grouped_checkpoint_nccl(tmp_path, parallel):
     """EP=2 on two GPUs (NCCL): each rank saves its global experts' factors (expert axis + expert-DP
     replica ids); reloading gives every rank its own experts back (not rank 0's, DESIGN.md §4 trap 2), and
     a single-process model — grouped or SequentialMLP — loads the EP=2 checkpoint with every global
     expert's values."""
-    ranks = run_on_processes(_ep_worker, 2, str(tmp_path / "ep2"), timeout=600)
+    ranks = run_on_processes(_ep_worker, 2, str(tmp_path / "ep2"), parallel, timeout=600)
     for r in ranks:
         assert r["out_of_sync"] == []
         assert sorted(r["saved"]) == sorted(r["loaded"])
@@ -392,7 +405,7 @@ def test_expert_parallel_2_grouped_checkpoint_nccl(tmp_path):
     expert_keys = [{k for k in r["saved"] if ".mlp.experts.experts." in k} for r in ranks]
     assert expert_keys[0] and not expert_keys[0] & expert_keys[1]  # each rank holds other global experts
     union = {**ranks[0]["saved"], **ranks[1]["saved"]}
-    lora = LoraConfig(rank=4, alpha=16.0, init="random")
+    lora = LoraConfig(rank=4, alpha=16.0, init="random", parallel_expert=parallel)
     single = _model("te", seed=1)
     add_adapters(single, lora, seed=3)
     ref = {k: v.cpu() for k, v in adapter_state_dict(single).items()}
