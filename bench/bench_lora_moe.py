@@ -36,7 +36,9 @@ SHAPES = {
 }
 
 
-def build_layer(shape: dict, dtype: str, seed: int = 0):
+def build_layer(shape: dict, dtype: str, seed: int = 0, **config):
+    """One MoE layer (``MoELayer``) of a one-layer GPT-MoE of ``shape``; ``config``: more
+    :class:`~lora.harness.TinyMoEConfig` fields (``spec``, ``fp8``, …)."""
     from lora.harness import TinyMoEConfig, build_tiny_gpt_moe
 
     cfg = TinyMoEConfig(
@@ -49,6 +51,7 @@ def build_layer(shape: dict, dtype: str, seed: int = 0):
         vocab_size=256,
         seq_len=256,
         dtype=dtype,
+        **config,
     )
     model = build_tiny_gpt_moe(cfg, seed=seed)
     return model.decoder.layers[0].mlp  # MoELayer: router, dispatcher, SequentialMLP experts

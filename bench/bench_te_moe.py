@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_lora_moe import build_layer  # noqa: E402
 from bench.common import write_result  # noqa: E402
 
 SHAPES = {
@@ -39,27 +40,6 @@ VARIANTS = [  # (name, spec, adapters)
     ("SequentialMLP (local), no adapters", "local", None),
     ("SequentialMLP (local), shared-down adapters", "local", "moe"),
 ]
-
-
-def build_layer(shape: dict, spec: str, fp8: bool):
-    from lora.harness import TinyMoEConfig, build_tiny_gpt_moe
-
-    cfg = TinyMoEConfig(
-        num_layers=1,
-        hidden=shape["hidden"],
-        heads=shape["heads"],
-        num_experts=shape["num_experts"],
-        ffn_hidden=shape["ffn_hidden"],
-        topk=2,
-        vocab_size=256,
-        seq_len=256,
-        dtype="bfloat16",
-        spec=spec,
-        fp8="hybrid" if fp8 else None,
-        fp8_recipe="delayed",
-    )
-    model = build_tiny_gpt_moe(cfg, seed=0)
-    return model.decoder.layers[0].mlp, model.config
 
 
 def time_steps(layer, config, x, steps: int, warmup: int) -> float:
@@ -87,7 +67,9 @@ def run_variant(shape, spec, adapters, fp8, rank, steps, warmup) -> dict:
     from lora.config import LoraConfig
     from lora.model import add_adapters, freeze_base
 
-    layer, config = build_layer(shape, spec, fp8)
+    fp8_config = {"fp8": "hybrid", "fp8_recipe": "delayed"} if fp8 else {}
+    layer = build_layer(shape, "bfloat16", spec=spec, **fp8_config)
+    config = layer.config
     holder = torch.nn.Module()
     holder.mlp = layer
     if adapters:

@@ -46,7 +46,6 @@ from lora.layers import (
     _Context,
     _new_param,
     _Wrapper,
-    init_factor,
 )
 from lora.te import is_grouped, te_mode, tp_group_of
 from lora.tp import grad_allreduce, group_rank_size, set_tp_attributes
@@ -267,14 +266,7 @@ class GroupedLoraLinear(_Wrapper):
         attr = f"{self.proj}_lora_{role}"
         return ctx.shared[attr] if ctx is not None else getattr(self._group, attr)
 
-    # -- adapter API on its own (inside a group the group provides it)
-    def expected_keys(self) -> list[str]:
-        return [f.key for f in self.factors()]
-
-    def reset_adapter(self, init: str, seed: int) -> None:
-        for f in self.factors():
-            init_factor(f, init, seed)
-
+    # -- adapter API on its own (inside a group the group provides it; see also _Wrapper)
     def init_from(self, lora_down: Tensor, lora_up: Tensor) -> None:
         """On its own: shared factors 2-D, per-expert ones stacked ``(N × …)``; ``lora_up`` divided by
         ``scaling``."""

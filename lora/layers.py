@@ -206,6 +206,15 @@ class _Wrapper(nn.Module):
         self._save_to_state_dict(destination, prefix, keep_vars)
         return destination
 
+    def expected_keys(self) -> list[str]:
+        """Global keys of the factors this adapter loads from an adapter file (its :meth:`factors`)."""
+        return [f.key for f in self.factors()]
+
+    def reset_adapter(self, init: str, seed: int) -> None:
+        """Refill every factor per ``init`` (:func:`init_factor`)."""
+        for f in self.factors():
+            init_factor(f, init, seed)
+
     @property
     def tp_group_for_checkpoint(self):
         return tp_group_of(self.base)
@@ -279,13 +288,6 @@ class LoraLinear(_Wrapper):
                 f"{self.adapter_name}.lora_up", "lora_up", self.lora_up, "up", self.up_dim, self.glu, **common
             ),
         ]
-
-    def expected_keys(self) -> list[str]:
-        return [f.key for f in self.factors()]
-
-    def reset_adapter(self, init: str, seed: int) -> None:
-        for f in self.factors():
-            init_factor(f, init, seed)
 
     def init_from(self, lora_down: Tensor, lora_up: Tensor) -> None:
         """Make the branch equal ``lora_up · lora_down`` (whole ``(r × in)`` / ``(out × r)`` factors, or
@@ -676,10 +678,6 @@ class ExpertGroup(_Wrapper):
         for g in range(self.num_global):
             keys += [f.key for w in per_local for f in w.factors(global_index=g)]
         return keys
-
-    def reset_adapter(self, init: str, seed: int) -> None:
-        for f in self.factors():
-            init_factor(f, init, seed)
 
     # -- forward
     def drop(self, x: Tensor) -> Tensor:
