@@ -423,6 +423,66 @@ def test_expert_parallel_2_grouped_checkpoint_nccl(tmp_path, parallel):
         assert sorted(wf) == sorted(ws) and all(torch.equal(wf[k], ws[k]) for k in ws), spec
 
 
+# shared factors (fc1 down, fc2 up, parallel down), per-expert ones (fc1 up, fc2 down, parallel up), attention
+LORA_TP = LoraConfig.preset("moe", rank=4, alpha=8.0, parallel_expert=True, init="random")
+
+
+def _tp_worker(rank: int, world_size: int, spec: str, ckpt_dir: str | None):
+    from pathlib import Path
+
+    from lora.harness import init_parallel
+
+    init_parallel(tensor_parallel=world_size)  # sequence parallel on when TP > 1 (the harness default)
+    _no_tf32()
+    model = build_tiny_gpt_moe(TinyMoEConfig(spec=spec), seed=11)
+    add_adapters(model, LORA_TP, seed=3)
+    freeze_base(model)
+    batch = tiny_moe_batch(TinyMoEConfig(), batch=2, seed=0)
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    losses.float().mean().backward()
+    factors = adapter_factors(model)
+    if ckpt_dir is not None:
+        _save(model, Path(ckpt_dir))
+    return {
+        "losses": losses.detach().cpu(),
+        "values": {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()},
+        "grads": {k: f.param.grad.detach().cpu().clone() for k, f in factors.items()},
+        "shards": {k: (f.dim, f.glu, f.rank, f.size) for k, f in factors.items()},
+    }
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("spec", ["te", "te-sequential"])
+def test_tensor_parallel_2_matches_tensor_parallel_1_nccl(tmp_path, spec):
+    """TP=2 with sequence parallelism and expert-TP 2 on two GPUs (NCCL), TE-spec model: adapters on
+    TELayerNormColumnParallelLinear / TERowParallelLinear and on the (grouped) expert linears hold the
+    TP=1 values sharded, and give the TP=1 losses and (sharded) adapter gradients; a single-process
+    model loads the TP=2 checkpoint with the TP=1 values. The local-spec counterpart runs on CPU without
+    sequence parallelism (tests/test_lora_distributed.py)."""
+    from lora.tp import take_shard
+
+    (ref,) = run_on_processes(_tp_worker, 1, spec, None, timeout=600)
+    ranks = run_on_processes(_tp_worker, 2, spec, str(tmp_path / "tp2"), timeout=600)
+    sizes = {k: s[3] for k, s in ranks[0]["shards"].items()}
+    assert sizes["decoder.layers.0.self_attention.linear_qkv.lora_up"] == 2
+    assert sizes["decoder.layers.0.mlp.experts.experts.1.linear_fc1.lora_up"] == 2
+    assert sizes["decoder.layers.0.mlp.experts.experts.1.linear_fc2.lora_down"] == 2
+    for r in ranks:
+        torch.testing.assert_close(r["losses"], ref["losses"], rtol=1e-4, atol=1e-5)
+        assert sorted(r["values"]) == sorted(ref["values"])
+        for k, (dim, glu, tp_rank, tp_size) in r["shards"].items():
+            assert torch.equal(r["values"][k], take_shard(ref["values"][k], dim, tp_rank, tp_size, glu)), k
+            grad = take_shard(ref["grads"][k], dim, tp_rank, tp_size, glu)
+            torch.testing.assert_close(r["grads"][k], grad, rtol=1e-3, atol=1e-6, msg=k)
+    fresh = _model(spec, seed=5)
+    add_adapters(fresh, LORA_TP, seed=99)
+    _load(fresh, tmp_path / "tp2")
+    got = {k: v.cpu() for k, v in adapter_state_dict(fresh).items()}
+    assert sorted(got) == sorted(ref["values"])
+    for k, v in ref["values"].items():
+        assert torch.equal(got[k], v), k
+
+
 # ------------------------------------------------------------------------- SVDQuant on TE modules
 
 
