@@ -43,7 +43,7 @@ class LoraConfig:
     ``fc1_rank`` / ``fc2_rank``: expert branch ranks per projection (``None``: ``rank``) — calibration
     picks layouts per projection at an equal parameter budget, hence possibly different ranks.
     ``dtype``: adapter parameter dtype (``None``: the base weight's). ``dropout`` on the adapter input
-    (tensor parallel size 1 only).
+    (training only; masks consistent under tensor parallelism, see :mod:`lora.dropout`).
     """
 
     rank: int = 16

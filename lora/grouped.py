@@ -28,7 +28,8 @@ Under FP8, ``TEGroupedMLP`` pads every expert's rows before the grouped linears 
 padding); padded rows are zero, so their branch is zero and is removed with the padding. Adapters stay in
 their own dtype: the branch is plain ``F.linear``, outside TE's FP8 autocast. The parallel expert adapter
 lives on :class:`LoraGroupedExperts` (its per-expert ``parallel_lora_up{i}`` under the SequentialMLP key
-``….experts.parallel_lora_up``). Adapter dropout needs expert tensor parallel size 1, as on SequentialMLP.
+``….experts.parallel_lora_up``).
+Adapter dropout: as on SequentialMLP (:mod:`lora.dropout`).
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ class GroupedLoraLinear(_Wrapper):
         docstring for the GEMMs per layout; per-expert products by :func:`per_expert_linear`)."""
         x2 = x.reshape(-1, x.shape[-1])
         if self._group is not None:
-            x2 = self._group.drop(x2)
+            x2 = self._group.drop(x2, split=self.mode == "row")
         dt = x2.dtype
 
         def factors(role: str) -> list[Tensor]:  # per-expert factors

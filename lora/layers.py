@@ -40,7 +40,11 @@ autograd, so the shared factor stays identical on all expert-parallel ranks, its
 (:mod:`lora.checkpoint`), and Megatron's DDP reduces it over the expert-data-parallel group like an
 expert weight (``allreduce=False`` when EP > 1, copied from the expert weights).
 
-**Limits.** Adapter dropout needs (expert) tensor parallel size 1. Attribute *writes* on a wrapper stay
+**Dropout** (``dropout > 0``, training only) acts on the branch input; under (expert) tensor parallelism
+its masks are drawn so that a replicated input gets one mask on all ranks and a split one its own per
+rank, recomputation included (:mod:`lora.dropout`).
+
+**Limits.** Attribute *writes* on a wrapper stay
 on the wrapper (reads fall through to the base). Megatron's gradient-norm clipping counts a shared
 expert factor once per expert-parallel rank.
 
@@ -65,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora import checkpoint as ckpt
+from lora.dropout import adapter_dropout
 from lora.te import explicit_expert_comm, fused_norm_input, is_grouped, te_kind, te_mode, tp_group_of
 from lora.tp import full_shape, grad_allreduce, group_rank_size, set_tp_attributes, take_shard
 
@@ -263,8 +268,6 @@ class LoraLinear(_Wrapper):
         if weight is None:
             raise TypeError(f"{name}: base linear has no weight parameter (skip_weight_param_allocation)")
         self.tp_rank, self.tp_size = group_rank_size(tp_group_of(base))
-        if dropout and self.tp_size > 1:
-            raise ValueError(f"{name}: adapter dropout needs tensor parallel size 1")
         out_l, in_l = weight.shape
         self.lora_down = _new_param((rank, in_l), weight, dtype)
         self.lora_up = _new_param((out_l, rank), weight, dtype)
@@ -337,7 +340,7 @@ class LoraLinear(_Wrapper):
             return self.base(x, *args, **kwargs)
         out, bias, xb, as_tuple = self._base_forward(x, args, kwargs)
         if self.tp_size == 1:  # no communication (also: TE linears outside a Megatron parallel state)
-            xb = F.dropout(xb, self.dropout_p, self.training) if self.dropout_p else xb
+            xb = self._drop(xb, split=False)
             h = F.linear(xb, self.lora_down.to(xb.dtype))
             delta = F.linear(h, self.lora_up.to(xb.dtype)) * self.scaling
         elif self.mode == "column":
@@ -350,13 +353,22 @@ class LoraLinear(_Wrapper):
         out = out + delta.to(out.dtype)
         return (out, bias) if as_tuple else out
 
+    def _drop(self, x: Tensor, split: bool) -> Tensor:
+        """Adapter dropout on the branch input, ``split`` over the TP group or replicated on it
+        (:mod:`lora.dropout`)."""
+        expert = bool(getattr(self.base, "is_expert", False))
+        return adapter_dropout(
+            x, self.dropout_p, self.training, tp_group_of(self.base), split=split, expert=expert
+        )
+
     def _column_delta(self, x: Tensor, gather_output: bool) -> Tensor:
         from megatron.core.tensor_parallel import mappings as m
 
         b, g = self.base, tp_group_of(self.base)
-        x = F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
+        own_comm = explicit_expert_comm(b) or getattr(b, "disable_grad_reduce", False)
+        x = self._drop(x, split=not own_comm and getattr(b, "sequence_parallel", False))  # else replicated
         A, B = self.lora_down, self.lora_up.to(x.dtype)
-        if explicit_expert_comm(b) or getattr(b, "disable_grad_reduce", False):
+        if own_comm:
             h = F.linear(x, grad_allreduce(A, g).to(x.dtype))
         elif getattr(b, "sequence_parallel", False):
             h = m.gather_from_sequence_parallel_region(F.linear(x, grad_allreduce(A, g).to(x.dtype)), group=g)
@@ -373,7 +385,7 @@ class LoraLinear(_Wrapper):
         b, g = self.base, tp_group_of(self.base)
         if not getattr(b, "input_is_parallel", True):
             x = m.scatter_to_tensor_model_parallel_region(x, group=g)
-        x = F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
+        x = self._drop(x, split=True)  # this rank's input features
         h = F.linear(x, self.lora_down.to(x.dtype))  # partial sum over the input shards
         B = self.lora_up
         if explicit_expert_comm(b):
@@ -499,7 +511,7 @@ class ExpertLoraLinear(_Wrapper):
         if pre is not None:
             h = _pad_rows(pre[self.index], x.shape[0])
         else:
-            h = F.linear(group.drop(x), A.to(x.dtype))
+            h = F.linear(group.drop(x, split=self.proj == "fc2"), A.to(x.dtype))
         delta = F.linear(h, B.to(h.dtype)) * group.scaling
         return out + delta.to(out.dtype), bias
 
@@ -615,8 +627,6 @@ class ExpertGroup(_Wrapper):
         self.fc1_layout, self.fc2_layout, self.parallel = fc1_layout, fc2_layout, bool(parallel)
         self.ep_rank, self.ep_size = group_rank_size(base.ep_group)
         self.etp_rank, self.etp_size = group_rank_size(base.tp_group)
-        if dropout and self.etp_size > 1:
-            raise ValueError(f"{name}: adapter dropout needs expert tensor parallel size 1")
         self.num_local = base.num_local_experts
         self.first_global = self.ep_rank * self.num_local
         self.num_global = self.ep_size * self.num_local
@@ -680,8 +690,10 @@ class ExpertGroup(_Wrapper):
         return keys
 
     # -- forward
-    def drop(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
+    def drop(self, x: Tensor, split: bool = False) -> Tensor:
+        """Adapter dropout on an expert branch input: fc1 and parallel-adapter inputs are replicated
+        over the expert-TP group, fc2 inputs ``split`` over it (:mod:`lora.dropout`)."""
+        return adapter_dropout(x, self.dropout_p, self.training, self.base.tp_group, split=split, expert=True)
 
     def context(self) -> _Context:
         """The current forward's context, or (an expert called outside the group's forward) a fresh

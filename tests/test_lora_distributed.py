@@ -23,6 +23,7 @@ from lora.model import (
     shared_adapters_out_of_sync,
 )
 from lora.tp import take_shard
+from tests import _linear_tp
 
 CFG = TinyMoEConfig()
 # shared factors (fc1 down, fc2 up, parallel down) and per-expert ones (fc1 up, fc2 down, parallel up)
@@ -227,69 +228,21 @@ def test_tensor_parallel_2_matches_tensor_parallel_1(tmp_path):
             torch.testing.assert_close(r["grads"][k], grad, rtol=1e-4, atol=1e-6, msg=k)
 
 
-# (name, mode, sequence_parallel, gather_output / input_is_parallel, is_expert)
-LINEAR_CASES = [
-    ("column", "column", False, False, False),
-    ("column-sp", "column", True, False, False),
-    ("column-gather", "column", False, True, False),
-    ("column-expert", "column", False, False, True),
-    ("row", "row", False, True, False),
-    ("row-sp", "row", True, True, False),
-    ("row-scatter", "row", False, False, False),
-    ("row-expert", "row", False, True, True),
-]
-IN, OUT, R, SEQ, MB = 16, 24, 4, 8, 2
-
-
-def _linear_problem():
-    g = torch.Generator().manual_seed(0)
-    return {
-        "W": torch.randn(OUT, IN, generator=g),
-        "A": torch.randn(R, IN, generator=g),
-        "B": torch.randn(OUT, R, generator=g),
-        "x": torch.randn(SEQ, MB, IN, generator=g),
-        "gy": torch.randn(SEQ, MB, OUT, generator=g),
-    }
-
-
 def _linear_worker(rank, world):
     """Each case: a LoraLinear on a TP=2 linear holding shards of the same full W, A, B."""
-    from megatron.core.model_parallel_config import ModelParallelConfig
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     from lora.layers import LoraLinear
 
     init_parallel(tensor_parallel=world)
-    p = _linear_problem()
+    p = _linear_tp.problem()
     out = {}
-    for name, mode, sp, flag, expert in LINEAR_CASES:
-        cfg = ModelParallelConfig(
-            tensor_model_parallel_size=world, sequence_parallel=sp, use_cpu_initialization=True
-        )
-        kw = {"config": cfg, "init_method": torch.nn.init.zeros_, "bias": False, "is_expert": expert}
-        if mode == "column":
-            lin = ColumnParallelLinear(IN, OUT, gather_output=flag, skip_bias_add=True, **kw)
-            shard = p["W"].chunk(world, 0)[rank]
-            x = p["x"].chunk(world, 0)[rank] if sp else p["x"]
-        else:
-            lin = RowParallelLinear(IN, OUT, input_is_parallel=flag, skip_bias_add=True, **kw)
-            shard = p["W"].chunk(world, 1)[rank]
-            x = p["x"].chunk(world, 2)[rank] if flag else p["x"]
-        with torch.no_grad():
-            lin.weight.copy_(shard)
-        lin.weight.requires_grad_(False)
-        wrap = LoraLinear(lin, R, scaling=0.5, name=name)
+    for case in _linear_tp.CASES:
+        lin, x, gy = _linear_tp.build(case, rank, world, p)
+        wrap = LoraLinear(lin, _linear_tp.R, scaling=0.5, name=case[0])
         wrap.init_from(p["A"], 0.5 * p["B"])  # branch B·A/2: stores lora_down = A, lora_up = B
-        x = x.clone().requires_grad_()
         y, _ = wrap(x)
-        if mode == "column" and not flag:
-            gy = p["gy"].chunk(world, 2)[rank]
-        elif mode == "row" and sp:
-            gy = p["gy"].chunk(world, 0)[rank]
-        else:
-            gy = p["gy"]
         (y * gy).sum().backward()
-        out[name] = {"y": y.detach(), "dx": x.grad, "dA": wrap.lora_down.grad, "dB": wrap.lora_up.grad}
+        grads = {"dx": x.grad, "dA": wrap.lora_down.grad, "dB": wrap.lora_up.grad}
+        out[case[0]] = {"y": y.detach().cpu(), **{k: v.cpu() for k, v in grads.items()}}
     return out
 
 
@@ -299,39 +252,9 @@ def test_linear_adapters_under_tensor_parallel_2():
     sequence parallelism, gathered output, scattered input, expert linears (partial sums) — against
     the float64 full computation y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ."""
     r0, r1 = run_on_processes(_linear_worker, 2, timeout=240)
-    p = {k: v.double() for k, v in _linear_problem().items()}
+    p = {k: v.double() for k, v in _linear_tp.problem().items()}
     A, B, x = p["A"].requires_grad_(), p["B"].requires_grad_(), p["x"].requires_grad_()
     y = x @ p["W"].T + 0.5 * (x @ A.T) @ B.T
     (y * p["gy"]).sum().backward()
-    y = y.detach()
-    close = {"rtol": 1e-5, "atol": 1e-5}
-    for name, mode, sp, flag, expert in LINEAR_CASES:
-        a, b = r0[name], r1[name]
-        # output
-        if mode == "column" and not flag:
-            got = torch.cat([a["y"], b["y"]], dim=2)
-        elif mode == "row" and expert:
-            got = a["y"] + b["y"]  # a partial sum, reduced later by the token dispatcher
-        elif mode == "row" and sp:
-            got = torch.cat([a["y"], b["y"]], dim=0)
-        else:
-            got = a["y"]
-            torch.testing.assert_close(b["y"], a["y"])
-        torch.testing.assert_close(got.double(), y, **close, msg=name)
-        # input gradient
-        if mode == "column" and expert:
-            got = a["dx"] + b["dx"]  # partial, summed by the dispatcher
-        elif mode == "column" and sp:
-            got = torch.cat([a["dx"], b["dx"]], dim=0)
-        elif mode == "row" and flag:
-            got = torch.cat([a["dx"], b["dx"]], dim=2)
-        else:
-            got = a["dx"]
-            torch.testing.assert_close(b["dx"], a["dx"])
-        torch.testing.assert_close(got.double(), x.grad, **close, msg=name)
-        # adapter gradients, sharded like the factors
-        down_dim, up_dim = (None, 0) if mode == "column" else (1, None)
-        for key, full, dim in (("dA", A.grad, down_dim), ("dB", B.grad, up_dim)):
-            for rank, r in enumerate((a, b)):
-                want = take_shard(full, dim, rank, 2)
-                torch.testing.assert_close(r[key].double(), want, **close, msg=f"{name} {key} rank {rank}")
+    for case in _linear_tp.CASES:
+        _linear_tp.check(case, r0[case[0]], r1[case[0]], y.detach(), x.grad, A.grad, B.grad)

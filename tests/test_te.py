@@ -11,6 +11,8 @@ a branch on the wrong input fails by far), ≤ 2e-3 for single layers; FP8 vs bf
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -481,6 +483,71 @@ def test_tensor_parallel_2_matches_tensor_parallel_1_nccl(tmp_path, spec):
     assert sorted(got) == sorted(ref["values"])
     for k, v in ref["values"].items():
         assert torch.equal(got[k], v), k
+
+
+def _tp_dropout_worker(rank: int, world_size: int, spec: str):
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from lora.harness import init_parallel
+
+    init_parallel(tensor_parallel=world_size)
+    _no_tf32()
+    model = build_tiny_gpt_moe(TinyMoEConfig(spec=spec), seed=11)
+    add_adapters(model, dataclasses.replace(LORA_TP, dropout=0.2), seed=3)
+    freeze_base(model)
+    batch = tiny_moe_batch(TinyMoEConfig(), batch=2, seed=0)
+    factors = adapter_factors(model)
+
+    def step():
+        for f in factors.values():
+            f.param.grad = None
+        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
+        loss.backward()
+        return loss.item(), [f.param.grad.detach().clone() for f in factors.values()]
+
+    model.train()
+    with torch.no_grad():
+        model(batch["tokens"], batch["position_ids"], None)  # first use: the replicated-input RNG states
+    tracker = get_cuda_rng_tracker()
+    snapshot = tracker.get_states(), torch.cuda.get_rng_state(), torch.get_rng_state()
+
+    def restore():
+        tracker.set_states(dict(snapshot[0]))
+        torch.cuda.set_rng_state(snapshot[1])
+        torch.set_rng_state(snapshot[2])
+
+    loss, grads = step()
+    restore()
+    model.config.recompute_granularity, model.config.recompute_method = "full", "uniform"
+    model.config.recompute_num_layers = 1
+    loss_re, grads_re = step()
+    model.config.recompute_granularity = None
+    model.eval()
+    with torch.no_grad():
+        loss_eval = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
+    return {
+        "loss": loss,
+        "loss_recomputed": loss_re,
+        "loss_eval": loss_eval.item(),
+        "grad_diff": max(_rel(a, b) for a, b in zip(grads_re, grads)),
+        "finite": all(bool(torch.isfinite(g).all()) for g in grads),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("spec", ["te", "te-sequential"])
+def test_adapter_dropout_under_tensor_parallel_2_nccl(spec):
+    """Adapter dropout at TP=2 (sequence parallel, expert-TP 2) on a TE-spec model: masks drawn from
+    Megatron's RNG tracker, so full activation recomputation redraws them (same loss and adapter gradients
+    as without recomputation); dropout changes the loss; both ranks see one loss. The masks themselves are
+    checked against float64 in tests/test_lora_dropout.py (run it on two GPUs for NCCL)."""
+    ranks = run_on_processes(_tp_dropout_worker, 2, spec, timeout=600)
+    for r in ranks:
+        assert r["finite"]
+        assert r["loss_recomputed"] == pytest.approx(r["loss"], rel=1e-6)
+        assert r["grad_diff"] < 1e-5, r["grad_diff"]
+        assert abs(r["loss"] - r["loss_eval"]) > 1e-4 * abs(r["loss_eval"])
+    assert ranks[0]["loss"] == pytest.approx(ranks[1]["loss"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------- SVDQuant on TE modules

@@ -32,7 +32,8 @@ def apply_cpu_patches() -> bool:
 
     # 3. The RNG tracker (dropout forks, expert-parallel init) stores CUDA generator states.
     #    Keep the same named states, but as CPU generator states, so that
-    #    ``model_parallel_cuda_manual_seed`` and ``tracker.fork()`` work unchanged.
+    #    ``model_parallel_cuda_manual_seed`` and ``tracker.fork()`` work unchanged; the "CUDA" state that
+    #    activation recomputation saves and restores is the CPU generator's.
     _patch_rng_tracker()
 
     # 4. The default causal mask is built with ``device="cuda"``; build it on the CPU instead.
@@ -72,6 +73,8 @@ def _patch_rng_tracker() -> None:
 
     mrandom.CudaRNGStatesTracker.add = add
     mrandom.CudaRNGStatesTracker.fork = fork
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
     # torch.cuda.manual_seed is lazy without a driver; make it an explicit no-op for clarity.
     torch.cuda.manual_seed = lambda seed: None
 
