@@ -77,11 +77,11 @@ def test_dropout_tp1_matches_float64_with_the_drawn_mask():
     wrap = LoraLinear(lin, _linear_tp.R, scaling=0.5, name="q", dropout=P)
     wrap.init_from(p["A"], 0.5 * p["B"])
     wrap.train()
-    state = torch.get_rng_state()
+    snapshot = _rng_snapshot()
     y, _ = wrap(x)
     (y * gy).sum().backward()
-    torch.set_rng_state(state)
-    mask = F.dropout(torch.ones_like(x), P, True)
+    _rng_restore(snapshot)
+    mask = F.dropout(torch.ones_like(x), P, True).cpu()  # the default generator's draw, replayed
     assert 0.3 < float((mask == 0).float().mean()) < 0.7
     ref_y, ref_dx, ref_dA, ref_dB = _reference(p, mask)
     for got, want in (
@@ -90,11 +90,13 @@ def test_dropout_tp1_matches_float64_with_the_drawn_mask():
         (wrap.lora_down.grad, ref_dA),
         (wrap.lora_up.grad, ref_dB),
     ):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
     wrap.eval()
     with torch.no_grad():
         y_eval, _ = wrap(x)
-    torch.testing.assert_close(y_eval.double(), _reference(p, torch.ones_like(x))[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        y_eval.cpu().double(), _reference(p, torch.ones_like(mask))[0], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.usefixtures("megatron_world")
