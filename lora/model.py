@@ -197,14 +197,32 @@ def _set_enabled(model, pattern, value):
 
 
 def freeze_base(model: nn.Module) -> list[str]:
-    """``requires_grad`` only for adapter parameters; returns the names of the trainable parameters."""
+    """``requires_grad`` only for adapter parameters; returns the names of the trainable parameters.
+
+    On a Megatron GPT model the (now frozen) embedding's output is also made to require grad in training
+    forwards: Megatron's full activation recomputation wraps each layer in a reentrant autograd function
+    whose outputs need grad only if its input does, so the adapters inside would get no gradient.
+    """
     ids = {id(f.param) for f in adapter_factors(model).values()}
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(id(p) in ids)
         if id(p) in ids:
             trainable.append(name)
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP / Float16Module
+        inner = inner.module
+    embedding = getattr(inner, "embedding", None)
+    if isinstance(embedding, nn.Module) and not getattr(embedding, "_svdq_output_needs_grad", False):
+        embedding.register_forward_hook(_output_needs_grad)
+        embedding._svdq_output_needs_grad = True
     return trainable
+
+
+def _output_needs_grad(module: nn.Module, args, out):
+    """Forward hook: a tensor output computed from frozen weights becomes a leaf requiring grad."""
+    if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.grad_fn is None:
+        out.requires_grad_(True)
 
 
 def merge_adapters(model: nn.Module, pattern: str = "*") -> list[str]:

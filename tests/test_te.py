@@ -505,9 +505,6 @@ def _tp_dropout_worker(rank: int, world_size: int, spec: str):
         loss.backward()
         return loss.item(), [f.param.grad.detach().clone() for f in factors.values()]
 
-    # Megatron's full recomputation checkpoints each layer with a reentrant autograd function, whose
-    # outputs need grad only if its input does: with a frozen embedding, make the embedding output need it
-    model.embedding.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     model.train()
     with torch.no_grad():
         model(batch["tokens"], batch["position_ids"], None)  # first use: the replicated-input RNG states
