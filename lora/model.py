@@ -35,7 +35,7 @@ from lora.layers import (
     LoraLinear,
     is_linear,
 )
-from lora.te import is_grouped, is_te_grouped_mlp
+from lora.te import is_grouped, is_te_grouped_mlp, tp_group_of
 
 FILE_FORMAT = "svdq-lora"
 FILE_VERSION = "1"
@@ -263,31 +263,62 @@ def _metadata(model: nn.Module) -> dict[str, str]:
     return {"format": FILE_FORMAT, "version": FILE_VERSION, "configs": json.dumps(groups)}
 
 
+def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Global factor name → the WHOLE tensor (detached), on every rank: tensor-parallel shards gathered
+    over the (expert-)TP group, per-expert factors of every expert-parallel rank collected (keyed by
+    global expert index). The same on every rank, whatever the TP / EP sizes.
+
+    Collective under tensor / expert parallelism: every rank must call it (one all-gather per factor).
+    """
+    from lora.export_common import all_gather, check_no_pipeline, gather_dim
+
+    check_no_pipeline()
+    out: dict[str, torch.Tensor] = {}
+    for m in adapter_modules(model).values():
+        if not isinstance(m, ExpertGroup):
+            group = tp_group_of(m.base)
+            out.update({f.key: gather_dim(f.param.detach(), f.dim, group, f.glu) for f in m.factors()})
+            continue
+        etp, ep = m.base.tp_group, m.base.ep_group
+        out.update({f.key: gather_dim(f.param.detach(), f.dim, etp, f.glu) for f in m.shared_factors()})
+        for w in m.expert_wrappers():  # the same wrappers in the same order on every rank
+            for j, f in enumerate(w.factors()):
+                whole = gather_dim(f.param.detach(), f.dim, etp, f.glu)
+                for r, t in enumerate(all_gather(whole, ep)):
+                    out[w.factors(global_index=r * m.num_local + w.index)[j].key] = t
+    return out
+
+
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write every adapter factor (whole tensors) and the configs (JSON metadata) to a safetensors
-    file, atomically (temporary file + ``os.replace``). Needs unsharded adapters (tensor and expert
-    parallel size 1); for sharded models use ``dist_checkpointing`` on ``model.sharded_state_dict()``."""
+    """Write every adapter factor as a whole tensor (:func:`full_adapter_state_dict`) and the configs
+    (JSON metadata) to a safetensors file, atomically (temporary file + ``os.replace``).
+
+    Collective under tensor / expert parallelism: every rank calls it, global rank 0 writes, and a failed
+    write raises on every rank. The file does not depend on the TP / EP sizes; :func:`load_adapters`
+    reads it at any. (Sharded alternative: ``dist_checkpointing`` on ``model.sharded_state_dict()``.)
+    """
     from safetensors.torch import save_file
+
+    from lora.export_common import rank0_call
 
     modules = adapter_modules(model)
     if not modules:
         raise ValueError("the model has no adapters")
-    for name, m in modules.items():
-        sharded = any(f.size > 1 for f in m.factors()) or getattr(m, "ep_size", 1) > 1
-        if sharded:
-            raise ValueError(
-                f"{name} is sharded over tensor/expert-parallel ranks; save_adapters writes whole tensors "
-                "from one process — use dist_checkpointing.save(model.sharded_state_dict(), dir) instead"
-            )
-    tensors = {k: t.contiguous().cpu() for k, t in adapter_state_dict(model).items()}
+    tensors = {k: t.contiguous().cpu() for k, t in full_adapter_state_dict(model).items()}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=_metadata(model))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    def write() -> None:
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"save_adapters: directory {path.parent} does not exist")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=_metadata(model))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    rank0_call(write)
     return path
 
 

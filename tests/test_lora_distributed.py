@@ -8,6 +8,8 @@
 * TP=1 → TP=2 (sequence parallel, expert TP 2): the TP=2 model loads the TP=1 checkpoint (base and
   adapters reshard), its random init equals the TP=1 init sharded, and losses and adapter gradients
   equal the TP=1 run.
+* ``save_adapters`` at TP=2 and at EP=2 (collective) writes the file a single process writes, byte for
+  byte in every tensor; a failed write raises on every rank and leaves no file.
 """
 
 import pytest
@@ -258,3 +260,39 @@ def test_linear_adapters_under_tensor_parallel_2():
     (y * p["gy"]).sum().backward()
     for case in _linear_tp.CASES:
         _linear_tp.check(case, r0[case[0]], r1[case[0]], y.detach(), x.grad, A.grad, B.grad)
+
+
+def _save_worker(rank, world, tp, ep, path, bad_path):
+    from lora.model import save_adapters
+
+    init_parallel(tensor_parallel=tp, expert_parallel=ep)
+    model = build_tiny_gpt_moe(TinyMoEConfig(sequence_parallel=False), seed=11)
+    add_adapters(model, CONFIG, seed=3)
+    save_adapters(model, path)
+    try:
+        save_adapters(model, bad_path)
+        failed = ""
+    except Exception as exc:  # rank 0: the write's own error; the others: told that it failed there
+        failed = type(exc).__name__
+    return {"failed": failed}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
+def test_save_adapters_under_parallelism_equals_single_process(tmp_path, tp, ep):
+    from safetensors import safe_open
+
+    bad = str(tmp_path / "missing-dir" / "a.safetensors")
+    run_on_processes(_save_worker, 1, 1, 1, str(tmp_path / "one.safetensors"), bad, timeout=240)
+    ranks = run_on_processes(_save_worker, 2, tp, ep, str(tmp_path / "two.safetensors"), bad, timeout=300)
+    assert ranks[0]["failed"] == "FileNotFoundError" and ranks[1]["failed"] == "RuntimeError"
+    assert not (tmp_path / "missing-dir").exists()
+    with (
+        safe_open(str(tmp_path / "one.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "two.safetensors"), "pt") as b,
+    ):
+        assert a.metadata() == b.metadata()
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert any(".experts.3." in k for k in a.keys()) and any("linear_qkv" in k for k in a.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
