@@ -2,8 +2,8 @@
 
     svdq finetune --checkpoint DIR --out FTDIR --steps N [--data builtin | FILE | DIR | ids.npy]
                   [--tokenizer tokenizer.json] [--tokens N] [--lr 1e-3] [--warmup 10] [--min-lr-ratio 0.1]
-                  [--grad-clip 1.0] [--weight-decay 0] [--batch 8] [--save-every 5] [--keep 3] [--seed 0]
-                  [--resume] [--stop-at K]
+                  [--grad-clip 1.0] [--weight-decay 0] [--dropout 0] [--batch 8] [--save-every 5] [--keep 3]
+                  [--seed 0] [--resume] [--stop-at K]
 
 AdamW on the adapter parameters, linear warmup + cosine decay, gradient-norm clipping, bf16 autocast on
 CUDA (see :mod:`calib.train`). Checkpoints ``FTDIR/checkpoints/step-000005/`` every ``--save-every``
@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr of the cosine decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="adapter dropout on the branch inputs")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -61,6 +62,7 @@ def run(args) -> int:
         min_lr_ratio=args.min_lr_ratio,
         grad_clip=args.grad_clip,
         weight_decay=args.weight_decay,
+        dropout=args.dropout,
         batch=args.batch,
         seed=args.seed,
     )

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from calib.models import LoadedModel
+from lora.model import adapter_modules
 
 CHECKPOINT_FORMAT = "svdq-finetune-checkpoint"
 PARAMS_FORMAT = "svdq-params"
@@ -56,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch: int = 8
     seed: int = 0
+    dropout: float = 0.0  # adapter dropout during the run (lora.dropout)
 
     def __post_init__(self):
         checks = [
@@ -66,6 +68,7 @@ class TrainConfig:
             (self.grad_clip >= 0, "--grad-clip must be ≥ 0 (0 = off)"),
             (self.weight_decay >= 0, "--weight-decay must be ≥ 0"),
             (self.batch >= 1, "--batch must be ≥ 1"),
+            (0 <= self.dropout < 1, "--dropout must lie in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -396,8 +399,12 @@ def check_resumable(path: str | os.PathLike, cfg: TrainConfig, run_info: dict | 
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     now = cfg.to_dict()
-    if state.get("config") != now:
-        diff = {k: (v, now.get(k)) for k, v in state.get("config", {}).items() if now.get(k) != v}
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
+    }
+    was = {**defaults, **state.get("config", {})}  # fields added later: their defaults
+    if was != now:
+        diff = {k: (v, now.get(k)) for k, v in was.items() if now.get(k) != v}
         raise ValueError(f"--resume: the checkpoint {path} was made with other settings (was, now): {diff}")
     if run_info is not None and state.get("run") != run_info:
         diff = {k: (v, run_info.get(k)) for k, v in state.get("run", {}).items() if run_info.get(k) != v}
@@ -464,6 +471,8 @@ def finetune(
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
+    for m in adapter_modules(model).values():
+        m.dropout_p = cfg.dropout
     names = list(params)
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_info = run_info or {}

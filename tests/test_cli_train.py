@@ -50,6 +50,7 @@ def test_batch_order_is_a_fresh_permutation_every_epoch():
         (dict(steps=5, min_lr_ratio=1.5), "--min-lr-ratio"),
         (dict(steps=5, grad_clip=-1), "--grad-clip"),
         (dict(steps=5, batch=0), "--batch"),
+        (dict(steps=5, dropout=1.0), "--dropout"),
     ],
 )
 def test_train_config_rejects_bad_values(kwargs, message):
@@ -75,3 +76,17 @@ def test_only_complete_checkpoint_directories_count(tmp_path):
     (tmp_path / ".step-000020.tmp123").mkdir()
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000005", "step-000010"]
     assert complete_checkpoints(tmp_path / "missing") == []
+
+
+def test_resume_check_reads_checkpoints_from_before_a_config_field_existed(tmp_path):
+    """A checkpoint whose stored config lacks a later field (``dropout``) counts as that field's default."""
+    import json
+
+    from calib.train import check_resumable
+
+    old = TrainConfig(steps=5).to_dict()
+    del old["dropout"]
+    (tmp_path / "state.json").write_text(json.dumps({"config": old}))
+    check_resumable(tmp_path, TrainConfig(steps=5))
+    with pytest.raises(ValueError, match="dropout"):
+        check_resumable(tmp_path, TrainConfig(steps=5, dropout=0.1))
