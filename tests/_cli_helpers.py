@@ -41,6 +41,9 @@ def interrupt(*args, ready, timeout: float = 120) -> tuple[int, str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=ENV,
+        # a test run started in the background (`cmd &` without job control) ignores SIGINT, and its
+        # children inherit that: give the child the default disposition, as an interactive shell would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")))
