@@ -282,3 +282,19 @@ def test_expert_dropout_under_expert_tensor_parallel_2():
         assert 0.15 < float((r["replicated"] == 0).float().mean()) < 0.45  # p = 0.3
         assert r["grads_finite"] and torch.isfinite(torch.tensor(r["loss"]))
     assert r0["loss"] == pytest.approx(r1["loss"], rel=1e-6)  # one model, whatever the rank
+
+
+# the TP=2 checks above run on whatever device the processes get; these make the GPU lane
+# (.ci/gpu-tests, which hides CUDA from the CPU suite) run them on two GPUs with NCCL and CUDA RNG states
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_dropout_under_tensor_parallel_2_nccl():
+    test_dropout_under_tensor_parallel_2_matches_float64()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_expert_dropout_under_expert_tensor_parallel_2_nccl():
+    test_expert_dropout_under_expert_tensor_parallel_2()
