@@ -47,6 +47,7 @@ from lora.layers import (
     _Context,
     _new_param,
     _Wrapper,
+    add_deltas,
 )
 from lora.te import is_grouped, te_mode, tp_group_of
 from lora.tp import grad_allreduce, group_rank_size, set_tp_attributes
@@ -290,10 +291,7 @@ class GroupedLoraLinear(_Wrapper):
             self.merged = False
 
     def _add_delta(self, sign: float) -> None:
-        with torch.no_grad():
-            for v in self.expert_views():
-                w = v.merge_weight(self.adapter_name)
-                w.copy_((w.float() + sign * v.delta_weight()).to(w.dtype))
+        add_deltas(self.expert_views(), sign, self.adapter_name)
 
     # -- forward
     def forward(self, x: Tensor, m_splits, *args, **kwargs):

@@ -173,6 +173,15 @@ def check_mergeable(base: nn.Module, who: str) -> Tensor:
     return w
 
 
+def add_deltas(parts, sign: float, who: str) -> None:
+    """``W_i += sign · delta_i`` in place for every part (an expert's linear wrapper or view: its
+    ``merge_weight(who)`` and ``delta_weight()``), in float32 and written back in ``W_i``'s dtype."""
+    with torch.no_grad():
+        for part in parts:
+            w = part.merge_weight(who)
+            w.copy_((w.float() + sign * part.delta_weight()).to(w.dtype))
+
+
 def _pad_rows(h: Tensor, n: int) -> Tensor:
     """``h`` with zero rows appended up to ``n`` rows (experts may pad tokens for FP8/FP4)."""
     if h.shape[0] == n:
@@ -770,10 +779,7 @@ class ExpertGroup(_Wrapper):
         self.merged = False
 
     def _add_delta(self, sign: float) -> None:
-        with torch.no_grad():
-            for w in self.expert_wrappers():
-                weight = w.merge_weight(self.adapter_name)
-                weight.copy_((weight.float() + sign * w.delta_weight()).to(weight.dtype))
+        add_deltas(self.expert_wrappers(), sign, self.adapter_name)
 
     # -- checkpoint
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

@@ -35,6 +35,25 @@ def tiny_model(seed: int = 1, **cfg):
     return build_tiny_gpt_moe(TinyMoEConfig(**cfg) if cfg else CFG, seed=seed)
 
 
+def rng_snapshot():
+    """Every RNG state a forward may draw from: Megatron's tracker states, the CPU and the CUDA generator."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return get_cuda_rng_tracker().get_states(), torch.get_rng_state(), cuda
+
+
+def rng_restore(snapshot) -> None:
+    """Put back the states of :func:`rng_snapshot` (the next forward draws what the snapshotted one drew)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    states, cpu, cuda = snapshot
+    get_cuda_rng_tracker().set_states(dict(states))
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
 def lm_loss(model, batch):
     return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
 

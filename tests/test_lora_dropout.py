@@ -24,7 +24,7 @@ from lora.harness import init_parallel, run_on_processes
 from lora.layers import LoraExperts, LoraLinear
 from lora.model import adapter_modules, add_adapters
 from tests import _linear_tp
-from tests._lora_helpers import megatron_world, tiny_model  # noqa: F401 (fixture)
+from tests._lora_helpers import megatron_world, rng_restore, rng_snapshot, tiny_model  # noqa: F401 (fixture)
 
 P = 0.5
 # how each case's branch input is laid out over the two ranks: None = replicated, else the split dim
@@ -38,23 +38,6 @@ SPLIT_DIM = {
     "row-scatter": 2,
     "row-expert": 2,
 }
-
-
-def _rng_snapshot():
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    return get_cuda_rng_tracker().get_states(), torch.get_rng_state(), cuda
-
-
-def _rng_restore(snapshot) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    states, cpu, cuda = snapshot
-    get_cuda_rng_tracker().set_states(dict(states))
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
 
 
 def _reference(p: dict, mask: torch.Tensor):
@@ -77,10 +60,10 @@ def test_dropout_tp1_matches_float64_with_the_drawn_mask():
     wrap = LoraLinear(lin, _linear_tp.R, scaling=0.5, name="q", dropout=P)
     wrap.init_from(p["A"], 0.5 * p["B"])
     wrap.train()
-    snapshot = _rng_snapshot()
+    snapshot = rng_snapshot()
     y, _ = wrap(x)
     (y * gy).sum().backward()
-    _rng_restore(snapshot)
+    rng_restore(snapshot)
     mask = F.dropout(torch.ones_like(x), P, True).cpu()  # the default generator's draw, replayed
     assert 0.3 < float((mask == 0).float().mean()) < 0.7
     ref_y, ref_dx, ref_dA, ref_dB = _reference(p, mask)
@@ -132,9 +115,9 @@ def test_full_recomputation_with_dropout_gives_the_same_adapter_gradients():
         model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean().backward()
         return {k: f.param.grad.clone() for k, f in factors.items()}
 
-    snapshot = _rng_snapshot()
+    snapshot = rng_snapshot()
     plain = grads()
-    _rng_restore(snapshot)
+    rng_restore(snapshot)
     model.config.recompute_granularity, model.config.recompute_method = "full", "uniform"
     model.config.recompute_num_layers = 1
     try:
@@ -168,12 +151,12 @@ def _linear_worker(rank, world):
         wrap.train()
         with torch.no_grad():
             wrap(x)  # the first use adds the replicated-input RNG states (collective)
-        snapshot = _rng_snapshot()
+        snapshot = rng_snapshot()
         y, _ = wrap(x)
         (y * gy).sum().backward()
         grads = [x.grad, wrap.lora_down.grad, wrap.lora_up.grad]
         # the mask the forward drew: the same draw, replayed on a tensor of ones
-        _rng_restore(snapshot)
+        rng_restore(snapshot)
         branch_in = x if mode == "column" or flag else x.chunk(world, 2)[rank]  # row-scatter: own features
         mask = adapter_dropout(
             torch.ones_like(branch_in),
@@ -184,7 +167,7 @@ def _linear_worker(rank, world):
             expert=expert,
         )
         # activation recomputation redraws the same masks
-        _rng_restore(snapshot)
+        rng_restore(snapshot)
         for t in (x, wrap.lora_down, wrap.lora_up):
             t.grad = None
         y_re, _ = checkpoint(wrap, False, x)
@@ -213,9 +196,9 @@ def _first_use_inside_recomputation(rank, world, p) -> bool:
         (y * gy).sum().backward()
         return [x.grad, wrap.lora_down.grad, wrap.lora_up.grad]
 
-    snapshot = _rng_snapshot()
+    snapshot = rng_snapshot()
     recomputed = run(recompute=True)
-    _rng_restore(snapshot)
+    rng_restore(snapshot)
     return all(torch.equal(a, b) for a, b in zip(recomputed, run(recompute=False)))
 
 

@@ -486,9 +486,8 @@ def test_tensor_parallel_2_matches_tensor_parallel_1_nccl(tmp_path, spec):
 
 
 def _tp_dropout_worker(rank: int, world_size: int, spec: str):
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     from lora.harness import init_parallel
+    from tests._lora_helpers import rng_restore, rng_snapshot
 
     init_parallel(tensor_parallel=world_size)
     _no_tf32()
@@ -508,16 +507,9 @@ def _tp_dropout_worker(rank: int, world_size: int, spec: str):
     model.train()
     with torch.no_grad():
         model(batch["tokens"], batch["position_ids"], None)  # first use: the replicated-input RNG states
-    tracker = get_cuda_rng_tracker()
-    snapshot = tracker.get_states(), torch.cuda.get_rng_state(), torch.get_rng_state()
-
-    def restore():
-        tracker.set_states(dict(snapshot[0]))
-        torch.cuda.set_rng_state(snapshot[1])
-        torch.set_rng_state(snapshot[2])
-
+    snapshot = rng_snapshot()
     loss, grads = step()
-    restore()
+    rng_restore(snapshot)
     model.config.recompute_granularity, model.config.recompute_method = "full", "uniform"
     model.config.recompute_num_layers = 1
     loss_re, grads_re = step()
