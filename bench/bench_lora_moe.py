@@ -38,8 +38,8 @@ SHAPES = {
 
 def build_layer(shape: dict, dtype: str, seed: int = 0, **config):
     """One MoE layer (``MoELayer``) of a one-layer GPT-MoE of ``shape``; ``config``: more
-    :class:`~lora.harness.TinyMoEConfig` fields (``spec``, ``fp8``, …)."""
-    from lora.harness import TinyMoEConfig, build_tiny_gpt_moe
+    :class:`~calib.tiny_moe.TinyMoEConfig` fields (``spec``, ``fp8``, …)."""
+    from calib.tiny_moe import TinyMoEConfig, build_tiny_gpt_moe
 
     cfg = TinyMoEConfig(
         num_layers=1,
@@ -72,7 +72,7 @@ def expert_linears(moe_layer):
 
 def quantize_experts(moe_layer, storage: str):
     """Replace every expert linear's weight by an NVFP4 residual (RTN of the weight, smoothing 1)."""
-    from lora.svdq_base import SVDQBase
+    from lora.base import SVDQBase
     from svdq.formats import quantize
 
     for holder, attr in expert_linears(moe_layer):
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from lora.harness import destroy_parallel, init_parallel
+    from lora.framework.parallel import destroy_parallel, init_parallel
 
     init_parallel()
     shapes = args.shapes or (["mixtral-half", "fine-64"] if args.device == "cuda" else ["tiny"])

@@ -10,7 +10,8 @@ Synthetic experts = shared component + expert-specific part + a low-rank structu
 tokens have 8 outlier channels and are routed top-k by a router with unequal expert popularity; one
 expert receives no token. fc2 inputs are the experts' real ``silu(gate)·up`` activations. Errors are
 activation-weighted relative output errors (``Σ_i ‖Y_i − Ŷ_i‖² / Σ_i ‖Y_i‖²`` over routed tokens) on
-held-out tokens routed the same way; ``calib`` is :func:`svdq.moe.decompose_expert_group`'s own figure.
+held-out tokens routed the same way; ``calib`` is :func:`svdq.solvers.expert_group.decompose_expert_group`'s
+own figure.
 
 Rows per projection: RTN (round-to-nearest, no smoothing, no branch), each layout at the same parameter
 budget (per-expert rank ``--rank``), and ``auto``. ``layer_seconds``: fc1 shared-down + fc2 shared-up (the
@@ -34,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import timed, write_result  # noqa: E402
 from svdq import InputStats, SVDQConfig  # noqa: E402
 from svdq.formats import fake_quant  # noqa: E402
-from svdq.moe import decompose_expert_group  # noqa: E402
-from svdq.shared_basis import LAYOUTS  # noqa: E402
+from svdq.solvers.expert_group import decompose_expert_group
+from svdq.solvers.shared_basis import LAYOUTS
 
 SHAPES = {
     "mixtral": {"experts": 8, "hidden": 4096, "ffn": 14336, "topk": 2},

@@ -23,7 +23,7 @@ from bench.common import write_result  # noqa: E402
 
 def main() -> int:
     from calib.quickstart import QuickstartConfig, print_table, run
-    from lora.harness import destroy_parallel, init_parallel
+    from lora.framework.parallel import destroy_parallel, init_parallel
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(

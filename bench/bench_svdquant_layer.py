@@ -27,7 +27,7 @@ import svdq  # noqa: E402
 from bench.common import timed, write_result  # noqa: E402
 from svdq import SVDQConfig  # noqa: E402
 from svdq.formats import fake_quant, parse_format  # noqa: E402
-from svdq.smoothing import smoothing_vector  # noqa: E402
+from svdq.solvers.smoothing import smoothing_vector
 
 DEFAULT_SHAPES = ["4096x14336", "4096x4096", "14336x4096", "2048x2816"]
 

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import transformer_engine
 
-    from lora.harness import destroy_parallel, init_parallel
+    from lora.framework.parallel import destroy_parallel, init_parallel
 
     init_parallel()
     results = []

@@ -23,7 +23,7 @@ def main():
     from torch.profiler import ProfilerActivity, profile
 
     from lora.config import LoraConfig
-    from lora.harness import init_parallel
+    from lora.framework.parallel import init_parallel
     from lora.model import add_adapters, freeze_base
 
     init_parallel()

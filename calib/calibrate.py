@@ -5,25 +5,26 @@ Same calling convention as ``svdq.quantize`` and nvidia-modelopt's ``mtq.quantiz
 1. **Targets**: Megatron linears (local or Transformer Engine) matching ``config.dense_targets`` and
    ``SequentialMLP`` experts modules matching ``config.expert_targets`` (an empty match is an error,
    raised before any work). A matched ``TEGroupedMLP`` is first replaced by the equivalent SequentialMLP
-   of TE expert linears (:func:`lora.te_convert.ungroup_experts`): quantized experts run per expert; a
-   TE linear with a fused input norm is split at install (:func:`lora.te_convert.split_fused_norm`). A
-   plain torch model (no Megatron module) goes through :func:`svdq.quantize` instead (``nn.Linear``
-   modules selected by ``config.svdq.include`` / ``exclude``), with the same report.
+   of TE expert linears (:func:`lora.framework.te_convert.ungroup_experts`): quantized experts run per expert;
+   a TE linear with a fused input norm is split at install
+   (:func:`lora.framework.te_convert.split_fused_norm`). A plain torch model (no Megatron module) goes through
+   :func:`svdq.quantize` instead (``nn.Linear`` modules selected by ``config.svdq.include`` / ``exclude``),
+   with the same report.
 2. **Statistics** by forward pre-hooks, no change to model code: per dense linear the full-feature input
    (gathered over tensor-parallel ranks); per expert the *routed* inputs of its ``linear_fc1`` and, for
    ``linear_fc2``, the routed intermediate activations (SequentialMLP calls each expert on its tokens; the
    router probability is applied after the activation, so it is part of fc2's input).
 3. **Decompose**: dense layers with :func:`svdq.decompose_linear` on the full weight; each expert group
-   with :func:`svdq.moe.decompose_expert_group` on the full expert weights (fc1 shared smoothing, fc2 per
-   expert, layout per projection at an equal parameter budget, shared factor agreed over the
-   expert-parallel group).
+   with :func:`svdq.solvers.expert_group.decompose_expert_group` on the full expert weights (fc1 shared
+   smoothing, fc2 per expert, layout per projection at an equal parameter budget, shared factor agreed over
+   the expert-parallel group).
 4. **Install**: every target gets adapters initialized from its branch (``lora_down``/``lora_up``) and
-   an :class:`~lora.svdq_base.SVDQBase` holding its quantized residual (this rank's tensor-parallel
+   an :class:`~lora.base.SVDQBase` holding its quantized residual (this rank's tensor-parallel
    shard); the base is frozen.
 5. **Activation ranges** (``act_range="static"``, the default): ``forward_loop`` runs once more through
    the installed layers (dynamic ranges) and every SVDQuant base gets ``input_amax = max|x/s|`` over all
    calibration batches, all-reduced (MAX) over its tensor-parallel group, per expert for experts
-   (:func:`lora.svdq_base.calibrate_input_ranges`). Formats without a per-tensor range (int4, per-channel
+   (:func:`lora.base.calibrate_input_ranges`). Formats without a per-tensor range (int4, per-channel
    fp8) and experts that get no token in that pass stay dynamic. ``"dynamic"`` skips this pass.
 6. **Report**: one row per dense layer and per expert projection (:class:`calib.report.CalibReport`).
 
@@ -55,23 +56,23 @@ from torch import nn
 from tqdm import tqdm
 
 from calib.report import CalibReport, act_range_label, dense_row, expert_row, summary_row
-from lora.config import LoraConfig
-from lora.layers import is_linear
-from lora.model import add_adapters, freeze_base
-from lora.svdq_base import (
+from lora.adapters.layers import is_linear
+from lora.base import (
     calibrate_input_ranges,
     gather_full_weight,
     install_expert_base,
     install_svdq_base,
     register_stats_hooks,
 )
-from lora.te import is_te_module
-from lora.te_convert import ungroup_experts
-from lora.tp import group_rank_size
+from lora.config import LoraConfig
+from lora.framework.te import is_te_module
+from lora.framework.te_convert import ungroup_experts
+from lora.framework.tp import group_rank_size
+from lora.model import add_adapters, freeze_base
 from svdq import SVDQConfig, decompose_linear
-from svdq.decompose import validate_layer
 from svdq.layer import ACT_RANGES
-from svdq.moe import decompose_expert_group
+from svdq.solvers.expert_group import decompose_expert_group
+from svdq.solvers.linear import validate_layer
 from svdq.stats import InputStats, run_with_hooks
 
 DENSE_TARGETS = ("*.self_attention.linear_qkv", "*.self_attention.linear_proj")

@@ -2,8 +2,8 @@
 
 A source is one of
 
-* ``tiny`` — the built-in Megatron GPT-MoE (:func:`lora.harness.build_tiny_gpt_moe`), its shape from
-  :class:`~lora.harness.TinyMoEConfig` (defaults, or the fields of ``--model-config FILE.json``), its
+* ``tiny`` — the built-in Megatron GPT-MoE (:func:`calib.tiny_moe.build_tiny_gpt_moe`), its shape from
+  :class:`~calib.tiny_moe.TinyMoEConfig` (defaults, or the fields of ``--model-config FILE.json``), its
   weights drawn from ``seed``;
 * ``megatron:DIR`` — a Megatron distributed checkpoint: ``DIR/config.json`` holds TinyMoEConfig-style
   GPT-MoE fields, the rest of ``DIR`` the ``dist_checkpointing`` files of the model's
@@ -14,7 +14,7 @@ A source is one of
 
 A :class:`ModelSource` is a small frozen dataclass that round-trips through JSON; the command line records
 it in exported checkpoints so that ``--checkpoint DIR`` alone rebuilds the model. Megatron sources need
-:func:`lora.harness.init_parallel` first (the commands call it).
+:func:`lora.framework.init_parallel` first (the commands call it).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class LoadedModel:
 
 
 def _tiny_config(fields: dict | None):
-    from lora.harness import TinyMoEConfig
+    from calib.tiny_moe import TinyMoEConfig
 
     return TinyMoEConfig.from_dict(fields or {})
 
@@ -162,7 +162,7 @@ def build_model(source: ModelSource, *, load_weights: bool = True) -> LoadedMode
     raises ``ValueError`` naming the first mismatching tensor, before any weight is read.
     """
     if source.kind in ("tiny", "megatron"):
-        from lora.harness import build_tiny_gpt_moe
+        from calib.tiny_moe import build_tiny_gpt_moe
 
         cfg = _tiny_config(source.config)
         model = build_tiny_gpt_moe(cfg, seed=source.seed)

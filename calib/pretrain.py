@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora.harness import TinyMoEConfig
+from calib.tiny_moe import TinyMoEConfig
 
 QUICKSTART_MODEL = TinyMoEConfig(
     num_layers=4, hidden=256, heads=8, num_experts=8, ffn_hidden=128, topk=2, vocab_size=256, seq_len=128
@@ -129,11 +129,11 @@ def train(cfg: TinyMoEConfig, steps: int, batch: int, lr: float, seed: int, log_
     """Train from scratch on the base-domain training split; returns ``(model, info)``."""
     from tqdm import tqdm
 
-    from calib.cli_eval import perplexity
+    from calib.cli.eval import perplexity
     from calib.corpus import eval_windows, random_windows, stdlib_split
     from calib.models import LoadedModel, ModelSource
+    from calib.tiny_moe import build_tiny_gpt_moe
     from calib.train import TrainConfig, lr_at
-    from lora.harness import build_tiny_gpt_moe
 
     split = stdlib_split()
     model = build_tiny_gpt_moe(cfg, seed=seed)
@@ -177,7 +177,7 @@ def train(cfg: TinyMoEConfig, steps: int, batch: int, lr: float, seed: int, log_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora.harness import destroy_parallel, init_parallel
+    from lora.framework.parallel import destroy_parallel, init_parallel
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ASSET_DIR)

@@ -14,7 +14,7 @@ the pydoc reference prose (shifted domain), byte-level. Rows:
 4. the SVDQuant adapters fine-tuned ``steps`` updates on the shifted domain, perplexity on its held-out set;
 5. the QLoRA-style baseline: LoRA of the same structure and rank (kaiming ``lora_down``, zero ``lora_up``)
    on the RTN base, same steps, data, schedule and optimizer (target: row 4 ≤ 0.95× row 5);
-6. export (:func:`lora.export.export_quantized`), reload into a freshly built model, logits identical.
+6. export (:func:`lora.io.svdq_export.export_quantized`), reload into a freshly built model, logits identical.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Row:
 
 
 def _new_model(cfg, weights: dict | None, seed: int):
-    from lora.harness import build_tiny_gpt_moe
+    from calib.tiny_moe import build_tiny_gpt_moe
 
     model = build_tiny_gpt_moe(cfg, seed=seed)
     if weights is not None:
@@ -89,13 +89,13 @@ def _lm(model, cfg):
 def run(qc: QuickstartConfig) -> dict:
     """Run the quickstart; returns ``{"rows": [...], "figures": {...}, "targets": {...}}``."""
     from calib.calibrate import CalibConfig, calibrate
-    from calib.cli_eval import perplexity
+    from calib.cli.eval import perplexity
     from calib.corpus import eval_windows, random_windows, stdlib_split
     from calib.pretrain import ASSET_DIR, load_pretrained, read_pretrained_config, train
     from calib.rtn import quantize_rtn_like
+    from calib.tiny_moe import TinyMoEConfig
     from calib.train import TrainConfig, finetune
-    from lora.export import export_quantized, load_quantized
-    from lora.harness import TinyMoEConfig
+    from lora.io.svdq_export import export_quantized, load_quantized
     from svdq import SVDQConfig
 
     rows: list[Row] = []
@@ -289,7 +289,7 @@ def run_quickstart(
     """The ``svdq quickstart`` command: run, print the table, optionally write JSON; exit code 0 when
     every stage ran and the reloaded logits are identical (missed accuracy targets are reported, not
     failures)."""
-    from lora.harness import destroy_parallel, init_parallel
+    from lora.framework.parallel import destroy_parallel, init_parallel
 
     if device == "cpu" and torch.cuda.is_available():
         raise SystemExit("--device cpu on a CUDA machine: hide the GPU with CUDA_VISIBLE_DEVICES=''")

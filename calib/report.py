@@ -80,7 +80,7 @@ def _amax_cell(amax) -> str:
 
 
 def expert_row(name: str, projection: str, result) -> dict:
-    """Row of one expert projection from an :class:`svdq.moe.MoEGroupResult`."""
+    """Row of one expert projection from an :class:`svdq.solvers.expert_group.MoEGroupResult`."""
     alphas = sorted({a for a in result.alphas if a is not None})
     return {
         "layer": f"{name}.linear_{projection}",

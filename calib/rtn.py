@@ -1,7 +1,7 @@
 """Round-to-nearest (RTN) quantization of a Megatron model's adapter targets: the QLoRA-style baseline.
 
 Every adapted linear of ``model`` gets a frozen base ``Q_a(x) · Q_w(W)ᵀ`` (no smoothing, ``s = 1``, no
-low-rank branch in the base) — the same :class:`lora.svdq_base.SVDQBase` as an SVDQuant layer, with the
+low-rank branch in the base) — the same :class:`lora.base.SVDQBase` as an SVDQuant layer, with the
 residual replaced by the whole weight — and plain LoRA adapters (``lora_down`` kaiming-uniform,
 ``lora_up = 0``), so the model starts exactly at its RTN-quantized output. :func:`quantize_rtn_like` copies
 the adapter structure (targets, expert layouts, ranks) of an SVDQuant-calibrated model, so the baseline
@@ -15,11 +15,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from lora.layers import ExpertLoraLinear, LoraLinear
+from lora.adapters.layers import ExpertLoraLinear, LoraLinear
+from lora.base import SVDQBase
+from lora.framework.te import tp_group_of
+from lora.framework.tp import group_rank_size
 from lora.model import adapter_modules, add_adapters, freeze_base
-from lora.svdq_base import SVDQBase
-from lora.te import tp_group_of
-from lora.tp import group_rank_size
 from svdq.formats import quantize
 
 

@@ -57,7 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch: int = 8
     seed: int = 0
-    dropout: float = 0.0  # adapter dropout during the run (lora.dropout)
+    dropout: float = 0.0  # adapter dropout during the run (lora.adapters.dropout)
 
     def __post_init__(self):
         checks = [

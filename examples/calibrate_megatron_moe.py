@@ -13,13 +13,8 @@ import torch
 
 def main(out: Path, steps: int) -> None:
     from calib.calibrate import CalibConfig, calibrate
-    from lora.harness import (
-        TinyMoEConfig,
-        build_tiny_gpt_moe,
-        destroy_parallel,
-        init_parallel,
-        tiny_moe_batch,
-    )
+    from calib.tiny_moe import TinyMoEConfig, build_tiny_gpt_moe, tiny_moe_batch
+    from lora.framework.parallel import destroy_parallel, init_parallel
     from lora.model import save_adapters
     from svdq import SVDQConfig
 

@@ -3,23 +3,24 @@
     from lora import LoraConfig, add_adapters, freeze_base, save_adapters, load_adapters
 
 * :mod:`lora.config` — :class:`LoraConfig` and named presets.
-* :mod:`lora.layers` — adapter modules (:class:`LoraLinear`, :class:`LoraExperts`, …), on Megatron's local
-  and Transformer Engine linears.
-* :mod:`lora.grouped` — adapters on TE grouped expert linears and ``TEGroupedMLP``
+* :mod:`lora.adapters.layers` — adapter modules (:class:`LoraLinear`, :class:`LoraExperts`, …), on Megatron's
+  local and Transformer Engine linears.
+* :mod:`lora.adapters.grouped` — adapters on TE grouped expert linears and ``TEGroupedMLP``
   (:class:`GroupedLoraLinear`, :class:`LoraGroupedExperts`).
-* :mod:`lora.te` / :mod:`lora.te_convert` — how adapters see TE modules; TE conversions for SVDQuant.
+* :mod:`lora.framework.te` / :mod:`lora.framework.te_convert` — how adapters see TE modules; TE conversions
+  for SVDQuant.
 * :mod:`lora.model` — add / enable / disable / remove, freeze, merge, adapter files.
-* :mod:`lora.checkpoint` — ``sharded_state_dict`` (Megatron ``dist_checkpointing``) design.
-* :mod:`lora.svdq_base` — SVDQuant residuals as frozen bases of Megatron linears.
-* :mod:`lora.export` — the quantized checkpoint format: ``export_quantized`` / ``load_quantized``.
-* :mod:`lora.interop` — folded export (adapters merged into the 4-bit residuals).
+* :mod:`lora.sharded` — ``sharded_state_dict`` (Megatron ``dist_checkpointing``) design.
+* :mod:`lora.base` — SVDQuant residuals as frozen bases of Megatron linears.
+* :mod:`lora.io.svdq_export` — the quantized checkpoint format: ``export_quantized`` / ``load_quantized``.
+* :mod:`lora.io.folded` — folded export (adapters merged into the 4-bit residuals).
 * :mod:`lora.harness` — Megatron-on-CPU test harness.
 """
 
+from lora.adapters.grouped import GroupedLoraLinear, LoraGroupedExperts
+from lora.adapters.layers import ExpertLoraLinear, ExpertParallelAdapter, Factor, LoraExperts, LoraLinear
 from lora.config import PRESETS, LoraConfig
-from lora.export import export_quantized, load_quantized, read_export_metadata
-from lora.grouped import GroupedLoraLinear, LoraGroupedExperts
-from lora.layers import ExpertLoraLinear, ExpertParallelAdapter, Factor, LoraExperts, LoraLinear
+from lora.io.svdq_export import export_quantized, load_quantized, read_export_metadata
 from lora.model import (
     adapter_factors,
     adapter_modules,

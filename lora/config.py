@@ -7,13 +7,13 @@ scaling 1, the convention for adapters initialized from an SVD branch).
 ``targets`` are :func:`fnmatch.fnmatch` patterns over module names (``model.named_modules()``):
 
 * a matched ``ColumnParallelLinear`` / ``RowParallelLinear`` (or Transformer Engine linear) gets a
-  :class:`lora.layers.LoraLinear`; a plain TE ``GroupedLinear`` a :class:`lora.grouped.GroupedLoraLinear`
-  (layout ``fc1_layout``);
-* a matched ``SequentialMLP`` (e.g. ``"*.mlp.experts"``) gets a :class:`lora.layers.LoraExperts`: its
+  :class:`lora.adapters.layers.LoraLinear`; a plain TE ``GroupedLinear`` a
+  :class:`lora.adapters.grouped.GroupedLoraLinear` (layout ``fc1_layout``);
+* a matched ``SequentialMLP`` (e.g. ``"*.mlp.experts"``) gets a :class:`lora.adapters.layers.LoraExperts`: its
   experts' ``linear_fc1`` / ``linear_fc2`` get branches in ``fc1_layout`` / ``fc2_layout`` (one of
-  ``svdq.shared_basis.LAYOUTS``: ``"shared-down"``, ``"shared-up"``, ``"per-expert"``, or ``None`` for
+  ``svdq.solvers.shared_basis.LAYOUTS``: ``"shared-down"``, ``"shared-up"``, ``"per-expert"``, or ``None`` for
   none) and, with ``parallel_expert=True``, a parallel adapter hidden → r → hidden around each whole expert;
-  a matched ``TEGroupedMLP`` gets a :class:`lora.grouped.LoraGroupedExperts` with the same branches.
+  a matched ``TEGroupedMLP`` gets a :class:`lora.adapters.grouped.LoraGroupedExperts` with the same branches.
 
 Linears inside a ``SequentialMLP`` are adapted only through their experts module, never on their own.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from svdq.shared_basis import LAYOUTS
+from svdq.solvers.shared_basis import LAYOUTS
 
 INITS = ("kaiming", "zeros", "random")
 
@@ -43,7 +43,7 @@ class LoraConfig:
     ``fc1_rank`` / ``fc2_rank``: expert branch ranks per projection (``None``: ``rank``) — calibration
     picks layouts per projection at an equal parameter budget, hence possibly different ranks.
     ``dtype``: adapter parameter dtype (``None``: the base weight's). ``dropout`` on the adapter input
-    (training only; masks consistent under tensor parallelism, see :mod:`lora.dropout`).
+    (training only; masks consistent under tensor parallelism, see :mod:`lora.adapters.dropout`).
     """
 
     rank: int = 16

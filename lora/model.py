@@ -8,8 +8,8 @@ merge / unmerge, and the adapter-only state dict as safetensors.
     load_adapters(fresh_model, "adapters.safetensors")   # adds the adapters if the model has none
 
 Patterns are :func:`fnmatch.fnmatch` patterns over adapter names (the module names at ``add_adapters``
-time). Adapter-file keys are global factor names (:class:`lora.layers.Factor`): ``<linear>.lora_down``,
-``<experts>.linear_fc1.lora_down`` for a factor shared by a layer's experts, and
+time). Adapter-file keys are global factor names (:class:`lora.adapters.layers.Factor`):
+``<linear>.lora_down``, ``<experts>.linear_fc1.lora_down`` for a factor shared by a layer's experts, and
 ``<experts>.experts.<g>.linear_fc1.lora_up`` per expert with ``g`` the *global* expert index.
 """
 
@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora.config import LoraConfig
-from lora.grouped import GroupedLoraLinear, LoraGroupedExperts
-from lora.layers import (
+from lora.adapters.grouped import GroupedLoraLinear, LoraGroupedExperts
+from lora.adapters.layers import (
     ExpertGroup,
     ExpertLoraLinear,
     ExpertParallelAdapter,
@@ -35,7 +34,8 @@ from lora.layers import (
     LoraLinear,
     is_linear,
 )
-from lora.te import is_grouped, is_te_grouped_mlp, tp_group_of
+from lora.config import LoraConfig
+from lora.framework.te import is_grouped, is_te_grouped_mlp, tp_group_of
 
 FILE_FORMAT = "svdq-lora"
 FILE_VERSION = "1"
@@ -57,7 +57,7 @@ def _locate(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
 
 def is_adapter(m: nn.Module) -> bool:
     """An adapter module: :class:`LoraLinear`, an expert group (:class:`LoraExperts`,
-    :class:`~lora.grouped.LoraGroupedExperts`) or a TE grouped linear adapted on its own."""
+    :class:`~lora.adapters.grouped.LoraGroupedExperts`) or a TE grouped linear adapted on its own."""
     if isinstance(m, GroupedLoraLinear):
         return m._group is None
     return isinstance(m, (LoraLinear, ExpertGroup))
@@ -270,7 +270,7 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Collective under tensor / expert parallelism: every rank must call it (one all-gather per factor).
     """
-    from lora.export_common import all_gather, check_no_pipeline, gather_dim
+    from lora.io.sites import all_gather, check_no_pipeline, gather_dim
 
     check_no_pipeline()
     out: dict[str, torch.Tensor] = {}
@@ -299,7 +299,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    from lora.export_common import rank0_call
+    from lora.io.sites import rank0_call
 
     modules = adapter_modules(model)
     if not modules:
@@ -361,7 +361,7 @@ def load_adapters(
 
 def shared_adapters_out_of_sync(model: nn.Module) -> list[str]:
     """Keys of expert-shared factors that differ between expert-parallel ranks (collective: call on
-    all ranks). Empty when the gradient synchronization works (see :mod:`lora.layers`)."""
+    all ranks). Empty when the gradient synchronization works (see :mod:`lora.adapters.layers`)."""
     import torch.distributed as dist
 
     bad = []

@@ -7,10 +7,10 @@ No framework glue lives here (Megatron / adapters are in ``lora``, the pipeline 
 """
 
 from svdq.config import PRESETS, SVDQConfig
-from svdq.decompose import SVDQResult, decompose_linear
 from svdq.layer import SVDQLinear
-from svdq.moe import MoEGroupResult, decompose_expert_group
 from svdq.quantize import quantize
+from svdq.solvers.expert_group import MoEGroupResult, decompose_expert_group
+from svdq.solvers.linear import SVDQResult, decompose_linear
 from svdq.stats import InputStats
 
 __all__ = [

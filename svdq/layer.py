@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svdq.decompose import SVDQResult
 from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
+from svdq.solvers.linear import SVDQResult
 
 STORAGE_MODES = ("fake", "packed")
 ACT_RANGES = ("static", "dynamic")
@@ -58,7 +58,7 @@ def checked_input_amax(amax: Tensor | float, fmt: QuantFormat, who: str) -> Tens
 
 
 class StaticActRange:
-    """The activation-range part of an SVDQuant layer (:class:`SVDQLinear`, ``lora.svdq_base.SVDQBase``):
+    """The activation-range part of an SVDQuant layer (:class:`SVDQLinear`, ``lora.base.SVDQBase``):
     needs ``smooth (in,)``, ``act_format`` and an ``input_amax`` buffer (``None``: dynamic ranges)."""
 
     @property

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from svdq.config import SVDQConfig
-from svdq.decompose import SVDQResult, decompose_linear, validate_layer
 from svdq.layer import ACT_RANGES, SVDQLinear, static_range_supported
+from svdq.solvers.linear import SVDQResult, decompose_linear, validate_layer
 from svdq.stats import InputStats, run_with_hooks
 
 
@@ -61,7 +61,7 @@ def record_input_amax(
     """Run ``forward_loop(model)`` and return each layer's ``max|x/s|`` over all its calls.
 
     ``layers``: modules with a ``smoothed_input(x) -> x/s`` method (:class:`~svdq.layer.SVDQLinear`,
-    ``lora.svdq_base.SVDQBase``). Values are float32 0-d tensors on the layer's device (``None``: the layer
+    ``lora.base.SVDQBase``). Values are float32 0-d tensors on the layer's device (``None``: the layer
     got no element). Local to this process: a caller with tensor parallelism reduces them (MAX).
     Raises ``ValueError`` naming the layer if its input is not finite (with ``check_finite=False`` such a
     value is returned as ``inf``, e.g. to be reduced first so that every rank raises).
@@ -102,7 +102,7 @@ def quantize(
     """Calibrate and replace the targeted ``nn.Linear`` modules of ``model`` in place; returns ``model``.
 
     ``config``: an :class:`SVDQConfig`, a dict of its fields, or a preset name. Each replaced layer keeps
-    its :class:`~svdq.decompose.SVDQResult` figures in ``layer.svdq_summary`` (plus ``act_range`` and
+    its :class:`~svdq.solvers.linear.SVDQResult` figures in ``layer.svdq_summary`` (plus ``act_range`` and
     ``input_amax``). Every targeted layer is validated (weight finite, rank, group divisibility) before any
     calibration work, and nothing is replaced unless all layers decompose.
 

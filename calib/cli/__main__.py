@@ -1,0 +1,3 @@
+from calib.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""What the ``svdq`` subcommands share: model / data options, opening a model from ``--model`` or from a
+quantized ``--checkpoint``, and the model source recorded in exported checkpoints.
+
+An exported checkpoint (:func:`lora.io.svdq_export.export_quantized`) written by the command line carries, in
+its user metadata, ``{"model": ModelSource.to_dict(), ...}``; :func:`open_model_and_data` rebuilds that model
+(the fresh, unquantized architecture) and loads the quantized state into it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from calib.models import ModelSource, build_model, resolve_source
+
+MODEL_KEY = "model"
+
+
+def add_model_args(p, *, checkpoint: bool, model: bool = True) -> None:
+    """``--checkpoint DIR`` (a quantized checkpoint) and / or ``--model SRC [--model-config FILE]``."""
+    if checkpoint:
+        p.add_argument(
+            "--checkpoint", type=Path, help="quantized checkpoint directory (svdq calibrate/export)"
+        )
+    if model:
+        p.add_argument(
+            "--model",
+            default=None,
+            help="'tiny' (built-in GPT-MoE), 'megatron:DIR' (config.json + dist_checkpointing files) "
+            "or module:function factory"
+            + (" (default: the checkpoint's recorded model)" if checkpoint else ""),
+        )
+        p.add_argument("--model-config", type=Path, default=None, help="TinyMoEConfig fields (JSON file)")
+
+
+def add_data_args(p, tokens_default: int | None) -> None:
+    p.add_argument("--data", default="builtin", help="'builtin', a text file or directory, or a .npy of ids")
+    p.add_argument(
+        "--tokenizer", type=Path, default=None, help="tokenizer.json for text data (default: bytes)"
+    )
+    help_tokens = "tokens to use" + (f" (default {tokens_default})" if tokens_default else " (default: all)")
+    p.add_argument("--tokens", type=int, default=tokens_default, help=help_tokens)
+
+
+def checkpoint_source(path: str | os.PathLike) -> ModelSource:
+    """The model source recorded in a quantized checkpoint's user metadata."""
+    from lora.io.svdq_export import read_export_metadata
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    meta = read_export_metadata(path)
+    user = meta.get("user") or {}
+    if MODEL_KEY not in user:
+        raise ValueError(f"checkpoint {path} does not record its model source; pass --model")
+    return ModelSource.from_dict(user[MODEL_KEY])
+
+
+def model_source(args) -> ModelSource:
+    """The source the arguments name: ``--model`` (with ``--model-config``), else the one recorded in
+    ``--checkpoint``'s metadata. Nothing is built."""
+    if args.model is not None:
+        return resolve_source(args.model, args.model_config, getattr(args, "seed", 0))
+    if args.model_config is not None:
+        raise ValueError("--model-config needs --model")
+    if getattr(args, "checkpoint", None) is None:
+        raise ValueError("pass --checkpoint DIR or --model SRC")
+    return checkpoint_source(args.checkpoint)
+
+
+def load_data(args, vocab_size: int, seq_len: int, batch: int, device=None):
+    """``(ids (N,), batches)`` of ``--data`` / ``--tokenizer`` / ``--tokens`` for a model of that vocabulary
+    and sequence length (input errors raise here, naming the file)."""
+    from calib.data import load_tokens, token_batches
+
+    ids = load_tokens(args.data, vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer)
+    return ids, token_batches(ids, seq_len, batch, device=device)
+
+
+def open_model_and_data(args, batch: int | None, *, trainable: bool = False):
+    """``(LoadedModel, ids, batches)`` for the arguments (call after ``init_parallel``); ``batch=None``:
+    no data (``ids``, ``batches`` are ``None``).
+
+    The data is read and validated *before* the model's weights are loaded whenever the source's config
+    tells the vocabulary (``tiny``, ``megatron:DIR``); a factory model is built first to learn it.
+    Then: the architecture of the source, the quantized state of ``--checkpoint`` (a checkpoint that does
+    not fit the model raises naming the layer or tensor), and ``--adapters FILE`` if given.
+    """
+    from calib.train import adapter_file_format, load_adapter_file
+
+    source = model_source(args)
+    ckpt = getattr(args, "checkpoint", None)
+    if ckpt is not None and not Path(ckpt).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    adapters = getattr(args, "adapters", None)
+    if adapters is not None:
+        adapter_file_format(adapters)
+    ids = batches = None
+    if source.config is not None and batch is not None:  # tiny / megatron: the config knows the vocabulary
+        device = "cuda" if torch.cuda.is_available() else None
+        ids, batches = load_data(args, source.config["vocab_size"], source.config["seq_len"], batch, device)
+    lm = build_model(source, load_weights=ckpt is None)  # the checkpoint holds every tensor
+    if ids is None and batch is not None:
+        ids, batches = load_data(args, lm.vocab_size, lm.seq_len, batch, device_of(lm.model))
+    if ckpt is not None:
+        from lora.io.svdq_export import load_quantized
+
+        load_quantized(lm.model, ckpt, trainable=trainable)
+    if adapters is not None:
+        load_adapter_file(lm.model, adapters)
+    return lm, ids, batches
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"2GB"``, ``"500MB"``, ``"1GiB"``, ``"4096"`` (decimal and binary units)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"size {text!r} is not a number with an optional unit (e.g. 2GB, 500MB)") from None
+    if unit not in units or value <= 0:
+        raise ValueError(f"size {text!r}: use a positive number with B, KB, MB, GB, TB or KiB, MiB, GiB")
+    return int(value * units[unit])

@@ -1,0 +1,83 @@
+"""``svdq eval``: perplexity of a model on a token stream.
+
+    svdq eval (--checkpoint DIR | --model SRC [--model-config FILE]) [--adapters FILE]
+              [--data builtin | FILE | DIR | ids.npy] [--tokenizer tokenizer.json] [--tokens 65536]
+              [--batch 8] [--json FILE]
+
+The stream is cut into ``batch × (seq_len + 1)`` windows (:func:`calib.data.token_batches`); every
+position of a window but the last predicts the next id. With per-token cross entropies ``ℓ_t`` (nats)
+over the ``N`` predicted tokens::
+
+    loss = (1/N) Σ_t ℓ_t   (summed in float64),      perplexity = exp(loss)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from calib.cli.common import add_data_args, add_model_args
+from calib.models import LoadedModel
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a (quantized) model on a token stream")
+    add_model_args(p, checkpoint=True)
+    p.add_argument("--adapters", type=Path, default=None, help="adapter file to load (svdq finetune)")
+    add_data_args(p, tokens_default=65536)
+    p.add_argument("--batch", type=int, default=8, help="sequences per batch")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of --model tiny")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+
+
+@torch.no_grad()
+def perplexity(lm: LoadedModel, batches: list[dict], progress: bool = True) -> dict:
+    """``{"loss", "perplexity", "tokens", "batches"}`` of ``lm`` on ``batches`` (see the module docstring);
+    the model is put in eval mode."""
+    lm.model.eval()
+    total, count = 0.0, 0
+    for b in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+        losses = lm.token_losses(b)
+        total += float(losses.double().sum())
+        count += losses.numel()
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "batches": len(batches)}
+
+
+def run(args) -> int:
+    from calib.cli.common import open_model_and_data
+    from calib.train import write_json
+    from lora.framework.parallel import destroy_parallel, init_parallel
+
+    if args.checkpoint is None and args.model is None:
+        raise ValueError("pass --checkpoint DIR or --model SRC")
+    if args.batch < 1:
+        raise ValueError("--batch must be ≥ 1")
+    init_parallel(seed=args.seed)
+    try:
+        lm, _, batches = open_model_and_data(args, args.batch)
+        result = perplexity(lm, batches)
+    finally:
+        destroy_parallel()
+    what = str(args.checkpoint) if args.checkpoint is not None else lm.source.spec
+    if args.adapters is not None:
+        what += f" + {args.adapters}"
+    print(
+        f"perplexity {result['perplexity']:.4f} (mean loss {result['loss']:.6f} nats/token over "
+        f"{result['tokens']} tokens, {result['batches']} batches) — {what}"
+    )
+    if args.json is not None:
+        record = {
+            **result,
+            "model": lm.source.to_dict(),
+            "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+            "adapters": None if args.adapters is None else str(args.adapters),
+            "data": str(args.data),
+            "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
+        }
+        write_json(args.json, record)
+        print(f"wrote {args.json}")
+    return 0

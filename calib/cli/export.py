@@ -1,0 +1,198 @@
+"""``svdq export``: write a quantized checkpoint with its (fine-tuned) adapters for deployment.
+
+    svdq export --checkpoint DIR [--adapters FTDIR/adapters.safetensors] --out EXP
+                [--format svdq|folded|modelopt-hf|peft] [--max-shard-size 2GB] [--overwrite]
+                [--data builtin|FILE|DIR|ids.npy] [--tokenizer tokenizer.json] [--tokens 4096] [--batch 8]
+
+Formats (the model is ``--checkpoint`` with ``--adapters`` loaded; every output is written to a temporary
+directory renamed into place, so a failed export leaves nothing at ``EXP``):
+
+* ``svdq`` (default) — our checkpoint format (:func:`lora.io.svdq_export.export_quantized`): packed 4-bit
+  residuals, scales, smoothing and the adapters, loading back exactly. The model source is recorded again, so
+  ``svdq eval --checkpoint EXP`` works on the export as on ``DIR`` + ``--adapters``. The only format with
+  ``--max-shard-size``.
+* ``folded`` — the adapters folded into the 4-bit residuals (rank 0, no low-rank branch), for engines
+  without low-rank support: per linear the residual becomes ``Q_w(Q_w(R) + B·A'·diag(s))``. Megatron models
+  (``tiny``, ``megatron:DIR``): :func:`lora.io.folded.export_folded`, written in the svdq format (rank-0
+  layers, no ``lora_*`` tensors; ``svdq eval --checkpoint EXP`` works). Plain torch models
+  (:class:`svdq.SVDQLinear` layers): :func:`lora.io.folded_hf.export_folded_hf`, written in modelopt's HF
+  NVFP4 layout (``NVFP4_AWQ``: NVFP4 + ``pre_quant_scale``; ``--fold-smoothing fold`` folds the smoothing into
+  the weight too and writes plain ``NVFP4``, which more engines read, at some added error). Prints the
+  per-linear error the fold adds
+  (:func:`lora.io.folded_hf.format_report`: ``weight_err = ‖W_fold − T‖/‖T‖`` with ``T`` the unfolded
+  effective weight, ``delta_rel = ‖B·A'‖/‖T‖``, and with ``--data`` the input-based ``act_weight_err`` and
+  ``output_err = ‖y_fold − y‖/‖y‖`` on the inputs each linear gets from ``--tokens`` of ``--data``, at most
+  4096 rows per linear) and a summary line (mean / max ``output_err`` with ``--data``, else ``weight_err``).
+* ``modelopt-hf`` — nvidia-modelopt's Hugging Face layout for NVFP4 SVDQuant (``quant_algo: NVFP4_SVD``,
+  :func:`lora.io.modelopt_hf.export_modelopt_hf`): ``model.safetensors``, ``hf_quant_config.json``,
+  ``config.json``. Plain torch models with dense NVFP4 W4A4 layers only; ``--data`` measures the static
+  activation range of layers calibrated without one.
+* ``peft`` — the branches as a PEFT LoRA adapter (:func:`lora.io.peft.export_peft`:
+  ``adapter_model.safetensors`` + ``adapter_config.json``; see :mod:`lora.io.peft` for which base
+  it applies to). Plain torch models only.
+
+``--data`` applies to ``folded`` and ``modelopt-hf`` only. Wrong combinations (a Megatron model with
+``modelopt-hf`` / ``peft``, ``--max-shard-size`` or ``--data`` where unused) exit with status 2 before any
+work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from calib.cli.common import MODEL_KEY, add_data_args, add_model_args, parse_size
+
+FORMATS = ("svdq", "folded", "modelopt-hf", "peft")
+TORCH_ONLY = ("modelopt-hf", "peft")
+WITH_DATA = ("folded", "modelopt-hf")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a quantized checkpoint with its fine-tuned adapters")
+    add_model_args(p, checkpoint=True)
+    p.add_argument("--adapters", type=Path, default=None, help="adapter file (svdq finetune)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument(
+        "--format",
+        default="svdq",
+        choices=FORMATS,
+        help="svdq (default, ours), folded (adapters merged into the 4-bit weights), modelopt-hf, peft",
+    )
+    p.add_argument(
+        "--max-shard-size", default=None, help="--format svdq: split files above this size (e.g. 2GB)"
+    )
+    add_data_args(p, tokens_default=4096)
+    p.set_defaults(data=None)  # no data unless given: only folded / modelopt-hf use it
+    p.add_argument("--batch", type=int, default=8, help="sequences per --data batch")
+    p.add_argument(
+        "--fold-smoothing",
+        default="keep",
+        choices=["keep", "fold"],
+        help="folded torch models: keep pre_quant_scale (NVFP4_AWQ) or fold it into the weight (plain NVFP4; "
+        "needs --data to measure the raw input ranges)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _check_args(args) -> None:
+    """Every input problem that needs no model (``ValueError`` / ``FileNotFoundError`` /
+    ``FileExistsError``, one line each)."""
+    from calib.cli.common import checkpoint_source
+
+    if args.checkpoint is None:
+        raise ValueError("--checkpoint DIR (a quantized checkpoint from svdq calibrate) is required")
+    if args.max_shard_size is not None and args.format != "svdq":
+        raise ValueError(
+            f"--max-shard-size applies to --format svdq only; --format {args.format} writes single files"
+        )
+    if args.data is not None and args.format not in WITH_DATA:
+        raise ValueError(f"--data applies to --format {' / '.join(WITH_DATA)}, not to --format {args.format}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"{args.out} exists and is not a directory")
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite or choose another --out")
+    if args.out.resolve() == args.checkpoint.resolve():
+        raise ValueError("--out must differ from --checkpoint")
+    if args.model is None:
+        checkpoint_source(args.checkpoint)  # fails early when it is missing or records no source
+    elif not args.checkpoint.exists():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+
+
+def _check_model_kind(args, megatron: bool) -> None:
+    if megatron and args.format in TORCH_ONLY:
+        raise ValueError(
+            f"--format {args.format}: the modelopt HF layout and PEFT adapters are for dense torch models "
+            "(svdq.SVDQLinear layers, NVFP4 W4A4), not Megatron models; use --format svdq (adapters kept) "
+            "or --format folded (adapters merged into the 4-bit weights)"
+            if args.format == "modelopt-hf"
+            else "--format peft: PEFT adapters are for dense torch models (svdq.SVDQLinear layers), not "
+            "Megatron models; use --format svdq (adapters kept) or --format folded"
+        )
+
+
+def fold_summary(report: dict[str, dict]) -> str:
+    """One line: how many linears were folded and the mean / max of the error the fold added
+    (``output_err`` where every linear has one, i.e. with inputs, else ``weight_err``)."""
+    if not report:
+        return "folded 0 linears"
+    key = "output_err" if all("output_err" in r for r in report.values()) else "weight_err"
+    vals = [float(r[key]) for r in report.values()]
+    worst = max(report, key=lambda n: float(report[n][key]))
+    tokens = [int(r["tokens"]) for r in report.values() if "tokens" in r]
+    on = f" on up to {max(tokens)} tokens per linear" if tokens and key == "output_err" else ""
+    return (
+        f"folded {len(vals)} linears: added {key} mean {sum(vals) / len(vals):.4e}, "
+        f"max {max(vals):.4e} ({worst}){on}"
+    )
+
+
+def _export(args, lm, loop, metadata, max_shard) -> dict | None:
+    """Write ``args.out`` in ``args.format``; returns the fold report for ``folded``, else ``None``."""
+    from lora.io.folded import export_folded
+    from lora.io.folded_hf import export_folded_hf
+    from lora.io.modelopt_hf import export_modelopt_hf
+    from lora.io.peft import export_peft
+    from lora.io.svdq_export import export_quantized
+
+    model, out, overwrite = lm.model, args.out, args.overwrite
+    if args.format == "svdq":
+        export_quantized(model, out, max_shard_bytes=max_shard, metadata=metadata, overwrite=overwrite)
+    elif args.format == "folded" and lm.megatron:
+        return export_folded(
+            model, out, forward_loop=loop, metadata=metadata, overwrite=overwrite, verbose=False
+        )
+    elif args.format == "folded":
+        return export_folded_hf(
+            model, out, smoothing=args.fold_smoothing, forward_loop=loop, overwrite=overwrite, verbose=False
+        )
+    elif args.format == "modelopt-hf":
+        export_modelopt_hf(model, out, forward_loop=loop, overwrite=overwrite)
+    else:
+        export_peft(model, out, base_model_name_or_path=lm.source.spec, overwrite=overwrite)
+    return None
+
+
+def run(args) -> int:
+    import torch
+
+    from calib.cli.common import model_source, open_model_and_data
+    from lora.framework.parallel import destroy_parallel, init_parallel
+    from lora.io.folded_hf import format_report
+    from lora.io.svdq_export import read_export_metadata
+
+    _check_args(args)
+    _check_model_kind(args, model_source(args).kind != "factory")  # tiny / megatron:DIR build Megatron
+    max_shard = parse_size(args.max_shard_size) if args.max_shard_size else None
+    previous = read_export_metadata(args.checkpoint).get("user") or {}
+    init_parallel(seed=args.seed)
+    try:
+        lm, _, batches = open_model_and_data(args, None if args.data is None else args.batch)
+        if batches is not None:
+            lm.model.eval()  # the forward loop only measures (inputs, ranges)
+        metadata = {
+            **previous,
+            MODEL_KEY: lm.source.to_dict(),
+            "exported_from": str(args.checkpoint),
+            "adapters": None if args.adapters is None else str(args.adapters),
+            "export_format": args.format,
+        }
+        with torch.no_grad():
+            report = _export(
+                args, lm, None if batches is None else lm.forward_loop(batches), metadata, max_shard
+            )
+    finally:
+        destroy_parallel()
+    if report is not None:
+        print("error added by folding the adapters into the 4-bit weights (per linear, relative):")
+        print(format_report(report))
+        print(fold_summary(report))
+    files = sorted(p for p in args.out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    layout = {"folded": "svdq format" if lm.megatron else "modelopt HF NVFP4 layout"}.get(args.format)
+    what = f"{args.format} format" + (f", {layout}" if layout else "")
+    print(f"exported {lm.source.spec} ({what}) to {args.out}: {len(files)} files, {size / 1e6:.2f} MB")
+    return 0

@@ -1,0 +1,133 @@
+"""``svdq finetune``: train the adapters of a quantized checkpoint (the 4-bit base stays frozen).
+
+    svdq finetune --checkpoint DIR --out FTDIR --steps N [--data builtin | FILE | DIR | ids.npy]
+                  [--tokenizer tokenizer.json] [--tokens N] [--lr 1e-3] [--warmup 10] [--min-lr-ratio 0.1]
+                  [--grad-clip 1.0] [--weight-decay 0] [--dropout 0] [--batch 8] [--save-every 5] [--keep 3]
+                  [--seed 0] [--resume] [--stop-at K]
+
+AdamW on the adapter parameters, linear warmup + cosine decay, gradient-norm clipping, bf16 autocast on
+CUDA (see :mod:`calib.train`). Checkpoints ``FTDIR/checkpoints/step-000005/`` every ``--save-every``
+steps (the last ``--keep`` kept); ``--resume`` continues from the latest complete one exactly as an
+uninterrupted run would; ``--stop-at K`` saves after step K and stops (resume later). At the end:
+``FTDIR/adapters.safetensors`` (load with ``svdq eval/export --adapters``) and ``FTDIR/losses.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from calib.cli.common import add_data_args, add_model_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="train the adapters of a quantized checkpoint")
+    add_model_args(p, checkpoint=True)
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, adapters, losses)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    add_data_args(p, tokens_default=None)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr of the cosine decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="adapter dropout on the branch inputs")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--stop-at", type=int, default=None, help="save a checkpoint after step K and stop")
+
+
+def run(args) -> int:
+    from calib.cli.common import open_model_and_data
+    from calib.data import fingerprint
+    from calib.train import (
+        TrainConfig,
+        adapter_parameters,
+        check_resumable,
+        complete_checkpoints,
+        finetune,
+        remove_stale_temporaries,
+        save_adapter_file,
+        write_json,
+    )
+    from lora.framework.parallel import destroy_parallel, init_parallel
+
+    cfg = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        warmup=args.warmup,
+        min_lr_ratio=args.min_lr_ratio,
+        grad_clip=args.grad_clip,
+        weight_decay=args.weight_decay,
+        dropout=args.dropout,
+        batch=args.batch,
+        seed=args.seed,
+    )
+    if args.checkpoint is None:
+        raise ValueError("--checkpoint DIR (a quantized checkpoint from svdq calibrate) is required")
+    if args.save_every < 0 or args.keep < 1:
+        raise ValueError("--save-every must be ≥ 0 and --keep ≥ 1")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        raise ValueError(f"--stop-at must lie in [1, --steps={args.steps}]")
+    ckpt_root = args.out / "checkpoints"
+    resume_from = None
+    if args.resume:
+        remove_stale_temporaries(ckpt_root)
+        found = complete_checkpoints(ckpt_root)
+        if not found:
+            raise ValueError(f"--resume: nothing to resume, {ckpt_root} holds no complete checkpoint")
+        resume_from = found[-1]
+        check_resumable(resume_from, cfg)  # settings first, before any loading
+    elif args.out.exists() and any(args.out.iterdir()):
+        raise FileExistsError(
+            f"{args.out} is not empty; pass --resume to continue its run or choose another --out"
+        )
+
+    t0 = time.perf_counter()
+    init_parallel(seed=args.seed)
+    try:
+        lm, ids, batches = open_model_and_data(args, cfg.batch, trainable=True)
+        run_info = {
+            "checkpoint": str(args.checkpoint.resolve()),
+            "model": lm.source.to_dict(),
+            "data": fingerprint(ids),
+            "tokens": int(ids.numel()),
+            "seq_len": lm.seq_len,
+        }
+        if resume_from is not None:
+            print(f"resuming from {resume_from}")
+        result = finetune(
+            lm,
+            batches,
+            cfg,
+            checkpoint_dir=ckpt_root,
+            save_every=args.save_every,
+            keep=args.keep,
+            resume_from=resume_from,
+            stop_at=args.stop_at,
+            run_info=run_info,
+        )
+        if result.stopped:
+            print(f"stopped after step {result.step} of {cfg.steps}; continue with --resume")
+            return 0
+        adapters = save_adapter_file(lm.model, args.out / "adapters.safetensors")
+        n_params = sum(p.numel() for p in adapter_parameters(lm.model).values())
+        record = {
+            "losses": result.losses,
+            "lrs": result.lrs,
+            "grad_norms": result.grad_norms,
+            "config": cfg.to_dict(),
+            "run": run_info,
+        }
+        losses = write_json(args.out / "losses.json", record)
+    finally:
+        destroy_parallel()
+    first, last = result.losses[0], result.losses[-1]
+    print(
+        f"fine-tuned {n_params} adapter parameters for {cfg.steps} steps on {ids.numel()} tokens in "
+        f"{time.perf_counter() - t0:.1f} s: loss {first:.4f} → {last:.4f}\nwrote {adapters} and {losses}"
+    )
+    return 0

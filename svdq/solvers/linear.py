@@ -1,0 +1,299 @@
+"""SVDQuant decomposition of one linear layer (DESIGN.md §3.2).
+
+    W (out × in)  ≈  Q_w(R)·diag(1/s)  +  B·A'           A' = A·diag(1/s)
+
+* ``s`` (in,): smoothing, searched over a grid of α and scored by the output error of the *complete*
+  quantized layer ``y = Q_a(x/s)·Q_w(R)ᵀ + (x·A'ᵀ)·Bᵀ`` on sampled calibration tokens.
+* ``B·A'`` (rank r): top-r branch by randomized SVD. With whitening (``C = XᵀX = L·Lᵀ``) it minimizes the
+  output error ``‖(W − B·A')·Xᵀ‖``; that optimum does not depend on ``s`` (smoothing is an invertible
+  change of input coordinates), so one SVD serves every α candidate. Because the residual is then
+  quantized, the plain (weight-space) branch of ``W·diag(s)`` is scored too and the better one kept.
+* ``R = (W − B·A')·diag(s)``: the residual in smoothed coordinates, quantized round-to-nearest.
+* Refinement: refit the branch to ``W − Q_w(R)·diag(1/s)``, re-quantize, keep going while the output error
+  falls (never returns a worse result than the best seen).
+* Optionally (``residual_quant="gptq"``) the final residual is quantized by GPTQ with the Hessian of the
+  smoothed inputs instead of round-to-nearest, kept when it lowers the output error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from svdq.config import SVDQConfig
+from svdq.formats import PackedTensor, QuantFormat, fake_quant, quantize, trusted_inputs
+from svdq.solvers.gptq import gptq_quantize
+from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd, randomized_svd_product
+from svdq.solvers.smoothing import smoothing_vector
+from svdq.stats import InputStats
+
+GPTQ_MIN_TOKENS_PER_INPUT = 4
+
+
+@dataclass(frozen=True)
+class SVDQResult:
+    """Outcome of :func:`decompose_linear` for one weight ``W (out × in)``.
+
+    ``lora_down`` (r × in) reads the raw input (``A' = A·diag(1/s)``), ``lora_up`` (out × r), ``smooth``
+    (in,), ``residual`` the packed ``Q_w(R)`` (out × in, smoothed coordinates). Errors are relative output
+    errors ``‖y − y_ref‖/‖y_ref‖`` on the scoring tokens (weight errors for a weight-only fallback).
+    """
+
+    smooth: Tensor
+    lora_down: Tensor
+    lora_up: Tensor
+    residual: PackedTensor
+    alpha: float | None
+    whitened: bool
+    residual_quant: str  # "rtn" or "gptq" (the one that gave final_error)
+    rtn_error: float
+    smooth_only_error: float  # W·diag(s) quantized at the chosen α, no branch
+    final_error: float
+    step_errors: tuple[float, ...]
+    alpha_errors: tuple[tuple[float, bool, float], ...]  # (α, whitened branch, error)
+    weight_only: bool
+    n_tokens: int
+    seconds: float
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[0]
+
+    @property
+    def refine_steps(self) -> int:
+        return len(self.step_errors) - 1
+
+    def summary(self) -> dict:
+        """JSON-friendly figures (no tensors)."""
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "whitened": self.whitened,
+            "residual_quant": self.residual_quant,
+            "rtn_error": self.rtn_error,
+            "smooth_only_error": self.smooth_only_error,
+            "final_error": self.final_error,
+            "step_errors": list(self.step_errors),
+            "alpha_errors": [list(p) for p in self.alpha_errors],
+            "weight_only": self.weight_only,
+            "n_tokens": self.n_tokens,
+            "seconds": self.seconds,
+        }
+
+
+def validate_layer(name: str, weight: Tensor, config: SVDQConfig) -> None:
+    """Raise a ``ValueError`` naming ``name`` if ``weight (out × in)`` cannot be decomposed."""
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name}: weight contains NaN or Inf")
+    if config.rank >= min(out_f, in_f):
+        raise ValueError(
+            f"{name}: rank {config.rank} must be < min(out, in) = {min(out_f, in_f)} "
+            f"for a weight of shape {tuple(weight.shape)}"
+        )
+    for role, fmt in (("weight", config.weight_quant), ("activation", config.act_quant)):
+        if fmt.group_size and in_f % fmt.group_size:
+            raise ValueError(
+                f"{name}: in_features {in_f} is not divisible by the {role} format {fmt}'s "
+                f"group size {fmt.group_size}"
+            )
+
+
+def decompose_linear(
+    weight: Tensor, stats: InputStats | None, config: SVDQConfig, name: str = "linear"
+) -> SVDQResult:
+    """SVDQuant-decompose ``weight (out × in)`` from its calibration ``stats``.
+
+    ``stats=None`` or a layer that saw no tokens raises, unless ``config.weight_only_fallback`` is set:
+    then the layer is decomposed from its weight alone (``s = 1``, no whitening, weight-error scoring)
+    and the result is flagged ``weight_only``. Runs on ``weight``'s device, in float32/float64.
+    """
+    t0 = time.perf_counter()
+    validate_layer(name, weight, config)
+    if stats is not None and stats.nonfinite:
+        raise ValueError(f"{name}: calibration activations contain NaN or Inf")
+    has_data = stats is not None and stats.n_tokens > 0
+    if not has_data and not config.weight_only_fallback:
+        raise ValueError(
+            f"{name}: no calibration data reached this layer (set weight_only_fallback=True "
+            "to decompose it from its weight alone, or exclude it)"
+        )
+    W = weight.detach().float()
+    with trusted_inputs():  # W and the statistics are validated above: skip per-call NaN syncs
+        out = _Solver(W, stats if has_data else None, config).run()
+    return SVDQResult(
+        **out,
+        weight_only=not has_data,
+        n_tokens=stats.n_tokens if has_data else 0,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+class _Solver:
+    """One layer's search: holds W, the scoring tokens and the Cholesky factor shared by all steps.
+
+    Candidates (α, branch kind) are scored on a fixed random subset of at most ``config.score_rows``
+    output rows: quantization groups run along the input dimension, so a row's quantized values do not
+    depend on other rows (except NVFP4's per-tensor scale, taken from the subset while scoring). The
+    reported errors (α grid aside) are computed on all rows.
+    """
+
+    def __init__(self, W: Tensor, stats: InputStats | None, config: SVDQConfig):
+        self.W, self.cfg = W, config
+        self.wq: QuantFormat = config.weight_quant
+        self.aq: QuantFormat = config.act_quant
+        dev = W.device
+        out_f = W.shape[0]
+        if out_f > config.score_rows:
+            g = torch.Generator().manual_seed(config.seed)
+            self.rows = torch.randperm(out_f, generator=g)[: config.score_rows].sort().values.to(dev)
+        else:
+            self.rows = None
+        self.X = stats.sample.to(dev) if stats is not None else None
+        self.y_ref = self.X @ W.T if self.X is not None else None
+        self.C = stats.covariance.to(dev) if stats is not None else None
+        self.n_tokens = stats.n_tokens if stats is not None else 0
+        self.L = None
+        if stats is not None and config.whiten:
+            L, identity = damped_cholesky(self.C, config.damp)
+            self.L = None if identity else L.float()
+        self.x_absmax = stats.absmax.to(dev) if stats is not None else None
+        self.w_absmax = W.abs().amax(dim=0)
+        self.svd_kw = dict(oversample=config.oversample, power_iters=config.power_iters, seed=config.seed)
+
+    def _sub(self, t: Tensor | None, subset: bool) -> Tensor | None:
+        return t if (t is None or not subset or self.rows is None) else t[self.rows]
+
+    # -- scoring -------------------------------------------------------------------------------------
+    def error(self, s, Rq, B, A_raw, subset=False, as_tensor=False):
+        """Relative output error of ``y = Q_a(x/s)·Rqᵀ + (x·A_rawᵀ)·Bᵀ`` against ``x·Wᵀ``.
+
+        ``Rq`` and ``B`` hold the scored rows (all rows, or the subset when ``subset``).
+        """
+        W = self._sub(self.W, subset)
+        if self.X is None:  # weight-only: error of the reconstructed weight
+            W_hat = Rq / s
+            if B is not None:
+                W_hat = W_hat + B @ A_raw
+            return _rel(W_hat - W, W, as_tensor)
+        y_ref = self.y_ref if not subset or self.rows is None else self.y_ref[:, self.rows]
+        y = fake_quant(self.X / s, self.aq) @ Rq.T
+        if B is not None:
+            y = y + (self.X @ A_raw.T) @ B.T
+        return _rel(y - y_ref, y_ref, as_tensor)
+
+    # -- branch --------------------------------------------------------------------------------------
+    def branch(self, target_raw: Tensor, s: Tensor, whiten: bool) -> tuple[Tensor, Tensor]:
+        """Rank-r ``(B (out × r), A_raw (r × in))`` for ``target_raw (out × in)`` in raw input coordinates.
+
+        Whitened: top-r SVD of ``target_raw·L`` (never formed) mapped back with ``L⁻¹``; independent
+        of ``s``. Plain: top-r SVD of the smoothed ``target_raw·diag(s)`` mapped back with ``1/s``.
+        ``A_raw`` is re-gauged to orthonormal rows (a whitened ``A`` would otherwise scale like
+        ``1/sqrt(tokens)``, bad for fine-tuning it as lora_down); ``B·A_raw`` is unchanged.
+        """
+        r = self.cfg.rank
+        if whiten:
+            U, S, Vh = randomized_svd_product(target_raw, self.L, r, **self.svd_kw)
+            A = torch.linalg.solve_triangular(self.L, Vh, upper=False, left=False)
+        else:
+            U, S, Vh = randomized_svd(target_raw * s, r, **self.svd_kw)
+            A = Vh / s
+        B, A = orthonormalize_rows((U * S).double(), A.double())
+        return B.float(), A.float()
+
+    def residual(self, s: Tensor, B: Tensor, A_raw: Tensor, subset=False) -> tuple[Tensor, Tensor]:
+        """``R = (W − B·A_raw)·diag(s)`` and ``Q_w(R)`` on all rows or on the scoring subset."""
+        R = (self._sub(self.W, subset) - self._sub(B, subset) @ A_raw) * s
+        return R, fake_quant(R, self.wq)
+
+    def score(self, s: Tensor, B: Tensor, A_raw: Tensor) -> Tensor:
+        """Error on the scoring rows, as a 0-d tensor (no host sync)."""
+        _, Rq = self.residual(s, B, A_raw, subset=True)
+        return self.error(s, Rq, self._sub(B, True), A_raw, subset=True, as_tensor=True)
+
+    # -- search --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """α search, branch kind, then refinement of the best candidate.
+
+        1. With whitening, one whitened branch serves every α (it does not depend on ``s``); each α is
+           scored on the row subset. Without whitening, each α gets its own plain branch.
+        2. With whitening, the plain branch is also scored at the best α; the better kind is kept.
+        3. Refinement: refit the branch to ``W − Q_w(R)·diag(1/s)``, re-quantize, stop when the error
+           falls by less than ``config.refine_tol`` (relative); the best step is kept.
+        """
+        ones = torch.ones_like(self.w_absmax)
+        rtn = self.error(ones, fake_quant(self.W, self.wq), None, None)
+        alphas = self.cfg.alphas if self.x_absmax is not None else ()
+        candidates = [(a, smoothing_vector(self.x_absmax, self.w_absmax, a)) for a in alphas]
+        if not candidates:
+            candidates = [(None, ones)]
+        whiten = self.L is not None
+        shared = self.branch(self.W, ones, True) if whiten else None
+        scored = []  # (alpha, whiten, s, B, A_raw, error tensor): no host sync inside the loop
+        for alpha, s in candidates:
+            B, A_raw = shared if whiten else self.branch(self.W, s, False)
+            scored.append((alpha, whiten, s, B, A_raw, self.score(s, B, A_raw)))
+        errors = torch.stack([c[-1] for c in scored]).tolist()
+        alpha_errors = [(c[0], c[1], e) for c, e in zip(scored, errors) if c[0] is not None]
+        i = min(range(len(errors)), key=errors.__getitem__)
+        best = (errors[i], *scored[i][:5])
+        err, alpha, whiten, s, B, A_raw = best
+        if whiten:
+            B2, A2 = self.branch(self.W, s, False)
+            err2 = self.score(s, B2, A2).item()
+            if alpha is not None:
+                alpha_errors.append((alpha, False, err2))
+            if err2 < err:
+                whiten, B, A_raw = False, B2, A2
+        R, Rq = self.residual(s, B, A_raw)
+        err = self.error(s, Rq, B, A_raw)
+        step_errors = [err]
+        for _ in range(self.cfg.refine_steps):
+            B2, A2 = self.branch(self.W - Rq / s, s, whiten)
+            R2, Rq2 = self.residual(s, B2, A2)
+            err2 = self.error(s, Rq2, B2, A2)
+            if not err2 < err:
+                break
+            improved = (err - err2) / err
+            err, B, A_raw, R, Rq = err2, B2, A2, R2, Rq2
+            step_errors.append(err)
+            if improved < self.cfg.refine_tol:
+                break
+        packed, residual_quant = quantize(R, self.wq), "rtn"
+        # GPTQ fits the calibration tokens; with fewer than ~4·in of them it over-fits (its error on
+        # held-out tokens rises above RTN's even while the calibration error falls), so it is skipped.
+        if self.cfg.residual_quant == "gptq" and self.n_tokens >= GPTQ_MIN_TOKENS_PER_INPUT * self.W.shape[1]:
+            H = self.C / torch.outer(s, s).double()  # Hessian of the smoothed inputs x/s
+            Rq_g, packed_g = gptq_quantize(R, H, self.wq, self.cfg.damp)
+            err_g = self.error(s, Rq_g, B, A_raw)
+            if err_g < err:
+                err, packed, residual_quant = err_g, packed_g, "gptq"
+                step_errors.append(err)
+        smooth_only = self.error(s, fake_quant(self.W * s, self.wq), None, None)
+        return dict(
+            smooth=s.float(),
+            lora_down=A_raw.contiguous(),
+            lora_up=B.contiguous(),
+            residual=packed,
+            residual_quant=residual_quant,
+            alpha=alpha,
+            whitened=whiten,
+            rtn_error=rtn,
+            smooth_only_error=smooth_only,
+            final_error=err,
+            step_errors=tuple(step_errors),
+            alpha_errors=tuple(alpha_errors),
+        )
+
+
+def _rel(diff: Tensor, ref: Tensor, as_tensor: bool = False):
+    """``‖diff‖ / ‖ref‖`` in float64 (0 for 0/0, inf for x/0); a float, or a 0-d tensor if ``as_tensor``."""
+    num, den = diff.double().norm(), ref.double().norm()
+    rel = torch.where(den > 0, num / den.clamp_min(1e-300), torch.where(num == 0, 0.0, math.inf))
+    return rel if as_tensor else rel.item()
