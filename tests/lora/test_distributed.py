@@ -26,7 +26,7 @@ from lora.model import (
     freeze_base,
     shared_adapters_out_of_sync,
 )
-from tests.helpers import linear_tp as _linear_tp
+from tests.helpers import linear_tp
 from tests.helpers.spawn import run_on_processes
 
 CFG = TinyMoEConfig()
@@ -237,11 +237,11 @@ def _linear_worker(rank, world):
     from lora.adapters.layers import LoraLinear
 
     init_parallel(tensor_parallel=world)
-    p = _linear_tp.problem()
+    p = linear_tp.problem()
     out = {}
-    for case in _linear_tp.CASES:
-        lin, x, gy = _linear_tp.build(case, rank, world, p)
-        wrap = LoraLinear(lin, _linear_tp.R, scaling=0.5, name=case[0])
+    for case in linear_tp.CASES:
+        lin, x, gy = linear_tp.build(case, rank, world, p)
+        wrap = LoraLinear(lin, linear_tp.R, scaling=0.5, name=case[0])
         wrap.init_from(p["A"], 0.5 * p["B"])  # branch B·A/2: stores lora_down = A, lora_up = B
         y, _ = wrap(x)
         (y * gy).sum().backward()
@@ -256,12 +256,12 @@ def test_linear_adapters_under_tensor_parallel_2():
     sequence parallelism, gathered output, scattered input, expert linears (partial sums) — against
     the float64 full computation y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ."""
     r0, r1 = run_on_processes(_linear_worker, 2, timeout=240)
-    p = {k: v.double() for k, v in _linear_tp.problem().items()}
+    p = {k: v.double() for k, v in linear_tp.problem().items()}
     A, B, x = p["A"].requires_grad_(), p["B"].requires_grad_(), p["x"].requires_grad_()
     y = x @ p["W"].T + 0.5 * (x @ A.T) @ B.T
     (y * p["gy"]).sum().backward()
-    for case in _linear_tp.CASES:
-        _linear_tp.check(case, r0[case[0]], r1[case[0]], y.detach(), x.grad, A.grad, B.grad)
+    for case in linear_tp.CASES:
+        linear_tp.check(case, r0[case[0]], r1[case[0]], y.detach(), x.grad, A.grad, B.grad)
 
 
 def _save_worker(rank, world, tp, ep, path, bad_path):

@@ -23,7 +23,7 @@ from lora.adapters.layers import LoraExperts, LoraLinear
 from lora.config import LoraConfig
 from lora.framework.parallel import init_parallel
 from lora.model import adapter_modules, add_adapters
-from tests.helpers import linear_tp as _linear_tp
+from tests.helpers import linear_tp
 from tests.helpers.lora import rng_restore, rng_snapshot, tiny_model
 from tests.helpers.spawn import run_on_processes
 
@@ -56,9 +56,9 @@ def _reference(p: dict, mask: torch.Tensor):
 
 @pytest.mark.usefixtures("megatron_world")
 def test_dropout_tp1_matches_float64_with_the_drawn_mask():
-    p = _linear_tp.problem()
-    lin, x, gy = _linear_tp.build(_linear_tp.CASES[0], 0, 1, p)
-    wrap = LoraLinear(lin, _linear_tp.R, scaling=0.5, name="q", dropout=P)
+    p = linear_tp.problem()
+    lin, x, gy = linear_tp.build(linear_tp.CASES[0], 0, 1, p)
+    wrap = LoraLinear(lin, linear_tp.R, scaling=0.5, name="q", dropout=P)
     wrap.init_from(p["A"], 0.5 * p["B"])
     wrap.train()
     snapshot = rng_snapshot()
@@ -142,12 +142,12 @@ def _linear_worker(rank, world):
     from lora.framework.te import tp_group_of
 
     init_parallel(tensor_parallel=world)
-    p = _linear_tp.problem()
+    p = linear_tp.problem()
     out = {"first_use_recomputed": _first_use_inside_recomputation(rank, world, p)}
-    for case in _linear_tp.CASES:
+    for case in linear_tp.CASES:
         name, mode, sp, flag, expert = case
-        lin, x, gy = _linear_tp.build(case, rank, world, p)
-        wrap = LoraLinear(lin, _linear_tp.R, scaling=0.5, name=name, dropout=P)
+        lin, x, gy = linear_tp.build(case, rank, world, p)
+        wrap = LoraLinear(lin, linear_tp.R, scaling=0.5, name=name, dropout=P)
         wrap.init_from(p["A"], 0.5 * p["B"])
         wrap.train()
         with torch.no_grad():
@@ -189,8 +189,8 @@ def _first_use_inside_recomputation(rank, world, p) -> bool:
     from megatron.core.tensor_parallel import checkpoint
 
     def run(recompute: bool):
-        lin, x, gy = _linear_tp.build(_linear_tp.CASES[0], rank, world, p)  # column: replicated input
-        wrap = LoraLinear(lin, _linear_tp.R, scaling=0.5, name="first", dropout=P)
+        lin, x, gy = linear_tp.build(linear_tp.CASES[0], rank, world, p)  # column: replicated input
+        wrap = LoraLinear(lin, linear_tp.R, scaling=0.5, name="first", dropout=P)
         wrap.init_from(p["A"], 0.5 * p["B"])
         wrap.train()
         y, _ = checkpoint(wrap, False, x) if recompute else wrap(x)
@@ -207,8 +207,8 @@ def _first_use_inside_recomputation(rank, world, p) -> bool:
 def test_dropout_under_tensor_parallel_2_matches_float64():
     r0, r1 = run_on_processes(_linear_worker, 2, timeout=300)
     assert r0.pop("first_use_recomputed") and r1.pop("first_use_recomputed")
-    p = _linear_tp.problem()
-    for case in _linear_tp.CASES:
+    p = linear_tp.problem()
+    for case in linear_tp.CASES:
         name = case[0]
         a, b = r0[name], r1[name]
         dim = SPLIT_DIM[name]
@@ -219,7 +219,7 @@ def test_dropout_under_tensor_parallel_2_matches_float64():
             assert not torch.equal(a["mask"], b["mask"]), name
             mask = torch.cat([a["mask"], b["mask"]], dim=dim)
         assert mask.shape == p["x"].shape and 0.3 < float((mask == 0).float().mean()) < 0.7, name
-        _linear_tp.check(case, a, b, *_reference(p, mask))
+        linear_tp.check(case, a, b, *_reference(p, mask))
         assert a["recompute_equal"] and b["recompute_equal"], name
 
 

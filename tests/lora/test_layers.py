@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _lora_helpers import CFG, megatron_world, reference_experts, tiny_model  # noqa: F401
 
 from lora.adapters.layers import ExpertLoraLinear, LoraExperts, LoraLinear
 from lora.config import LoraConfig
 from lora.model import add_adapters, freeze_base
+from tests.helpers.lora import CFG, megatron_world, reference_experts, tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 

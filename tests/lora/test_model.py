@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from _lora_helpers import CFG, lm_loss, megatron_world, tiny_model  # noqa: F401
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -25,6 +24,7 @@ from lora.model import (
     save_adapters,
     unmerge_adapters,
 )
+from tests.helpers.lora import CFG, lm_loss, megatron_world, tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 

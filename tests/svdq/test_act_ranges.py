@@ -8,7 +8,6 @@ that range (``tests/helpers/nvfp4_ref.py``) and float64 matmuls.
 
 import pytest
 import torch
-from _nvfp4_ref import nvfp4_fake_quant_ref
 from torch import nn
 
 import svdq
@@ -16,6 +15,7 @@ from calib.tiny_moe import TinyMoEConfig, build_tiny_gpt_moe, tiny_moe_batch
 from lora.framework.parallel import init_parallel
 from svdq import InputStats, SVDQConfig, SVDQLinear, decompose_linear
 from svdq.formats import dequantize, fake_quant
+from tests.helpers.nvfp4_ref import nvfp4_fake_quant_ref
 from tests.helpers.spawn import run_on_processes
 
 ULP = 2.0**-23  # float32 relative rounding: max|x/s| computed in float32 vs float64

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_distributed
 
 from svdq import InputStats, SVDQConfig
 from svdq.formats import PackedTensor, dequantize, quantize
@@ -19,6 +18,7 @@ from svdq.solvers.expert_group import (
 )
 from svdq.solvers.shared_basis import _fit, _prepare, param_count, rank_for_budget
 from svdq.solvers.smoothing import smoothing_vector
+from tests.helpers.dist import run_distributed
 
 F64 = torch.float64
 CFG = SVDQConfig(rank=4, alphas=(0.25, 0.5, 0.75), refine_steps=3, refine_tol=0.0, sample_tokens=64)

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_distributed
 
 from svdq.solvers.lowrank import lowrank_branch, output_error
 from svdq.solvers.shared_basis import (
@@ -19,6 +18,7 @@ from svdq.solvers.shared_basis import (
     shared_down,
     shared_up,
 )
+from tests.helpers.dist import run_distributed
 
 F64 = torch.float64
 

@@ -4,10 +4,10 @@ error exits 2 before any output."""
 import json
 
 import numpy as np
-from _cli_helpers import no_temporaries, run_cli_cases, svdq
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from lora.io.svdq_export import read_export_metadata
+from tests.helpers.cli import no_temporaries, run_cli_cases, svdq
 
 
 def test_calibrate_builtin_model_and_corpus(tmp_path):

@@ -12,8 +12,9 @@ import json
 
 import pytest
 import torch
-from _cli_helpers import _cases_in_process, no_temporaries, run_cli_cases
 from safetensors.torch import load_file
+
+from tests.helpers.cli import _cases_in_process, no_temporaries, run_cli_cases
 
 MODEL = ["--model", "tests.helpers.factories:make_byte_mlp"]
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)

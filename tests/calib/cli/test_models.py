@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import torch
-from _cli_helpers import run_cli_cases
 
+from tests.helpers.cli import run_cli_cases
 from tests.helpers.spawn import run_on_processes
 
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from _cli_helpers import no_temporaries, run_cli_cases, svdq
 from safetensors.torch import load_file
+
+from tests.helpers.cli import no_temporaries, run_cli_cases, svdq
 
 MODEL = ["--model", "tests.helpers.factories:make_byte_mlp"]
 

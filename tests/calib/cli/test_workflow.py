@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from _cli_helpers import interrupt, no_temporaries, run_cli_cases, svdq
 from safetensors.torch import load_file
+
+from tests.helpers.cli import interrupt, no_temporaries, run_cli_cases, svdq
 
 TOKENS = ["--tokens", "4096"]
 FT = ["--steps", "10", "--tokens", "20000", "--batch", "4", "--warmup", "3", "--dropout", "0.05"]
