@@ -57,18 +57,15 @@ from tqdm import tqdm
 
 from calib.report import CalibReport, act_range_label, dense_row, expert_row, summary_row
 from lora.adapters.layers import is_linear
-from lora.base import (
-    calibrate_input_ranges,
-    gather_full_weight,
-    install_expert_base,
-    install_svdq_base,
-    register_stats_hooks,
-)
+from lora.base import calibrate_input_ranges, register_stats_hooks
 from lora.config import LoraConfig
+from lora.families import family_of
+from lora.families.megatron_linear import is_glu_fc1
 from lora.framework.te import is_te_module
 from lora.framework.te_convert import ungroup_experts
 from lora.framework.tp import group_rank_size
-from lora.model import add_adapters, freeze_base
+from lora.install import ExpertProjection, install_experts, install_linear
+from lora.model import freeze_base
 from svdq import SVDQConfig, decompose_linear
 from svdq.layer import ACT_RANGES
 from svdq.solvers.expert_group import decompose_expert_group
@@ -255,14 +252,25 @@ def _raise_if_nonfinite(model: nn.Module, stats: dict[str, InputStats]) -> None:
 
 
 def _calibrate_dense(model, name: str, linear: nn.Module, stats: InputStats, config: CalibConfig):
-    """Decompose one dense linear on its full weight, add its adapter and quantized base;
-    returns ``(report row, SVDQResult)``."""
+    """Decompose one dense linear on its full weight and install its quantized base with the branch as
+    the adapter; returns ``(report row, SVDQResult)``."""
     cfg = config.svdq
-    result = decompose_linear(gather_full_weight(linear), stats, cfg, name=name)
-    add_adapters(
-        model, LoraConfig(rank=cfg.rank, targets=(name,), fc1_layout=None, fc2_layout=None, init="zeros")
+    glu = is_glu_fc1(model, name)
+    result = decompose_linear(family_of(linear).full_weight(linear, glu), stats, cfg, name=name)
+    install_linear(
+        model,
+        name,
+        residual=result.residual,
+        smooth=result.smooth,
+        act_format=cfg.act_format,
+        lora_down=result.lora_down,
+        lora_up=result.lora_up,
+        lora_config=LoraConfig(
+            rank=cfg.rank, targets=(name,), fc1_layout=None, fc2_layout=None, init="zeros"
+        ),
+        storage=config.storage,
+        glu=glu,
     )
-    install_svdq_base(model.get_submodule(name), result, cfg.act_format, config.storage)
     row = dense_row(name, result)
     row["stats_bytes"] = stats_nbytes([stats])
     return row, result
@@ -329,7 +337,8 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
     experts = list(moe.local_experts)
     results = {}
     for proj in ("fc1", "fc2"):
-        weights = [gather_full_weight(getattr(e, f"linear_{proj}"), glu and proj == "fc1") for e in experts]
+        linears = [getattr(e, f"linear_{proj}") for e in experts]
+        weights = [family_of(lin).full_weight(lin, glu and proj == "fc1") for lin in linears]
         group_stats = [stats[f"{name}.{i}.{proj}"] for i in range(len(experts))]
         results[proj] = decompose_expert_group(
             weights,
@@ -350,16 +359,15 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
         fc2_rank=r2.rank,
         init="zeros",
     )
-    add_adapters(model, lcfg)
-    group = model.get_submodule(name)
-    for proj, res in results.items():
-        downs = res.shared_down if res.shared_down is not None else torch.stack(list(res.lora_downs))
-        ups = res.shared_up if res.shared_up is not None else torch.stack(list(res.lora_ups))
-        group.init_from(proj, downs, ups)
-        for i, expert in enumerate(group.base.local_experts):
-            wrapper = getattr(expert, f"linear_{proj}")
-            smooth = res.expert_smooth(i)
-            install_expert_base(
-                wrapper, res.residuals[i], smooth, cfg.act_format, config.storage, glu and proj == "fc1"
-            )
+    projections = {
+        proj: ExpertProjection(
+            residuals=list(res.residuals),
+            smooths=[res.expert_smooth(i) for i in range(len(experts))],
+            act_format=cfg.act_format,
+            lora_down=res.shared_down if res.shared_down is not None else torch.stack(list(res.lora_downs)),
+            lora_up=res.shared_up if res.shared_up is not None else torch.stack(list(res.lora_ups)),
+        )
+        for proj, res in results.items()
+    }
+    install_experts(model, name, projections, lora_config=lcfg, storage=config.storage)
     return results

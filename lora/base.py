@@ -20,7 +20,8 @@ tensor's, identical on every tensor-parallel rank (:func:`calibrate_input_ranges
 is needed then. Values beyond it clip as the format does. Block / group scales stay per call.
 
 **Experts.** The same holds for expert linears under expert tensor parallelism (fc1 column-parallel with
-``[gate_k; up_k]`` shards, fc2 row-parallel): :func:`install_expert_base` shards a full-weight residual.
+``[gate_k; up_k]`` shards, fc2 row-parallel): :func:`lora.install.install_experts` shards a full-weight
+residual.
 
 Storage: ``"fake"`` keeps ``Q_w(R)`` dequantized as the (frozen) Megatron weight; ``"packed"`` keeps the
 4-bit codes and scales and dequantizes them for each forward (the transient copy is freed after backward).
@@ -36,12 +37,11 @@ from torch import Tensor, nn
 
 from lora.adapters.layers import linear_mode
 from lora.framework.te import explicit_expert_comm, fused_norm_input, tp_group_of
-from lora.framework.te_convert import is_fused_norm_linear, split_fused_norm
+from lora.framework.te_convert import is_fused_norm_linear
 from lora.framework.tp import group_rank_size, take_shard
 from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
 from svdq.layer import StaticActRange, static_range_supported
 from svdq.quantize import record_input_amax
-from svdq.solvers.linear import SVDQResult
 from svdq.stats import InputStats, run_with_hooks
 
 STORAGE_MODES = ("fake", "packed")
@@ -92,6 +92,8 @@ class SVDQBase(StaticActRange, nn.Module):
                 self.register_buffer(f"residual_{key}", t.to(device).clone())
             inner.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
         self._shape, self._dtype = tuple(residual.shape), dtype
+        # Megatron's DDP flag (False on expert weights): adapters built on this base copy it
+        self._weight_attrs = {k: getattr(weight, k) for k in ("allreduce",) if hasattr(weight, k)}
 
     def set_residual(self, packed: PackedTensor) -> None:
         """Replace the residual shard (same shape), in this base's storage mode (used by folding)."""
@@ -173,6 +175,15 @@ class SVDQBase(StaticActRange, nn.Module):
     @property
     def weight(self) -> Tensor:  # what adapters see as "the base weight"
         return self.residual_weight()
+
+    @property
+    def weight_like(self) -> Tensor:
+        """A zero-memory stand-in for the weight shard ``(out_l × in_l)``: its dtype, device and Megatron
+        attributes (``allreduce``), without dequantizing (what adapters are built on)."""
+        like = torch.empty((), dtype=self._dtype, device=self.smooth.device).expand(self._shape)
+        for key, value in self._weight_attrs.items():
+            setattr(like, key, value)
+        return like
 
     def sharded_state_dict(self, *args, **kwargs):
         raise NotImplementedError(
@@ -279,47 +290,6 @@ def collect_megatron_stats(
     stats, handles = register_stats_hooks(linears, sample_tokens, seed)
     run_with_hooks(model, forward_loop, handles)
     return stats
-
-
-# ----------------------------------------------------------------------------------- install
-
-
-def install_svdq_base(adapter: nn.Module, result: SVDQResult, act_format, storage: str = "packed", glu=False):
-    """Turn ``adapter`` (a :class:`~lora.adapters.layers.LoraLinear` on a Megatron or TE linear) into an
-    SVDQuant layer from the full-weight ``result``: its base becomes :class:`SVDQBase` holding this rank's
-    residual shard, and its branch ``result.lora_up · result.lora_down`` (sharded by ``init_from``). A TE
-    linear with a fused input norm is split first (:func:`lora.framework.te_convert.split_fused_norm`)."""
-    inner = adapter.base
-    if isinstance(inner, SVDQBase):
-        raise ValueError(f"{getattr(adapter, 'adapter_name', '')}: the base is already quantized")
-    norm = None
-    if is_fused_norm_linear(inner):  # quantize between the norm and the GEMM
-        norm, inner = split_fused_norm(inner)
-    dim = split_dim(inner)
-    rank, size = group_rank_size(tp_group_of(inner))
-    residual = shard_packed(result.residual, dim, rank, size, glu and dim == 0)
-    smooth = take_shard(result.smooth, 0, rank, size) if dim == 1 else result.smooth
-    adapter.base = SVDQBase(inner, residual, smooth, act_format, storage, input_norm=norm)
-    adapter.init_from(result.lora_down, result.lora_up)
-    return adapter
-
-
-def install_expert_base(
-    wrapper: nn.Module, residual: PackedTensor, smooth: Tensor, act_format, storage: str = "packed", glu=False
-) -> SVDQBase:
-    """Quantize the base of an expert adapter ``wrapper`` (``ExpertLoraLinear``) from the expert's *full*
-    packed residual ``(out × in)`` and smoothing ``(in,)``: this expert-TP rank keeps its shard (rows of
-    a column-parallel fc1, ``[gate_k; up_k]`` when ``glu``; columns and the smoothing slice of a
-    row-parallel fc2). The branch is set separately (``LoraExperts.init_from``)."""
-    inner = wrapper.base
-    if isinstance(inner, SVDQBase):
-        raise ValueError(f"{getattr(wrapper, 'adapter_name', '')}: the base is already quantized")
-    dim = split_dim(inner)
-    rank, size = group_rank_size(tp_group_of(inner))
-    shard = shard_packed(residual, dim, rank, size, glu and dim == 0)
-    s = take_shard(smooth, 0, rank, size) if dim == 1 else smooth
-    wrapper.base = SVDQBase(inner, shard, s, act_format, storage)
-    return wrapper.base
 
 
 # ----------------------------------------------------------------------------------- activation ranges

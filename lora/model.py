@@ -32,10 +32,11 @@ from lora.adapters.layers import (
     Factor,
     LoraExperts,
     LoraLinear,
-    is_linear,
 )
 from lora.config import LoraConfig
-from lora.framework.te import is_grouped, is_te_grouped_mlp, tp_group_of
+from lora.families import family_of
+from lora.framework.te import tp_group_of
+from svdq.modules import set_submodule
 
 FILE_FORMAT = "svdq-lora"
 FILE_VERSION = "1"
@@ -83,74 +84,38 @@ def adapter_factors(model: nn.Module) -> dict[str, Factor]:
 def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list[str]:
     """Wrap every module matched by ``config.targets`` (see :mod:`lora.config`); returns their names.
 
-    Values follow ``config.init`` drawn from ``seed`` per global factor name. Base parameters keep their
-    ``requires_grad``; call :func:`freeze_base` to train only the adapters.
+    Each matched module is handled by its family (:mod:`lora.families`: Megatron / TE linears,
+    SequentialMLP and TEGroupedMLP experts, a plain TE GroupedLinear); modules inside an experts module or
+    an adapter are not matched on their own. Values follow ``config.init`` drawn from ``seed`` per global
+    factor name. Base parameters keep their ``requires_grad``; call :func:`freeze_base` to train only the
+    adapters. Everything is checked before the model changes.
     """
-    from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
     modules = dict(model.named_modules())
-    expert_kinds = (SequentialMLP, *_WRAPPERS)
-    inside = [n for n, m in modules.items() if isinstance(m, expert_kinds) or is_te_grouped_mlp(m)]
+    inside = [n for n, m in modules.items() if isinstance(m, _WRAPPERS) or _is_experts(m)]
     plans = []
     for name, m in modules.items():
         if not name or not _matches(name, config.targets) or any(name.startswith(p + ".") for p in inside):
             continue
         if isinstance(m, _WRAPPERS):
             raise ValueError(f"{name} already has an adapter; remove_adapters() it first")
-        if type(m).__name__ == "GroupedMLP":
-            raise NotImplementedError(f"{name}: adapters on the legacy GroupedMLP are not implemented")
-        if isinstance(m, SequentialMLP) or is_te_grouped_mlp(m):
-            if config.has_expert_adapters:
-                plans.append((name, m))
-        elif is_linear(m) or is_grouped(m):
-            plans.append((name, m))
+        family = family_of(m)
+        if family is not None and family.adapter_for(model, name, m, config):
+            plans.append((name, m, family))
     if not plans:
         raise ValueError(
             f"no Megatron or TE linear, SequentialMLP or TEGroupedMLP matched targets {list(config.targets)}"
         )
-    dtype = getattr(torch, config.dtype) if config.dtype else None
-    for name, m in plans:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        if isinstance(m, SequentialMLP) or is_te_grouped_mlp(m):
-            cls = LoraExperts if isinstance(m, SequentialMLP) else LoraGroupedExperts
-            new = cls(
-                m,
-                config.rank,
-                scaling=config.scaling,
-                fc1_layout=config.fc1_layout,
-                fc2_layout=config.fc2_layout,
-                parallel=config.parallel_expert,
-                name=name,
-                dtype=dtype,
-                dropout=config.dropout,
-                ranks={"fc1": config.fc1_rank or config.rank, "fc2": config.fc2_rank or config.rank},
-            )
-        elif is_grouped(m):
-            new = GroupedLoraLinear(
-                m,
-                config.rank,
-                layout=config.fc1_layout or "shared-down",
-                scaling=config.scaling,
-                name=name,
-                dtype=dtype,
-            )
-        else:
-            glu = attr == "linear_fc1" and isinstance(parent, MLP) and parent.config.gated_linear_unit
-            new = LoraLinear(
-                m,
-                config.rank,
-                scaling=config.scaling,
-                name=name,
-                glu=glu,
-                dtype=dtype,
-                dropout=config.dropout,
-            )
+    for name, m, family in plans:
+        new = family.make_adapter(model, name, m, config)
         new.lora_config = config
         new.reset_adapter(config.init, seed)
-        setattr(parent, attr, new)
-    return [name for name, _ in plans]
+        set_submodule(model, name, new)
+    return [name for name, _, _ in plans]
+
+
+def _is_experts(m: nn.Module) -> bool:
+    family = family_of(m)
+    return family is not None and family.kind == "experts"
 
 
 def remove_adapters(model: nn.Module, pattern: str = "*") -> list[str]:

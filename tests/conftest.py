@@ -1,7 +1,12 @@
-"""Shared pytest setup: the ``gpu`` marker skips cleanly without CUDA."""
+"""Shared pytest setup: the ``gpu`` marker skips cleanly without CUDA; fixtures shared by the test
+packages (``megatron_world``)."""
+
+import os
 
 import pytest
 import torch
+
+from lora.framework.parallel import destroy_parallel, free_port, init_parallel
 
 
 def pytest_collection_modifyitems(config, items):
@@ -11,3 +16,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """A one-process Megatron world (gloo) for the module's tests, torn down afterwards."""
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    init_parallel()
+    yield
+    destroy_parallel()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

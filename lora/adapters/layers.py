@@ -141,6 +141,14 @@ def init_factor(f: Factor, init: str, seed: int) -> None:
         f.param.copy_(take_shard(full, f.dim, f.rank, f.size, f.glu))
 
 
+def base_weight(base: nn.Module) -> Tensor | None:
+    """What an adapter sizes itself on — shape, dtype, device and Megatron's ``allreduce`` flag: the base's
+    ``weight``, or for a quantized base (:class:`lora.base.SVDQBase`, also behind a wrapper) its
+    zero-memory ``weight_like`` (no dequantization)."""
+    like = getattr(base, "weight_like", None)
+    return like if like is not None else getattr(base, "weight", None)
+
+
 def _new_param(shape, like: Tensor, dtype) -> nn.Parameter:
     return nn.Parameter(torch.zeros(shape, dtype=dtype or like.dtype, device=like.device))
 
@@ -280,7 +288,7 @@ class LoraLinear(_Wrapper):
     ):
         super().__init__(base)
         self.mode = linear_mode(base)
-        weight = getattr(base, "weight", None)
+        weight = base_weight(base)
         if weight is None:
             raise TypeError(f"{name}: base linear has no weight parameter (skip_weight_param_allocation)")
         self.tp_rank, self.tp_size = group_rank_size(tp_group_of(base))
@@ -467,17 +475,18 @@ class ExpertLoraLinear(_Wrapper):
         object.__setattr__(self, "_group", group)
         self.proj, self.index, self.layout = proj, index, layout
         self.etp_rank, self.etp_size = group_rank_size(tp_group_of(base))
-        out_l, in_l = base.weight.shape
+        weight = base_weight(base)
+        out_l, in_l = weight.shape
         owns_down, owns_up = LAYOUT_OWNS[layout]
         self.down_dim = 1 if self.mode == "row" else None
         self.up_dim = 0 if self.mode == "column" else None
         r = group.ranks[proj]
         if owns_down:
-            self.lora_down = _new_param((r, in_l), base.weight, dtype)
-            set_tp_attributes(self.lora_down, self.down_dim, base.weight)
+            self.lora_down = _new_param((r, in_l), weight, dtype)
+            set_tp_attributes(self.lora_down, self.down_dim, weight)
         if owns_up:
-            self.lora_up = _new_param((out_l, r), base.weight, dtype)
-            set_tp_attributes(self.lora_up, self.up_dim, base.weight)
+            self.lora_up = _new_param((out_l, r), weight, dtype)
+            set_tp_attributes(self.lora_up, self.up_dim, weight)
 
     @property
     def global_index(self) -> int:
@@ -558,7 +567,7 @@ class ExpertParallelAdapter(_Wrapper):
         object.__setattr__(self, "_group", group)
         self.index = index
         self.etp_rank, self.etp_size = group_rank_size(base.tp_group)
-        w2 = base.linear_fc2.weight
+        w2 = base_weight(base.linear_fc2)
         self.parallel_lora_up = _new_param((w2.shape[0], group.ranks["parallel"]), w2, dtype)
         set_tp_attributes(self.parallel_lora_up, None, w2)
 
@@ -834,7 +843,7 @@ class LoraExperts(ExpertGroup):
 
     def _expert_weights(self, base: nn.Module) -> tuple[Tensor, Tensor]:
         e0 = base.local_experts[0]
-        return e0.linear_fc1.weight, e0.linear_fc2.weight
+        return base_weight(e0.linear_fc1), base_weight(e0.linear_fc2)
 
     def _wrap_experts(self, dtype) -> None:
         experts = self.base.local_experts

@@ -16,29 +16,28 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lora.adapters.layers import LAYOUT_OWNS, ExpertLoraLinear, LoraExperts, linear_mode
-from lora.base import SVDQBase, shard_packed
+from lora.adapters.layers import LAYOUT_OWNS, linear_mode
+from lora.base import SVDQBase
 from lora.config import LoraConfig
 from lora.framework.te import tp_group_of
-from lora.framework.te_convert import is_fused_norm_linear, split_fused_norm, ungroup_experts
-from lora.framework.tp import group_rank_size, take_shard
+from lora.framework.te_convert import ungroup_experts
+from lora.framework.tp import group_rank_size
+from lora.install import ExpertProjection, install_experts, install_linear
 from lora.io.container import DTYPE_NAMES, CheckpointReader
 from lora.io.naming import check_specs, linear_specs, parse_linear_meta, read_linear, residual_specs
 from lora.io.sites import (
     MODEL_KIND,
     OtherTensor,
     check_no_pipeline,
-    dense_split,
     expert_key,
     expert_linears,
     is_glu_fc1,
     linear_bias,
     other_tensors,
     unwrap,
-    unwrap_expert,
 )
 from lora.io.torch_model import check_model_kind
-from lora.model import adapter_modules, add_adapters, freeze_base
+from lora.model import adapter_modules, freeze_base
 from svdq.layer import static_range_supported
 
 PROJ_DIM = {"fc1": 0, "fc2": 1}  # split dim of expert linears (column fc1, row fc2)
@@ -53,7 +52,7 @@ class _Dense:
 
 
 @dataclass
-class _Group:
+class _ExpertGroupPlan:
     name: str
     meta: dict
     lora: LoraConfig | None
@@ -63,7 +62,7 @@ class _Group:
 @dataclass
 class Plan:
     dense: list[_Dense]
-    groups: list[_Group]
+    groups: list[_ExpertGroupPlan]
     other: list[OtherTensor]
 
 
@@ -160,7 +159,7 @@ def _group_factor_specs(name: str, gmeta: dict, fields: dict, cfg: LoraConfig, n
     return specs
 
 
-def _validate_group(model, reader: CheckpointReader, name: str, gmeta: dict) -> tuple[_Group, dict]:
+def _validate_group(model, reader: CheckpointReader, name: str, gmeta: dict) -> tuple[_ExpertGroupPlan, dict]:
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     who = f"expert group {name}"
@@ -177,7 +176,7 @@ def _validate_group(model, reader: CheckpointReader, name: str, gmeta: dict) -> 
     if not isinstance(projections, dict) or set(projections) != {"fc1", "fc2"}:
         raise ValueError(f"{who}: metadata field 'projections' must have fc1 and fc2")
     cfg = _lora(gmeta, who)
-    plan = _Group(name, gmeta, cfg)
+    plan = _ExpertGroupPlan(name, gmeta, cfg)
     specs = {}
     for proj, pm in projections.items():
         amax = pm.get("input_amax")
@@ -261,74 +260,42 @@ def validate(model: nn.Module, reader: CheckpointReader) -> Plan:
 # ----------------------------------------------------------------------------------------------- install
 
 
-def _copy_bias(linear: nn.Module, full: torch.Tensor | None) -> None:
-    if full is None:
-        return
-    b = linear.bias
-    dim = int(b.partition_dim) if getattr(b, "tensor_model_parallel", False) else None
-    rank, size = group_rank_size(tp_group_of(linear))
-    with torch.no_grad():
-        b.copy_(take_shard(full, dim, rank, size))
-
-
-def _make_base(linear, st, dim: int, glu: bool, storage: str) -> SVDQBase:
-    norm = None
-    if is_fused_norm_linear(linear):  # quantize between the norm and the GEMM
-        norm, linear = split_fused_norm(linear)
-    rank, size = group_rank_size(tp_group_of(linear))
-    residual = shard_packed(st.residual, dim, rank, size, glu and dim == 0)
-    smooth = take_shard(st.smooth, 0, rank, size) if dim == 1 else st.smooth
-    _copy_bias(linear, st.bias)
-    base = SVDQBase(linear, residual, smooth, st.act_format, storage, input_norm=norm)
-    if st.input_amax is not None:
-        base.set_input_amax(st.input_amax)
-    return base
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
 def _install_dense(model, reader: CheckpointReader, p: _Dense, storage: str) -> None:
     st = read_linear(reader, p.name, p.meta)
-    linear = model.get_submodule(p.name)
-    dim = dense_split(linear)[0]
-    if p.lora is None:
-        _set(model, p.name, _make_base(linear, st, dim, p.glu, storage))
-        return
-    add_adapters(model, p.lora)
-    adapter = model.get_submodule(p.name)
-    adapter.base = _make_base(linear, st, dim, p.glu, storage)
-    adapter.init_from(st.lora_down, st.lora_up)
+    install_linear(
+        model,
+        p.name,
+        residual=st.residual,
+        smooth=st.smooth,
+        act_format=st.act_format,
+        lora_down=st.lora_down,
+        lora_up=st.lora_up,
+        lora_config=p.lora,
+        input_amax=st.input_amax,
+        bias=st.bias,
+        storage=storage,
+        glu=p.glu,
+    )
 
 
-def _install_group(model, reader: CheckpointReader, p: _Group, storage: str) -> None:
-    if p.lora is not None:
-        add_adapters(model, p.lora)
-    site = model.get_submodule(p.name)
-    seq = site.base if isinstance(site, LoraExperts) else site
+def _install_group(model, reader: CheckpointReader, p: _ExpertGroupPlan, storage: str) -> None:
+    seq = model.get_submodule(p.name)
     first = group_rank_size(seq.ep_group)[0] * seq.num_local_experts
-    glu = bool(seq.config.gated_linear_unit)
-    for i, expert in enumerate(seq.local_experts):
-        expert = unwrap_expert(expert)
-        g = first + i
-        for proj in ("fc1", "fc2"):
+    projections = {}
+    for proj in ("fc1", "fc2"):
+        states = []
+        for g in range(first, first + seq.num_local_experts):
             prefix = expert_key(p.name, g, f"linear_{proj}")
             meta = {**p.meta["projections"][proj], "input_amax": p.fields[proj][g]["input_amax"]}
-            st = read_linear(reader, prefix, meta, with_branch=False)
-            lin = getattr(expert, f"linear_{proj}")
-            base = _make_base(unwrap(lin), st, PROJ_DIM[proj], glu and proj == "fc1", storage)
-            if isinstance(lin, ExpertLoraLinear):
-                lin.base = base
-            else:
-                setattr(expert, f"linear_{proj}", base)
-    if isinstance(site, LoraExperts):
-        with torch.no_grad():
-            for f in site.factors():
-                t = reader.get(f.key)
-                t = t / site.scaling if f.role == "up" else t
-                f.param.copy_(f.to_local(t, p.name))
+            states.append(read_linear(reader, prefix, meta, with_branch=False))
+        projections[proj] = ExpertProjection(
+            residuals=[st.residual for st in states],
+            smooths=[st.smooth for st in states],
+            act_format=states[0].act_format,
+            input_amax=[st.input_amax for st in states],
+            biases=[st.bias for st in states],
+        )
+    install_experts(model, p.name, projections, lora_config=p.lora, factor_source=reader.get, storage=storage)
 
 
 def install(model: nn.Module, reader: CheckpointReader, plan: Plan, storage: str, progress: bool) -> None:

@@ -3,32 +3,13 @@ float64 reference of an adapted ``SequentialMLP`` computed by hand."""
 
 from __future__ import annotations
 
-import os
-
-import pytest
 import torch
 import torch.nn.functional as F
 
 from calib.tiny_moe import TinyMoEConfig, build_tiny_gpt_moe
 from lora.adapters.layers import ExpertLoraLinear, ExpertParallelAdapter, LoraExperts
-from lora.framework.parallel import destroy_parallel, free_port, init_parallel
 
 CFG = TinyMoEConfig()
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    """A one-process Megatron world (gloo) for the module's tests, torn down afterwards."""
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-    init_parallel()
-    yield
-    destroy_parallel()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def tiny_model(seed: int = 1, **cfg):

@@ -25,12 +25,32 @@ def _problem():
     return W, xs
 
 
+def _install(linear, name: str, result, act_format, storage: str = "packed"):
+    """:func:`lora.install.install_linear` of ``result`` on a standalone Megatron linear (held in a
+    one-module container as its "model"); returns the adapter."""
+    from lora.config import LoraConfig
+    from lora.install import install_linear
+
+    holder = torch.nn.ModuleDict({name: linear})
+    cfg = LoraConfig(rank=R, targets=(name,), fc1_layout=None, fc2_layout=None, init="zeros")
+    return install_linear(
+        holder,
+        name,
+        residual=result.residual,
+        smooth=result.smooth,
+        act_format=act_format,
+        lora_down=result.lora_down,
+        lora_up=result.lora_up,
+        lora_config=cfg,
+        storage=storage,
+    )
+
+
 def _worker(rank, world, storage):
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from lora.adapters.layers import LoraLinear
-    from lora.base import collect_megatron_stats, gather_full_weight, install_svdq_base
+    from lora.base import collect_megatron_stats, gather_full_weight
     from svdq import SVDQConfig, decompose_linear
 
     init_parallel(tensor_parallel=world)
@@ -57,7 +77,7 @@ def _worker(rank, world, storage):
         stats = collect_megatron_stats({name: lin}, lambda m, calib=calib: [m(x) for x in calib], lin)
         full = gather_full_weight(lin)
         result = decompose_linear(full, stats[name], cfg, name=name)
-        wrap = install_svdq_base(LoraLinear(lin, R, name=name), result, cfg.act_format, storage=storage)
+        wrap = _install(lin, name, result, cfg.act_format, storage)
         x = local[3].clone().requires_grad_()
         y, _ = wrap(x)
         y.float().square().sum().backward()
@@ -116,8 +136,6 @@ def _merge_worker(rank, world):
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    from lora.adapters.layers import LoraLinear
-    from lora.base import install_svdq_base
     from svdq import SVDQConfig, decompose_linear
     from svdq.stats import InputStats
 
@@ -131,9 +149,7 @@ def _merge_worker(rank, world):
         lin.weight.copy_(W)
     st = InputStats(IN)
     st.update(xs[0])
-    wrap = install_svdq_base(
-        LoraLinear(lin, R, name="l"), decompose_linear(W, st, SVDQConfig(rank=R)), "nvfp4"
-    )
+    wrap = _install(lin, "l", decompose_linear(W, st, SVDQConfig(rank=R)), "nvfp4")
     try:
         wrap.merge()
     except TypeError as exc:

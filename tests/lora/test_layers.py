@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lora.adapters.layers import ExpertLoraLinear, LoraExperts, LoraLinear
 from lora.config import LoraConfig
 from lora.model import add_adapters, freeze_base
-from tests.helpers.lora import CFG, megatron_world, reference_experts, tiny_model  # noqa: F401
+from tests.helpers.lora import CFG, reference_experts, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 

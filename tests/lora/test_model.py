@@ -24,7 +24,7 @@ from lora.model import (
     save_adapters,
     unmerge_adapters,
 )
-from tests.helpers.lora import CFG, lm_loss, megatron_world, tiny_model  # noqa: F401
+from tests.helpers.lora import CFG, lm_loss, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 
