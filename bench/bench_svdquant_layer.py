@@ -4,7 +4,7 @@ Rows: RTN, smoothing only, ours (whitening on/off × refinement on/off), nvidia-
 the same rank and format. Columns: calibration seconds (the whole quantize call, forward loop included)
 and relative output error ‖y − y_ref‖/‖y_ref‖ on held-out tokens (y_ref = the unquantized layer).
 
-Layers are synthetic with outliers, as in DESIGN.md: a bf16 weight with 16 outlier input columns,
+Layers are synthetic with outliers, as in svdq/DESIGN.md §3: a bf16 weight with 16 outlier input columns,
 calibration inputs with 8 outlier channels (same distribution for the held-out tokens).
 
     python bench/bench_svdquant_layer.py    # GPU: nvfp4 W4A4; CPU: int4 W4A16 (modelopt NVFP4 needs CUDA)

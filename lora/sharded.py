@@ -1,6 +1,6 @@
 """Distributed (``dist_checkpointing``) state of the adapters: ``sharded_state_dict`` building blocks.
 
-Design (DESIGN.md §4):
+Design (svdq/DESIGN.md §9, §11.2):
 
 * Adapter wrappers are *transparent*: the base module's entries keep exactly the keys, shardings and
   replica ids they have without adapters (a pretrained checkpoint loads into an adapted model and back).

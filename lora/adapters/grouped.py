@@ -1,4 +1,4 @@
-"""Adapters on Transformer Engine grouped expert linears and on ``TEGroupedMLP`` (DESIGN.md §4, §6).
+"""Adapters on Transformer Engine grouped expert linears and ``TEGroupedMLP`` (svdq/DESIGN.md §11.2, §11.5).
 
 A TE grouped linear runs one projection of all local experts in one call: ``forward(x (T × in_l),
 m_splits) -> (out (T × out_l), bias)``; the rows of ``x`` are grouped by expert (``m_splits[i]`` rows for

@@ -1,4 +1,4 @@
-"""Patches that let megatron-core run on a machine without CUDA (DESIGN.md §4).
+"""Patches that let megatron-core run on a machine without CUDA (svdq/DESIGN.md §11.1).
 
 Megatron assumes a CUDA device in a handful of places. :func:`apply_cpu_patches` replaces exactly
 those, and only when ``torch.cuda.is_available()`` is False, so a GPU run is never altered.

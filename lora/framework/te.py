@@ -1,7 +1,7 @@
 """Transformer Engine modules as the adapters see them, without importing TE (it only exists on GPU hosts).
 
 Modules are recognized by the class names in their MRO, so nvidia-modelopt's quantized subclasses (made
-by class swapping) are recognized too. What matters to an adapter (DESIGN.md §6):
+by class swapping) are recognized too. What matters to an adapter (svdq/DESIGN.md §11.5):
 
 * **Kinds** (:func:`te_kind`): Megatron's ``TEColumnParallelLinear`` (``"column"``),
   ``TERowParallelLinear`` (``"row"``), ``TELayerNormColumnParallelLinear`` (``"layernorm-column"``: the

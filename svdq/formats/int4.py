@@ -13,7 +13,7 @@ below for how it differs from "scale = amax / 7, code = round(w / scale)"). For 
 the roundings that modelopt's computation in the input dtype performs, so results do not depend on how a
 backend evaluates 16-bit arithmetic. ``1 / amax * 7`` is how PyTorch evaluates modelopt's ``7 / amax``.
 
-Notes (where this differs from DESIGN.md's ``scale = amax / 7``, ``code = round(w / scale)``):
+Notes (where this differs from svdq/DESIGN.md §2's ``scale = amax / 7``, ``code = round(w / scale)``):
 
 - the stored per-group scale is the multiplier ``7 / amax`` in the input dtype (bf16/fp16 for 16-bit
   weights, float32 for float32 inputs); dequantization divides by it;

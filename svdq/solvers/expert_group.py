@@ -1,4 +1,4 @@
-"""SVDQuant of the E experts of one MoE projection (DESIGN.md §3.2–3.4).
+"""SVDQuant of the E experts of one MoE projection (svdq/DESIGN.md §3, §4).
 
 Expert ``i`` (weight ``W_i: out × in``, routed calibration inputs ``X_i (n_i × in)``, ``C_i = X_iᵀX_i``)
 becomes

@@ -1,4 +1,4 @@
-"""SVDQuant decomposition of one linear layer (DESIGN.md §3.2).
+"""SVDQuant decomposition of one linear layer (svdq/DESIGN.md §3).
 
     W (out × in)  ≈  Q_w(R)·diag(1/s)  +  B·A'           A' = A·diag(1/s)
 

@@ -1,4 +1,4 @@
-"""Low-rank branch of one dense weight (DESIGN.md §3.2, step 2).
+"""Low-rank branch of one dense weight (svdq/DESIGN.md §3, step 2).
 
 Conventions used throughout:
 

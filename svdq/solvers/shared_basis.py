@@ -1,4 +1,4 @@
-"""Low-rank branches for the E experts of one MoE projection (DESIGN.md §3.3).
+"""Low-rank branches for the E experts of one MoE projection (svdq/DESIGN.md §4).
 
 Three layouts of the rank-``r`` branch ``W_i ≈ B_i·A_i`` of expert ``i`` (``W_i: out × in``):
 

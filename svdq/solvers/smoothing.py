@@ -1,4 +1,4 @@
-"""Smoothing vectors that move activation outliers into the weight (DESIGN.md §3.2 step 1)."""
+"""Smoothing vectors that move activation outliers into the weight (svdq/DESIGN.md §3 step 1)."""
 
 from __future__ import annotations
 

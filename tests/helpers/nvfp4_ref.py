@@ -1,6 +1,6 @@
 """An independent NVFP4 fake quantization with a given per-tensor range, for the static-range tests.
 
-Written from the format definition (DESIGN.md §3.1), not from ``svdq.formats``: the scales follow the
+Written from the format definition (svdq/DESIGN.md §2), not from ``svdq.formats``: the scales follow the
 definition in float32 (``g = amax / (6·448)``, block scale ``e4m3(clamp(amax_b / (6·g), 2⁻⁹, 448))``), the
 scaled values and the result are float64, E2M1 rounding is nearest with ties to the even code, and
 magnitudes above 6 saturate.

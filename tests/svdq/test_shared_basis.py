@@ -78,7 +78,7 @@ def test_shared_down_common_covariance_is_exactly_optimal():
     optimum = float(s[rank:].square().sum())
     assert _objective(W, [X] * E, res) == pytest.approx(optimum, rel=1e-5)  # float32 factors
 
-    # and the factors are those of DESIGN.md §3.3: A = V_rᵀ·S⁻¹, B_i = W_i·S·V_r (S = chol(E·C)).
+    # and the factors are those of svdq/DESIGN.md §4: A = V_rᵀ·S⁻¹, B_i = W_i·S·V_r (S = chol(E·C)).
     S = torch.linalg.cholesky(E * C)
     V = torch.linalg.svd(torch.cat([w @ S for w in W]), full_matrices=False).Vh[:rank].mT
     A_ref = torch.linalg.solve_triangular(S, V.mT, upper=False, left=False)

@@ -395,9 +395,9 @@ def _ep_worker(rank: int, world_size: int, ckpt_dir: str, parallel: bool):
 @pytest.mark.parametrize("parallel", [False, True], ids=["shared", "parallel"])
 def test_expert_parallel_2_grouped_checkpoint_nccl(tmp_path, parallel):
     """EP=2 on two GPUs (NCCL): each rank saves its global experts' factors (expert axis + expert-DP
-    replica ids); reloading gives every rank its own experts back (not rank 0's, DESIGN.md §4 trap 2), and
-    a single-process model — grouped or SequentialMLP — loads the EP=2 checkpoint with every global
-    expert's values."""
+    replica ids); reloading gives every rank its own experts back (not rank 0's, svdq/DESIGN.md §11.2
+    trap 2), and a single-process model — grouped or SequentialMLP — loads the EP=2 checkpoint with every
+    global expert's values."""
     ranks = run_on_processes(_ep_worker, 2, str(tmp_path / "ep2"), parallel, timeout=600)
     for r in ranks:
         assert r["out_of_sync"] == []
