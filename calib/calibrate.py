@@ -2,14 +2,14 @@
 
 Same calling convention as ``svdq.quantize`` and nvidia-modelopt's ``mtq.quantize``. Steps:
 
-1. **Targets**: Megatron linears (local or Transformer Engine) matching ``config.dense_targets`` and
-   ``SequentialMLP`` experts modules matching ``config.expert_targets`` (an empty match is an error,
-   raised before any work). A matched ``TEGroupedMLP`` is first replaced by the equivalent SequentialMLP
-   of TE expert linears (:func:`lora.framework.te_convert.ungroup_experts`): quantized experts run per expert;
-   a TE linear with a fused input norm is split at install
-   (:func:`lora.framework.te_convert.split_fused_norm`). A plain torch model (no Megatron module) goes through
-   :func:`svdq.quantize` instead (``nn.Linear`` modules selected by ``config.svdq.include`` / ``exclude``),
-   with the same report.
+1. **Targets**, found by module family (:mod:`lora.families`): linears (Megatron local or Transformer
+   Engine) matching ``config.dense_targets`` and experts modules (``SequentialMLP``, ``TEGroupedMLP``)
+   matching ``config.expert_targets`` (an empty match is an error, raised before any work). A matched
+   ``TEGroupedMLP`` is first replaced by the equivalent SequentialMLP of TE expert linears
+   (:func:`lora.framework.te_convert.ungroup_experts`): quantized experts run per expert. Each target is
+   installed by :mod:`lora.install` (a TE linear with a fused input norm is split there). A plain torch
+   model (no Megatron module) goes through :func:`svdq.quantize` instead (``nn.Linear`` modules selected
+   by ``config.svdq.include`` / ``exclude``), with the same report.
 2. **Statistics** by forward pre-hooks, no change to model code: per dense linear the full-feature input
    (gathered over tensor-parallel ranks); per expert the *routed* inputs of its ``linear_fc1`` and, for
    ``linear_fc2``, the routed intermediate activations (SequentialMLP calls each expert on its tokens; the
@@ -56,13 +56,10 @@ from torch import nn
 from tqdm import tqdm
 
 from calib.report import CalibReport, act_range_label, dense_row, expert_row, summary_row
-from lora.adapters.layers import is_linear
 from lora.base import calibrate_input_ranges, register_stats_hooks
 from lora.config import LoraConfig
-from lora.families import family_of
+from lora.families import family_of, is_megatron_model
 from lora.families.megatron_linear import is_glu_fc1
-from lora.framework.te import is_te_module
-from lora.framework.te_convert import ungroup_experts
 from lora.framework.tp import group_rank_size
 from lora.install import ExpertProjection, install_experts, install_linear
 from lora.model import freeze_base
@@ -111,17 +108,18 @@ def _match(name: str, patterns) -> bool:
 
 
 def find_targets(model: nn.Module, config: CalibConfig) -> tuple[dict, dict]:
-    """``(dense linears, SequentialMLP modules)`` by name (Megatron's local or Transformer Engine
-    linears); raises if nothing matches."""
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
+    """``(dense linears, experts modules)`` by name: modules of a quantizable family
+    (:mod:`lora.families`) of kind ``"linear"`` matching ``config.dense_targets`` (not inside an experts
+    module) and of kind ``"experts"`` matching ``config.expert_targets``; raises if nothing matches."""
     dense, experts = {}, {}
     for name, m in model.named_modules():
-        if isinstance(m, SequentialMLP) and _match(name, config.expert_targets):
+        family = family_of(m)
+        if family is None or not family.quantizable or not family.megatron:
+            continue
+        if family.kind == "experts" and _match(name, config.expert_targets):
             experts[name] = m
-        elif is_linear(m) and _match(name, config.dense_targets):
-            if ".experts." not in name:
-                dense[name] = m
+        elif family.kind == "linear" and _match(name, config.dense_targets) and ".experts." not in name:
+            dense[name] = m
     if not dense and not experts:
         raise ValueError(
             f"no target matched dense_targets={list(config.dense_targets)} "
@@ -167,10 +165,11 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
     (:func:`stats_nbytes`; all targets in "all" mode, the largest layer in "layerwise" mode).
     """
     t0 = time.perf_counter()
-    if not _has_megatron_modules(model):
+    if not is_megatron_model(model):
         return _calibrate_torch(model, forward_loop, config, t0)
-    ungroup_experts(model, config.expert_targets)  # TEGroupedMLP -> SequentialMLP of TE linears
     dense, experts = find_targets(model, config)
+    # the experts module whose linears get the bases (a TEGroupedMLP becomes a SequentialMLP of TE linears)
+    experts = {n: family_of(m).experts_for_quantization(model, n) for n, m in experts.items()}
     _validate(dense, experts, config)
     work = [
         ("dense" if n in dense else "experts", n)
@@ -289,14 +288,6 @@ def _svdq_bases(model: nn.Module, work) -> dict:
             for i, expert in enumerate(module.base.local_experts):
                 bases[f"{name}.linear_{proj}#{i}"] = getattr(expert, f"linear_{proj}").base
     return bases
-
-
-def _has_megatron_modules(model: nn.Module) -> bool:
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
-    kinds = (ColumnParallelLinear, RowParallelLinear, SequentialMLP)
-    return any(isinstance(m, kinds) or is_te_module(m) for m in model.modules())
 
 
 def _calibrate_torch(model: nn.Module, forward_loop, config: CalibConfig, t0: float) -> CalibReport:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lora.adapters.layers import ExpertGroup, LoraLinear
 from lora.families.base import Family
 from lora.families.legacy_grouped import LegacyGroupedMLP
 from lora.families.megatron_linear import MegatronLinear
@@ -57,6 +58,9 @@ FAMILIES: list[Family] = [
 ]
 
 
+ADAPTED = (LoraLinear, ExpertGroup)  # adapters whose base is a Megatron / TE module
+
+
 def register_family(family: Family, *, before: str | None = None) -> Family:
     """Add ``family`` to :data:`FAMILIES` (at the end, or just before the family named ``before``)."""
     if any(f.name == family.name for f in FAMILIES):
@@ -76,6 +80,14 @@ def family_of(module: nn.Module) -> Family | None:
     return None
 
 
+def is_megatron_model(model: nn.Module) -> bool:
+    """Whether ``model`` holds a module of a Megatron-core / Transformer Engine family (or an adapter
+    on one): the Megatron paths of calibration, export and loading; else a plain torch model."""
+    return any(
+        getattr(family_of(m), "megatron", False) or hasattr(m, "adapter_name") for m in model.modules()
+    )
+
+
 def family_named(name: str) -> Family:
     for family in FAMILIES:
         if family.name == name:
@@ -83,4 +95,4 @@ def family_named(name: str) -> Family:
     raise KeyError(f"no module family named {name!r} (known: {[f.name for f in FAMILIES]})")
 
 
-__all__ = ["FAMILIES", "Family", "family_named", "family_of", "register_family"]
+__all__ = ["FAMILIES", "Family", "family_named", "family_of", "is_megatron_model", "register_family"]

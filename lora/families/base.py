@@ -22,11 +22,14 @@ class Family:
 
     ``kind``: ``"linear"`` (one weight) or ``"experts"`` (the experts of one MoE layer).
     ``quantizable``: the module can get an SVDQuant base in place (:mod:`lora.install`).
+    ``megatron``: a Megatron-core / Transformer Engine module (such models take the Megatron path of
+    calibration and export; models with none are plain torch models, :func:`svdq.quantize`).
     """
 
     name: str = ""
     kind: str = "linear"
     quantizable: bool = False
+    megatron: bool = True
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError

@@ -13,6 +13,7 @@ class TorchLinear(Family):
     name = "torch-linear"
     kind = "linear"
     quantizable = True
+    megatron = False
 
     def matches(self, module: nn.Module) -> bool:
         return type(module) is nn.Linear

@@ -27,9 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lora.adapters.layers import ExpertLoraLinear, ExpertParallelAdapter, LoraExperts, LoraLinear, linear_mode
+from lora.adapters.layers import ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, LoraLinear, linear_mode
 from lora.base import SVDQBase
-from lora.framework.te import is_te_grouped_mlp, is_te_module, tp_group_of
+from lora.families import family_of
+from lora.families.megatron_linear import is_glu_fc1
+from lora.framework.te import is_te_grouped_mlp, tp_group_of
 from lora.framework.tp import group_rank_size, take_shard
 from svdq.formats import PackedTensor
 
@@ -107,15 +109,6 @@ def linear_bias(linear: nn.Module) -> Tensor | None:
     return b if isinstance(b, Tensor) and b.numel() > 0 else None
 
 
-def is_glu_fc1(model: nn.Module, name: str) -> bool:
-    """``name`` is the ``linear_fc1`` of a gated ``MLP`` (rows ``[gate; up]``)."""
-    from megatron.core.transformer.mlp import MLP
-
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return attr == "linear_fc1" and isinstance(parent, MLP) and bool(parent.config.gated_linear_unit)
-
-
 def expert_linears(seq: nn.Module, proj: str) -> list[nn.Module]:
     """The ``linear_<proj>`` module (wrapper or bare) of every local expert of a ``SequentialMLP``."""
     return [getattr(unwrap_expert(e), f"linear_{proj}") for e in seq.local_experts]
@@ -127,44 +120,46 @@ def unwrap_expert(e: nn.Module) -> nn.Module:
 
 def find_sites(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """``(dense, groups)``: quantized dense sites ``{name: LoraLinear | SVDQBase}`` and expert groups
-    ``{name: LoraExperts | SequentialMLP}`` by module name. ``ValueError`` naming the module for an
-    adapter on an unquantized base (merge it or save it with ``save_adapters``) or a partly quantized
+    ``{name: LoraExperts | SequentialMLP}`` by module name, recognised by module family
+    (:mod:`lora.families`, looking through an adapter to its base). ``ValueError`` naming the module for
+    an adapter on an unquantized base (merge it or save it with ``save_adapters``) or a partly quantized
     expert group."""
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
     dense, groups = {}, {}
     inside: list[str] = []
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if type(m).__name__ == "LoraGroupedExperts":
-            raise ValueError(
-                f"{name}: adapters on unquantized TEGroupedMLP experts cannot be exported as a quantized "
-                "layer; save them with lora.save_adapters"
-            )
-        if isinstance(m, (LoraExperts, SequentialMLP)):
-            seq = m.base if isinstance(m, LoraExperts) else m
+        adapted = isinstance(m, (LoraLinear, ExpertGroup))
+        family = family_of(m.base if adapted else m)
+        if family is None:
+            continue
+        if family.kind == "experts" and family.name != "sequential-mlp":
+            if adapted:
+                raise ValueError(
+                    f"{name}: adapters on unquantized TEGroupedMLP experts cannot be exported as a quantized "
+                    "layer; save them with lora.save_adapters"
+                )
+            continue
+        if family.kind == "experts":
+            seq = m.base if adapted else m
             bases = [unwrap(lin) for p in ("fc1", "fc2") for lin in expert_linears(seq, p)]
             quantized = [isinstance(b, SVDQBase) for b in bases]
             if all(quantized):
                 groups[name] = m
             elif any(quantized):
                 raise ValueError(f"{name}: only some expert linears are quantized; export needs all or none")
-            elif isinstance(m, LoraExperts):
+            elif adapted:
                 raise ValueError(
                     f"{name}: adapters on unquantized experts cannot be exported as a quantized layer; "
                     "save them with lora.save_adapters"
                 )
             inside.append(name)
-        elif isinstance(m, LoraLinear):
-            if not isinstance(m.base, SVDQBase):
+        elif isinstance(m, LoraLinear) or family.name == "svdq-base":
+            if not isinstance(unwrap(m), SVDQBase):
                 raise ValueError(
                     f"{name}: an adapter on an unquantized base cannot be exported as a quantized layer; "
                     "merge it (lora.merge_adapters) or save it with lora.save_adapters"
                 )
-            dense[name] = m
-            inside.append(name)
-        elif isinstance(m, SVDQBase):
             dense[name] = m
             inside.append(name)
     return dense, groups
@@ -176,15 +171,6 @@ def check_no_pipeline() -> None:
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise NotImplementedError("export/load of pipeline-parallel models is not supported")
-
-
-def is_megatron_model(model: nn.Module) -> bool:
-    """Whether ``model`` holds Megatron linears / experts or our adapters on them."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
-    kinds = (ColumnParallelLinear, RowParallelLinear, SequentialMLP, LoraLinear, LoraExperts, SVDQBase)
-    return any(isinstance(m, kinds) or is_te_module(m) for m in model.modules())
 
 
 # ------------------------------------------------------------------------------------------ other tensors

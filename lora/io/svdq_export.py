@@ -52,6 +52,8 @@ from tqdm import tqdm
 
 from lora.adapters.layers import ExpertLoraLinear, ExpertParallelAdapter, LoraExperts, LoraLinear, linear_mode
 from lora.base import SVDQBase
+from lora.families import is_megatron_model
+from lora.families.megatron_linear import is_glu_fc1
 from lora.framework.te import tp_group_of
 from lora.framework.tp import group_rank_size
 from lora.io.container import DTYPE_NAMES, read_metadata, write_checkpoint
@@ -66,8 +68,6 @@ from lora.io.sites import (
     find_sites,
     gather_dim,
     gather_packed,
-    is_glu_fc1,
-    is_megatron_model,
     linear_bias,
     other_tensors,
     rank0_call,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from lora.adapters.layers import LAYOUT_OWNS, linear_mode
 from lora.base import SVDQBase
 from lora.config import LoraConfig
+from lora.families.megatron_linear import is_glu_fc1
 from lora.framework.te import tp_group_of
 from lora.framework.te_convert import ungroup_experts
 from lora.framework.tp import group_rank_size
@@ -31,7 +32,6 @@ from lora.io.sites import (
     check_no_pipeline,
     expert_key,
     expert_linears,
-    is_glu_fc1,
     linear_bias,
     other_tensors,
     unwrap,
