@@ -64,6 +64,25 @@ def _family(model: nn.Module, name: str, kind: str) -> tuple[nn.Module, Family]:
     return module, family
 
 
+@dataclass
+class LinearSite:
+    """What one linear site gets: ``residual`` the full packed ``Q_w(R)`` ``(out × in)``, ``smooth``
+    ``(in,)`` float32, the full factors ``lora_down`` ``(r × in)`` / ``lora_up`` ``(out × r)`` (``None``:
+    no branch), ``act_format``, ``input_amax`` (static activation range, ``None``: dynamic), ``bias`` (a
+    full bias to copy in, ``None``: keep the module's), ``glu`` (a gated fc1 with ``[gate; up]`` rows),
+    ``dtype`` (of a plain-torch layer; ``None``: the module weight's)."""
+
+    residual: PackedTensor
+    smooth: Tensor
+    act_format: object
+    lora_down: Tensor | None = None
+    lora_up: Tensor | None = None
+    input_amax: Tensor | float | None = None
+    bias: Tensor | None = None
+    glu: bool = False
+    dtype: torch.dtype | None = None
+
+
 def copy_bias(linear: nn.Module, full: Tensor | None) -> None:
     """Copy this rank's shard of the full ``bias`` into ``linear`` (nothing for ``None``)."""
     if full is None:
@@ -75,11 +94,12 @@ def copy_bias(linear: nn.Module, full: Tensor | None) -> None:
         b.copy_(take_shard(full, dim, tp_rank, tp_size))
 
 
-def _base(family: Family, module, residual, smooth, act_format, storage, glu, input_amax, bias):
-    base = family.make_base(module, residual, smooth, act_format, storage, glu)
-    copy_bias(base.inner, bias)
-    if input_amax is not None:
-        base.set_input_amax(input_amax)
+def quantized_base(family: Family, module: nn.Module, site: LinearSite, storage: str) -> nn.Module:
+    """The quantized base of a Megatron / TE ``module`` (this rank's shards; bias and static range set)."""
+    base = family.make_base(module, site.residual, site.smooth, site.act_format, storage, site.glu)
+    copy_bias(base.inner, site.bias)
+    if site.input_amax is not None:
+        base.set_input_amax(site.input_amax)
     return base
 
 
@@ -97,13 +117,17 @@ def install_linear(
     bias: Tensor | None = None,
     storage: str = "packed",
     glu: bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Quantize the linear ``name`` of ``model`` in place (see the module docstring); returns the module
-    now at ``name`` (the adapter, or the bare base without ``lora_config``).
+    now at ``name``: for Megatron / TE linears the adapter (:class:`~lora.adapters.layers.LoraLinear`
+    around the :class:`~lora.base.SVDQBase`), or the bare base without ``lora_config``; for a plain
+    ``nn.Linear`` the :class:`svdq.SVDQLinear` (which carries the branch itself; ``lora_config`` unused).
 
     ``residual``: full packed ``Q_w(R)`` ``(out × in)``; ``smooth``: ``(in,)``; ``lora_down`` ``(r × in)``
     and ``lora_up`` ``(out × r)`` full factors (required with ``lora_config``); ``bias``: a full bias to
-    copy into the linear; ``glu``: the linear is a gated fc1 (``[gate; up]`` rows; default: detected)."""
+    copy into the linear; ``glu``: the linear is a gated fc1 (``[gate; up]`` rows; default: detected);
+    ``dtype``: a plain-torch layer's dtype (default: the replaced weight's)."""
     module, family = _family(model, name, "linear")
     if lora_config is not None and (lora_down is None or lora_up is None):
         raise ValueError(f"{name}: an adapter needs lora_down and lora_up")
@@ -111,15 +135,8 @@ def install_linear(
         from lora.families.megatron_linear import is_glu_fc1
 
         glu = is_glu_fc1(model, name)
-    base = _base(family, module, residual, smooth, act_format, storage, glu, input_amax, bias)
-    if lora_config is None:
-        set_submodule(model, name, base)
-        return base
-    adapter = family.make_adapter(model, name, base, lora_config)
-    adapter.lora_config = lora_config
-    adapter.init_from(lora_down, lora_up)
-    set_submodule(model, name, adapter)
-    return adapter
+    site = LinearSite(residual, smooth, act_format, lora_down, lora_up, input_amax, bias, glu, dtype)
+    return family.install(model, name, module, site, lora_config, storage)
 
 
 def install_experts(
@@ -153,13 +170,15 @@ def install_experts(
         for proj, p in projections.items():
             linear = getattr(expert, f"linear_{proj}")
             linear_family = family_of(linear)
-            amax = p.input_amax[i] if p.input_amax is not None else None
-            bias = p.biases[i] if p.biases is not None else None
-            base = _base(
-                linear_family, linear, p.residuals[i], p.smooths[i], p.act_format, storage,
-                glu and proj == "fc1", amax, bias,
-            )  # fmt: skip
-            setattr(expert, f"linear_{proj}", base)
+            site = LinearSite(
+                p.residuals[i],
+                p.smooths[i],
+                p.act_format,
+                input_amax=p.input_amax[i] if p.input_amax is not None else None,
+                bias=p.biases[i] if p.biases is not None else None,
+                glu=glu and proj == "fc1",
+            )
+            setattr(expert, f"linear_{proj}", quantized_base(linear_family, linear, site, storage))
     if lora_config is None:
         return experts
     experts_family = family_of(experts)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
+from svdq.modules import set_submodule
 from svdq.solvers.linear import SVDQResult
 
 STORAGE_MODES = ("fake", "packed")
@@ -176,3 +177,33 @@ class SVDQLinear(StaticActRange, nn.Module):
             f"weight={self.weight_format}, act={self.act_format}, storage={self.storage}, "
             f"act_range={self.act_range}"
         )
+
+
+def install_svdq_linear(
+    model: nn.Module,
+    name: str,
+    *,
+    residual: PackedTensor,
+    smooth: Tensor,
+    act_format: QuantFormat | str,
+    lora_down: Tensor | None = None,
+    lora_up: Tensor | None = None,
+    bias: Tensor | None = None,
+    input_amax: Tensor | float | None = None,
+    storage: str = "packed",
+    dtype: torch.dtype | None = None,
+) -> SVDQLinear:
+    """Replace the ``nn.Linear`` at ``name`` of ``model`` by an :class:`SVDQLinear` of the given tensors
+    (``residual (out × in)`` packed, ``smooth (in,)``, ``lora_down (r × in)`` / ``lora_up (out × r)``,
+    ``None``: an empty rank-0 branch), on the replaced layer's device, in ``dtype`` (default: its weight
+    dtype); returns it. The plain-torch installer: :func:`svdq.quantize` and the torch family of
+    ``lora.install`` use it."""
+    old = model.get_submodule(name)
+    dtype = dtype or old.weight.dtype
+    out_f, in_f = residual.shape
+    down = lora_down if lora_down is not None else torch.zeros(0, in_f, dtype=dtype)  # (0 × in)
+    up = lora_up if lora_up is not None else torch.zeros(out_f, 0, dtype=dtype)  # (out × 0)
+    layer = SVDQLinear(residual, smooth, down, up, bias, act_format, storage, dtype, input_amax)
+    layer = layer.to(old.weight.device)
+    set_submodule(model, name, layer)
+    return layer

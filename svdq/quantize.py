@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from svdq.config import SVDQConfig
-from svdq.layer import ACT_RANGES, SVDQLinear, static_range_supported
+from svdq.layer import ACT_RANGES, install_svdq_linear, static_range_supported
 from svdq.solvers.linear import SVDQResult, decompose_linear, validate_layer
 from svdq.stats import InputStats, run_with_hooks
 
@@ -131,11 +131,20 @@ def quantize(
     for name, module in tqdm(targets.items(), desc="svdq decompose", unit="layer", disable=not progress):
         results[name] = decompose_linear(module.weight, stats.get(name), config, name=name)
     for name, module in targets.items():
-        layer = SVDQLinear.from_result(
-            results[name], module.bias, config.act_format, storage=storage, dtype=module.weight.dtype
-        ).to(module.weight.device)
-        layer.svdq_summary = results[name].summary()
-        _set_submodule(model, name, layer)
+        res = results[name]
+        layer = install_svdq_linear(
+            model,
+            name,
+            residual=res.residual,
+            smooth=res.smooth,
+            act_format=config.act_format,
+            lora_down=res.lora_down,
+            lora_up=res.lora_up,
+            bias=module.bias,
+            storage=storage,
+            dtype=module.weight.dtype,
+        )
+        layer.svdq_summary = res.summary()
     layers = {name: model.get_submodule(name) for name in targets}
     ranges = {}
     if act_range == "static" and forward_loop is not None and static_range_supported(config.act_format):
@@ -146,9 +155,3 @@ def quantize(
         layer.svdq_summary["act_range"] = layer.act_range
         layer.svdq_summary["input_amax"] = None if layer.input_amax is None else float(layer.input_amax)
     return model
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

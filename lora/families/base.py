@@ -55,6 +55,11 @@ class Family:
         ``smooth``."""
         raise NotImplementedError(f"{self.name} modules are not quantized by svdq")
 
+    def install(self, model: nn.Module, name: str, module: nn.Module, site, lora_config, storage: str):
+        """Put the quantized layer for ``site`` (a :class:`lora.install.LinearSite`) at ``name``; returns
+        it. Called by :func:`lora.install.install_linear`."""
+        raise NotImplementedError(f"{self.name} modules are not quantized by svdq")
+
     # -- experts families
     def experts_for_quantization(self, model: nn.Module, name: str) -> nn.Module:
         """The experts module whose expert linears get quantized bases (it may replace ``module`` in the

@@ -12,6 +12,7 @@ from lora.config import LoraConfig
 from lora.families.base import Family, adapter_dtype
 from lora.framework.te import tp_group_of
 from lora.framework.tp import group_rank_size, take_shard
+from svdq.modules import set_submodule
 
 
 def is_glu_fc1(model: nn.Module, name: str) -> bool:
@@ -61,3 +62,16 @@ class MegatronLinear(Family):
         shard = shard_packed(residual, dim, tp_rank, tp_size, glu and dim == 0)  # (out_l × in_l)
         smooth = take_shard(smooth, 0, tp_rank, tp_size) if dim == 1 else smooth  # (in_l,)
         return SVDQBase(linear, shard, smooth, act_format, storage, input_norm=norm)
+
+    def install(self, model, name, module, site, lora_config: LoraConfig | None, storage: str) -> nn.Module:
+        from lora.install import quantized_base
+
+        base = quantized_base(self, module, site, storage)
+        if lora_config is None:
+            set_submodule(model, name, base)
+            return base
+        adapter = self.make_adapter(model, name, base, lora_config)
+        adapter.lora_config = lora_config
+        adapter.init_from(site.lora_down, site.lora_up)
+        set_submodule(model, name, adapter)
+        return adapter

@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lora.families.base import Family
+from svdq.layer import install_svdq_linear
 
 
 class TorchLinear(Family):
@@ -20,3 +21,18 @@ class TorchLinear(Family):
 
     def full_weight(self, module: nn.Module, glu: bool = False) -> Tensor:
         return module.weight.detach()
+
+    def install(self, model, name, module, site, lora_config, storage: str) -> nn.Module:
+        return install_svdq_linear(
+            model,
+            name,
+            residual=site.residual,
+            smooth=site.smooth,
+            act_format=site.act_format,
+            lora_down=site.lora_down,
+            lora_up=site.lora_up,
+            bias=site.bias,
+            input_amax=site.input_amax,
+            storage=storage,
+            dtype=site.dtype,
+        )

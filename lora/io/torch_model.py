@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lora.install import install_linear
 from lora.io.container import DTYPE_NAMES, CheckpointReader, write_checkpoint
 from lora.io.naming import (
     LinearState,
@@ -170,16 +171,20 @@ def load_torch(
         check_model_kind(reader.metadata, MODEL_KIND, reader.path)
         fields, other = _validate(model, reader)
         for name in tqdm(fields, desc="svdq load", unit="layer", disable=not progress):
-            old = model.get_submodule(name)
             st = read_linear(reader, name, reader.metadata["layers"][name])
-            out_f, in_f = st.shape
-            dtype = st.dtype
-            down = st.lora_down if st.lora_down is not None else torch.zeros(0, in_f, dtype=dtype)
-            up = st.lora_up if st.lora_up is not None else torch.zeros(out_f, 0, dtype=dtype)
-            layer = SVDQLinear(
-                st.residual, st.smooth, down, up, st.bias, st.act_format, storage, dtype, st.input_amax
+            install_linear(
+                model,
+                name,
+                residual=st.residual,
+                smooth=st.smooth,
+                act_format=st.act_format,
+                lora_down=st.lora_down,
+                lora_up=st.lora_up,
+                bias=st.bias,
+                input_amax=st.input_amax,
+                storage=storage,
+                dtype=st.dtype,
             )
-            _set_submodule(model, name, layer.to(old.weight.device))
         with torch.no_grad():
             for k, t in other.items():
                 t.copy_(reader.get(k))
@@ -187,9 +192,3 @@ def load_torch(
         for p in model.parameters():
             p.requires_grad_(trainable and id(p) in lora)
         return reader.metadata
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
