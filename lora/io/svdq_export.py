@@ -53,24 +53,20 @@ from tqdm import tqdm
 from lora.adapters.layers import ExpertLoraLinear, ExpertParallelAdapter, LoraExperts, LoraLinear, linear_mode
 from lora.base import SVDQBase
 from lora.framework.te import tp_group_of
-from lora.framework.tp import group_rank_size
+from lora.framework.tp import all_gather, gather_dim, gather_packed, group_rank_size, rank0_call
 from lora.io.container import DTYPE_NAMES, read_metadata, write_checkpoint
 from lora.io.naming import LinearState, linear_meta, linear_tensors, residual_tensors
 from lora.io.sites import (
     MODEL_KIND,
-    all_gather,
     check_no_pipeline,
     dense_split,
     expert_key,
     expert_linears,
     find_sites,
-    gather_dim,
-    gather_packed,
     is_glu_fc1,
     is_megatron_model,
     linear_bias,
     other_tensors,
-    rank0_call,
     unwrap,
     unwrap_expert,
 )

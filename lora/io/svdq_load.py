@@ -17,11 +17,11 @@ from torch import nn
 from tqdm import tqdm
 
 from lora.adapters.layers import LAYOUT_OWNS, ExpertLoraLinear, LoraExperts, linear_mode
-from lora.base import SVDQBase, shard_packed
+from lora.base import SVDQBase
 from lora.config import LoraConfig
 from lora.framework.te import tp_group_of
 from lora.framework.te_convert import is_fused_norm_linear, split_fused_norm, ungroup_experts
-from lora.framework.tp import group_rank_size, take_shard
+from lora.framework.tp import group_rank_size, shard_packed, take_shard
 from lora.io.container import DTYPE_NAMES, CheckpointReader
 from lora.io.naming import check_specs, linear_specs, parse_linear_meta, read_linear, residual_specs
 from lora.io.sites import (
@@ -39,7 +39,7 @@ from lora.io.sites import (
 )
 from lora.io.torch_model import check_model_kind
 from lora.model import adapter_modules, add_adapters, freeze_base
-from svdq.layer import static_range_supported
+from svdq.residual import static_range_supported
 
 PROJ_DIM = {"fc1": 0, "fc2": 1}  # split dim of expert linears (column fc1, row fc2)
 

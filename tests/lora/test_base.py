@@ -30,8 +30,11 @@ def _worker(rank, world, storage):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from lora.adapters.layers import LoraLinear
-    from lora.base import collect_megatron_stats, gather_full_weight, install_svdq_base
+    from lora.base import install_svdq_base
+    from lora.framework.full_input import full_in_features, full_input
+    from lora.framework.tp import gather_full_weight
     from svdq import SVDQConfig, decompose_linear
+    from svdq.stats import collect_input_stats
 
     init_parallel(tensor_parallel=world)
     W, xs = _problem()
@@ -53,8 +56,14 @@ def _worker(rank, world, storage):
             lin.weight.copy_(take_shard(W, 0 if mode == "column" else 1, rank, world))
         lin.weight.requires_grad_(False)
         name = f"{mode}{'-sp' if case_sp else ''}"
-        calib = local[:3]
-        stats = collect_megatron_stats({name: lin}, lambda m, calib=calib: [m(x) for x in calib], lin)
+
+        def loop(m, calib=local[:3]):
+            for x in calib:
+                m(x)
+
+        stats = collect_input_stats(
+            lin, {name: lin}, loop, transform=full_input, in_features=full_in_features
+        )
         full = gather_full_weight(lin)
         result = decompose_linear(full, stats[name], cfg, name=name)
         wrap = install_svdq_base(LoraLinear(lin, R, name=name), result, cfg.act_format, storage=storage)
