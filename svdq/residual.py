@@ -13,21 +13,22 @@ is the one implementation of how that path is held — :class:`ResidualStorage`,
 Tensors, by state-dict name relative to the layer. ``out × in`` is the weight shape (for ``SVDQBase``
 this rank's tensor-parallel shard), ``dtype`` the layer dtype, ``g`` the int4 group size::
 
-    smooth                  float32 (in,)                    smoothing s; the 4-bit path reads x / s
-    input_amax              float32 () or None               static range max|x/s|; None: dynamic
+    smooth                 float32 (in,)                       smoothing s; the 4-bit path reads x / s
+    input_amax             float32 () or None                  static range max|x/s|; None: dynamic
 
     storage="fake": Q_w(R) dequantized (in float32, then cast to dtype)
-    residual                dtype (out, in)                  SVDQLinear: a buffer
-    inner.weight            dtype (out, in)                  SVDQBase: the linear's frozen weight
+    residual               dtype (out, in)                     SVDQLinear: a buffer
+    inner.weight           dtype (out, in)                     SVDQBase: the linear's frozen weight
 
     storage="packed": the tensors of the residual's PackedTensor (svdq.formats.packing)
-    residual_qdata          nvfp4, int4: uint8 (out, in/2)   two 4-bit codes per byte
-                            fp8: float8_e4m3fn (out, in)
-    residual_scale          nvfp4: float8_e4m3fn (out, in/16)  block scales
-                            int4: R's dtype (out, in/g)      reciprocal step sizes
-                            fp8: float32 () or (out, 1)      per tensor or per channel
-    residual_global_scale   nvfp4: float32 ()                per-tensor scale
-    inner.weight            SVDQBase: dtype (0,)             empty placeholder (see SVDQBase)
+    residual_qdata         nvfp4, int4: uint8 (out, in/2)      two 4-bit codes per byte
+                           fp8: float8_e4m3fn (out, in)        the codes
+                           none: R's dtype (out, in)           the residual itself
+    residual_scale         nvfp4: float8_e4m3fn (out, in/16)   block scales
+                           int4: R's dtype (out, in/g)         reciprocal step sizes
+                           fp8: float32 () or (out, 1)         per tensor or per channel
+    residual_global_scale  nvfp4: float32 ()                   per-tensor scale
+    inner.weight           SVDQBase: dtype (0,)                an empty placeholder (see SVDQBase)
 
 The residual's format, shape and dtype (``PackedTensor.meta()``) are kept as ``_residual_meta``, outside
 the state dict. Activation block / group scales are computed per call from the input; only the
