@@ -56,18 +56,19 @@ from torch import nn
 from tqdm import tqdm
 
 from calib.report import CalibReport, act_range_label, dense_row, expert_row, summary_row
-from lora.base import calibrate_input_ranges, register_stats_hooks
+from lora.base import calibrate_input_ranges
 from lora.config import LoraConfig
 from lora.families import family_of, is_megatron_model
 from lora.families.megatron_linear import is_glu_fc1
+from lora.framework.full_input import full_in_features, full_input
 from lora.framework.tp import group_rank_size
 from lora.install import ExpertProjection, install_experts, install_linear
 from lora.model import freeze_base
 from svdq import SVDQConfig, decompose_linear
-from svdq.layer import ACT_RANGES
+from svdq.residual import ACT_RANGES
 from svdq.solvers.expert_group import decompose_expert_group
 from svdq.solvers.linear import validate_layer
-from svdq.stats import InputStats, run_with_hooks
+from svdq.stats import InputStats, collect_input_stats
 
 DENSE_TARGETS = ("*.self_attention.linear_qkv", "*.self_attention.linear_proj")
 EXPERT_TARGETS = ("*.mlp.experts",)
@@ -231,8 +232,15 @@ def _collect_stats(model, forward_loop, items, dense: dict, experts: dict, cfg: 
         for i, e in enumerate(experts[name].local_experts):
             hooked[f"{name}.{i}.fc1"] = e.linear_fc1
             hooked[f"{name}.{i}.fc2"] = e.linear_fc2
-    stats, handles = register_stats_hooks(hooked, cfg.sample_tokens, cfg.seed)
-    run_with_hooks(model, forward_loop, handles)
+    stats = collect_input_stats(
+        model,
+        hooked,
+        forward_loop,
+        cfg.sample_tokens,
+        cfg.seed,
+        transform=full_input,
+        in_features=full_in_features,
+    )
     _raise_if_nonfinite(model, stats)
     return stats
 

@@ -8,7 +8,8 @@ by the quantized residual, wrapped in :class:`SVDQBase` which quantizes the inpu
     y   = out + (x · Aᵀ) · Bᵀ          (the adapter, reading the raw input)
 
 **Tensor parallelism.** The decomposition is done on the *full* weight and full-feature input
-statistics, on every rank alike (:func:`gather_full_weight`, :func:`collect_megatron_stats`), and each
+statistics, on every rank alike (:func:`lora.framework.tp.gather_full_weight`, the input transform
+:func:`lora.framework.full_input.full_input` for :func:`svdq.stats.collect_input_stats`), and each
 rank keeps its shard: residual rows (column-parallel) or columns (row-parallel), smoothing slice, and the
 adapter factors sharded by ``init_from``. So the branch of a sharded weight is the branch of the full
 weight, and TP=2 reproduces TP=1. The dynamic per-tensor activation range is all-reduced (MAX) over the
@@ -23,8 +24,9 @@ is needed then. Values beyond it clip as the format does. Block / group scales s
 ``[gate_k; up_k]`` shards, fc2 row-parallel): :func:`lora.install.install_experts` shards a full-weight
 residual.
 
-Storage: ``"fake"`` keeps ``Q_w(R)`` dequantized as the (frozen) Megatron weight; ``"packed"`` keeps the
-4-bit codes and scales and dequantizes them for each forward (the transient copy is freed after backward).
+Storage (shared with ``svdq.SVDQLinear``: :mod:`svdq.residual` lists the tensors): ``"fake"`` keeps
+``Q_w(R)`` dequantized as the (frozen) Megatron weight; ``"packed"`` keeps the 4-bit codes and scales and
+dequantizes them for each forward (the transient copy is freed after backward).
 Distributed checkpoints of quantized bases are not written by ``sharded_state_dict`` (it raises): export
 them with the checkpoint format instead; adapter-only checkpoints (``save_adapters``) work.
 """
@@ -36,18 +38,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lora.adapters.layers import linear_mode
-from lora.framework.te import explicit_expert_comm, fused_norm_input, tp_group_of
-from lora.framework.te_convert import is_fused_norm_linear
-from lora.framework.tp import group_rank_size, take_shard
-from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
-from svdq.layer import StaticActRange, static_range_supported
-from svdq.quantize import record_input_amax
-from svdq.stats import InputStats, run_with_hooks
-
-STORAGE_MODES = ("fake", "packed")
+from lora.framework.te import tp_group_of
+from lora.framework.tp import group_rank_size
+from svdq.formats import PackedTensor, QuantFormat, fake_quant, parse_format, trusted_inputs
+from svdq.residual import ResidualStorage, StaticActRange, check_storage, static_range_supported
+from svdq.stats import record_input_amax
 
 
-class SVDQBase(StaticActRange, nn.Module):
+class SVDQBase(StaticActRange, ResidualStorage, nn.Module):
     """A Megatron Column/RowParallelLinear whose weight is an SVDQuant residual (see the module docstring).
 
     ``inner``: the Megatron linear (its weight is replaced). ``residual``: this rank's packed ``Q_w(R)``
@@ -69,59 +67,34 @@ class SVDQBase(StaticActRange, nn.Module):
         input_norm: nn.Module | None = None,
     ):
         super().__init__()
-        if storage not in STORAGE_MODES:
-            raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
+        check_storage(storage)
         self.input_norm = input_norm
         self.parallel_mode = linear_mode(inner)
         weight = inner.weight
         if tuple(residual.shape) != tuple(weight.shape):
             raise ValueError(f"residual shard {tuple(residual.shape)} != weight shard {tuple(weight.shape)}")
         self.inner = inner
-        self.storage = storage
         self.act_format: QuantFormat = parse_format(act_format)
-        self.weight_format = residual.fmt
         self.register_buffer("smooth", smooth.detach().float().to(weight.device).clone())
         self.register_buffer("input_amax", None)  # None: dynamic activation range
-        self._residual_meta = residual.meta()
         dtype, device = weight.dtype, weight.device
-        deq = dequantize(residual.to(device), torch.float32).to(dtype)
-        if storage == "fake":
-            inner.weight = nn.Parameter(deq, requires_grad=False)
-        else:
-            for key, t in residual.to_tensors().items():
-                self.register_buffer(f"residual_{key}", t.to(device).clone())
+        self._dtype = dtype
+        self._init_residual(residual, storage, dtype, device)  # fake: inner.weight; packed: residual_<key>
+        if storage == "packed":  # the weight is dequantized for each forward (_forward_normalized)
             inner.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
-        self._shape, self._dtype = tuple(residual.shape), dtype
         # Megatron's DDP flag (False on expert weights): adapters built on this base copy it
         self._weight_attrs = {k: getattr(weight, k) for k in ("allreduce",) if hasattr(weight, k)}
 
-    def set_residual(self, packed: PackedTensor) -> None:
-        """Replace the residual shard (same shape), in this base's storage mode (used by folding)."""
-        if tuple(packed.shape) != self._shape:
-            raise ValueError(f"residual shape {tuple(packed.shape)} != {self._shape}")
-        device = self.smooth.device
-        self._residual_meta = packed.meta()
-        self.weight_format = packed.fmt
-        if self.storage == "fake":
-            with torch.no_grad():
-                self.inner.weight.copy_(dequantize(packed.to(device), torch.float32).to(self._dtype))
-            return
-        for key in [k for k in self._buffers if k.startswith("residual_")]:
-            del self._buffers[key]
-        for key, t in packed.to_tensors().items():
-            self.register_buffer(f"residual_{key}", t.to(device).clone())
+    def _keep_dequantized(self, weight: Tensor) -> None:
+        self.inner.weight = nn.Parameter(weight, requires_grad=False)
 
-    def packed_residual(self) -> PackedTensor:
-        if self.storage != "packed":
-            raise RuntimeError("fake storage keeps only the dequantized residual")
-        tensors = {k[len("residual_") :]: b for k, b in self.named_buffers() if k.startswith("residual_")}
-        return PackedTensor.from_tensors(tensors, self._residual_meta)
+    def _dequantized(self) -> Tensor:
+        return self.inner.weight
 
-    def residual_weight(self) -> Tensor:
-        """Dequantized ``Q_w(R)`` shard in the base dtype (identical in both storage modes)."""
-        if self.storage == "fake":
-            return self.inner.weight
-        return dequantize(self.packed_residual(), torch.float32).to(self._dtype)
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The base dtype (the Megatron linear's weight dtype at construction)."""
+        return self._dtype
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """``Q_a(x / s)``. Per-tensor range (nvfp4, fp8): ``input_amax`` if set, else that of the whole
@@ -196,100 +169,6 @@ class SVDQBase(StaticActRange, nn.Module):
             f"{self.parallel_mode}, shape={self._shape}, weight={self.weight_format}, act={self.act_format}, "
             f"storage={self.storage}, act_range={self.act_range}"
         )
-
-
-# ----------------------------------------------------------------------------------- full tensors
-
-
-def _gather(t: Tensor, dim: int, group) -> Tensor:
-    rank, size = group_rank_size(group)
-    if size == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
-def split_dim(linear: nn.Module) -> int:
-    """Axis along which a Megatron linear's weight is sharded: 0 (column) or 1 (row)."""
-    return 0 if linear_mode(linear) == "column" else 1
-
-
-def gather_full_weight(linear: nn.Module, glu: bool = False) -> Tensor:
-    """The full ``(out × in)`` weight of a tensor-parallel linear, identical on every rank.
-
-    ``glu``: a gated fc1 whose shards are ``[gate_k; up_k]``: the full weight is ``[gate; up]``.
-    """
-    w = linear.weight.detach()
-    group = tp_group_of(linear)
-    dim = split_dim(linear)
-    if not glu or dim != 0 or group_rank_size(group)[1] == 1:
-        return _gather(w, dim, group)
-    gate, up = w.chunk(2, dim=0)
-    return torch.cat([_gather(gate, 0, group), _gather(up, 0, group)], dim=0)
-
-
-def shard_packed(p: PackedTensor, dim: int, rank: int, size: int, glu: bool = False) -> PackedTensor:
-    """Rank ``rank``'s shard of a packed ``(out × in)`` tensor along ``dim`` (lossless: codes and scales are
-    sliced, the per-tensor scale is kept)."""
-    if size == 1:
-        return p
-    out_f, in_f = p.shape
-    shape = (out_f // size, in_f) if dim == 0 else (out_f, in_f // size)
-    tensors = {}
-    for key, t in p.to_tensors().items():
-        if t.dim() < 2:  # per-tensor scale
-            tensors[key] = t
-        else:
-            tensors[key] = take_shard(t, dim, rank, size, glu).contiguous()
-    meta = dict(p.meta())
-    meta["shape"] = list(shape)
-    return PackedTensor.from_tensors(tensors, meta)
-
-
-# ----------------------------------------------------------------------------------- statistics
-
-
-def register_stats_hooks(
-    linears: dict[str, nn.Module], sample_tokens: int = 512, seed: int = 0
-) -> tuple[dict[str, InputStats], list]:
-    """Forward pre-hooks that accumulate full-feature :class:`InputStats` of Megatron linears.
-
-    A hook sees its linear's local input (for a TE linear with a fused input norm, the norm's output,
-    computed by :func:`lora.framework.te.fused_norm_input`): sequence-parallel column inputs are gathered
-    along the sequence (not those of expert linears: the token dispatcher already hands every expert-TP rank
-    the same tokens), row-parallel inputs along the features (``input_is_parallel``), so every tensor-parallel
-    rank accumulates the statistics of the full input ``(tokens × in)`` (calibration only). Returns the
-    statistics and the hook handles (remove them when done).
-    """
-    stats, handles = {}, []
-    for name, lin in linears.items():
-        in_f = lin.weight.shape[1] * (group_rank_size(tp_group_of(lin))[1] if split_dim(lin) == 1 else 1)
-        stats[name] = InputStats(in_f, sample_size=sample_tokens, seed=seed)
-
-        def hook(mod, args, st=stats[name], lin=lin):
-            x = args[0].detach()
-            if is_fused_norm_linear(lin):  # a TE linear with a fused input norm: the GEMM reads norm(x)
-                x = fused_norm_input(lin, x)
-            # expert linears (explicit_expert_comm) get whole, already dispatched token sets
-            sp = getattr(lin, "sequence_parallel", False) and not explicit_expert_comm(lin)
-            if split_dim(lin) == 0 and sp:
-                x = _gather(x, 0, tp_group_of(lin))
-            elif split_dim(lin) == 1 and getattr(lin, "input_is_parallel", True):
-                x = _gather(x, x.dim() - 1, tp_group_of(lin))
-            st.update(x)
-
-        handles.append(lin.register_forward_pre_hook(hook))
-    return stats, handles
-
-
-def collect_megatron_stats(
-    linears: dict[str, nn.Module], forward_loop, model: nn.Module, sample_tokens: int = 512, seed: int = 0
-) -> dict[str, InputStats]:
-    """Run ``forward_loop(model)`` with :func:`register_stats_hooks` on ``linears``; returns their stats."""
-    stats, handles = register_stats_hooks(linears, sample_tokens, seed)
-    run_with_hooks(model, forward_loop, handles)
-    return stats
 
 
 # ----------------------------------------------------------------------------------- activation ranges

@@ -235,7 +235,8 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Collective under tensor / expert parallelism: every rank must call it (one all-gather per factor).
     """
-    from lora.io.sites import all_gather, check_no_pipeline, gather_dim
+    from lora.framework.tp import all_gather, gather_dim
+    from lora.io.sites import check_no_pipeline
 
     check_no_pipeline()
     out: dict[str, torch.Tensor] = {}
@@ -264,7 +265,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    from lora.io.sites import rank0_call
+    from lora.framework.tp import rank0_call
 
     modules = adapter_modules(model)
     if not modules:

@@ -15,10 +15,11 @@ channel group). The per-tensor range (NVFP4 global scale, FP8 per-tensor scale) 
 
 INT4 activations (per-group scales only) and per-channel FP8 have no per-tensor range: always dynamic.
 
-Storage modes give identical outputs:
-* ``"fake"``: the dequantized residual is held (``out × in`` in the layer dtype);
-* ``"packed"``: the 4-bit codes and scales are held and dequantized on the fly (memory-saving mode for
-  fine-tuning: ~4.5 bits per weight instead of 16).
+The residual is held in storage mode ``"fake"`` (dequantized, buffer ``residual``) or ``"packed"`` (4-bit
+codes and scales, buffers ``residual_<key>``); both give identical outputs. Residual storage and activation
+range are shared with ``lora.base.SVDQBase``: :mod:`svdq.residual` lists their tensors. The layer's own:
+``lora_down (r, in)`` and ``lora_up (out, r)`` parameters and ``bias (out,)`` buffer (or ``None``), all in
+the layer dtype.
 """
 
 from __future__ import annotations
@@ -27,63 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format, trusted_inputs
+from svdq.formats import PackedTensor, QuantFormat, fake_quant, parse_format, trusted_inputs
 from svdq.modules import set_submodule
+from svdq.residual import ResidualStorage, StaticActRange, check_storage
 from svdq.solvers.linear import SVDQResult
 
-STORAGE_MODES = ("fake", "packed")
-ACT_RANGES = ("static", "dynamic")
+__all__ = ["SVDQLinear"]
 
 
-def static_range_supported(fmt: QuantFormat | str) -> bool:
-    """Whether activations of ``fmt`` have a per-tensor range that can be calibrated (NVFP4's global
-    scale, per-tensor FP8); INT4, per-channel FP8 and ``none`` have none."""
-    fmt = parse_format(fmt)
-    return fmt.name == "nvfp4" or (fmt.name == "fp8" and not fmt.per_channel)
-
-
-def checked_input_amax(amax: Tensor | float, fmt: QuantFormat, who: str) -> Tensor:
-    """``amax`` as a float32 0-d tensor after checking that ``fmt`` takes a static range and that the value
-    is finite and > 0 (``ValueError`` naming ``who`` otherwise)."""
-    if not static_range_supported(fmt):
-        raise ValueError(
-            f"{who}: activation format {fmt} has no per-tensor range; static input_amax needs nvfp4 or fp8"
-        )
-    t = torch.as_tensor(amax).detach().to(torch.float32)
-    if t.numel() != 1:
-        raise ValueError(f"{who}: input_amax must be one value, got shape {tuple(t.shape)}")
-    t = t.reshape(())
-    if not bool(torch.isfinite(t)) or not float(t) > 0:
-        raise ValueError(f"{who}: input_amax must be finite and > 0, got {float(t)}")
-    return t
-
-
-class StaticActRange:
-    """The activation-range part of an SVDQuant layer (:class:`SVDQLinear`, ``lora.base.SVDQBase``):
-    needs ``smooth (in,)``, ``act_format`` and an ``input_amax`` buffer (``None``: dynamic ranges)."""
-
-    @property
-    def act_range(self) -> str:
-        """``"static"`` when ``input_amax`` is set, else ``"dynamic"``."""
-        return "dynamic" if self.input_amax is None else "static"
-
-    def set_input_amax(self, amax: Tensor | float | None) -> None:
-        """Fix the per-tensor activation range to ``amax = max|x/s|`` of the whole input (all
-        tensor-parallel shards); ``None`` goes back to dynamic. ``ValueError`` for a format without a
-        per-tensor range (int4, per-channel fp8, none) or a value that is not finite and > 0."""
-        if amax is None:
-            self.input_amax = None
-            return
-        who = type(self).__name__
-        self.input_amax = checked_input_amax(amax, self.act_format, who).to(self.smooth.device)
-
-    def smoothed_input(self, x: Tensor) -> Tensor:
-        """``x / s`` in ``x``'s dtype (computed in float32): what the 4-bit path quantizes."""
-        return (x.float() / self.smooth).to(x.dtype)
-
-
-class SVDQLinear(StaticActRange, nn.Module):
+class SVDQLinear(StaticActRange, ResidualStorage, nn.Module):
     """See the module docstring. Build it with :meth:`from_result`."""
+
+    _fake_storage_hint = "; use storage='packed'"
 
     def __init__(
         self,
@@ -98,8 +54,7 @@ class SVDQLinear(StaticActRange, nn.Module):
         input_amax: Tensor | float | None = None,
     ):
         super().__init__()
-        if storage not in STORAGE_MODES:
-            raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
+        check_storage(storage)
         out_f, in_f = residual.shape
         r = lora_down.shape[0]
         if lora_down.shape != (r, in_f) or lora_up.shape != (out_f, r) or smooth.shape != (in_f,):
@@ -109,8 +64,6 @@ class SVDQLinear(StaticActRange, nn.Module):
             )
         self.in_features, self.out_features, self.rank = in_f, out_f, r
         self.act_format = parse_format(act_format)
-        self.storage = storage
-        self.weight_format = residual.fmt
         self.lora_down = nn.Parameter(lora_down.detach().to(dtype).clone())
         self.lora_up = nn.Parameter(lora_up.detach().to(dtype).clone())
         self.register_buffer("smooth", smooth.detach().float().clone())
@@ -118,12 +71,7 @@ class SVDQLinear(StaticActRange, nn.Module):
         self.register_buffer("input_amax", None)  # None: dynamic activation range
         if input_amax is not None:
             self.set_input_amax(input_amax)
-        self._residual_meta = residual.meta()
-        if storage == "fake":
-            self.register_buffer("residual", dequantize(residual, torch.float32).to(dtype))
-        else:
-            for key, t in residual.to_tensors().items():
-                self.register_buffer(f"residual_{key}", t.clone())
+        self._init_residual(residual, storage, dtype)  # buffer `residual` or `residual_<key>`
 
     @classmethod
     def from_result(
@@ -147,18 +95,16 @@ class SVDQLinear(StaticActRange, nn.Module):
             input_amax,
         )
 
-    def packed_residual(self) -> PackedTensor:
-        """The residual as a :class:`PackedTensor` (re-quantized losslessly from ``fake`` storage)."""
-        if self.storage == "packed":
-            tensors = {k[len("residual_") :]: b for k, b in self.named_buffers() if k.startswith("residual_")}
-            return PackedTensor.from_tensors(tensors, self._residual_meta)
-        raise RuntimeError("fake storage keeps only the dequantized residual; use storage='packed'")
+    def _keep_dequantized(self, weight: Tensor) -> None:
+        self.register_buffer("residual", weight)
 
-    def residual_weight(self, dtype: torch.dtype) -> Tensor:
-        """Dequantized ``Q_w(R)`` (out × in) in ``dtype``; the same values in both storage modes."""
-        if self.storage == "fake":
-            return self.residual.to(dtype)
-        return dequantize(self.packed_residual(), torch.float32).to(self.lora_down.dtype).to(dtype)
+    def _dequantized(self) -> Tensor:
+        return self.residual
+
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The layer dtype (that of ``lora_down``)."""
+        return self.lora_down.dtype
 
     def forward(self, x: Tensor) -> Tensor:
         xs = self.smoothed_input(x)

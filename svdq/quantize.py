@@ -5,7 +5,8 @@ calibration batches. Input statistics are gathered by forward hooks (no change t
 
 With ``act_range="static"`` (the default) ``forward_loop`` runs a second time after the layers are
 replaced (with dynamic activation ranges) and each layer's per-tensor range ``input_amax = max|x/s|`` over
-all calibration batches is recorded (:func:`record_input_amax`) and fixed (see :mod:`svdq.layer`).
+all calibration batches is recorded (:func:`svdq.stats.record_input_amax`) and fixed (see
+:mod:`svdq.residual`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from svdq.config import SVDQConfig
-from svdq.layer import ACT_RANGES, install_svdq_linear, static_range_supported
+from svdq.layer import install_svdq_linear
+from svdq.residual import ACT_RANGES, static_range_supported
 from svdq.solvers.linear import SVDQResult, decompose_linear, validate_layer
-from svdq.stats import InputStats, run_with_hooks
+from svdq.stats import collect_input_stats, record_input_amax
 
 
 def find_targets(model: nn.Module, config: SVDQConfig) -> dict[str, nn.Linear]:
@@ -34,60 +35,6 @@ def find_targets(model: nn.Module, config: SVDQConfig) -> dict[str, nn.Linear]:
         ):
             targets[name] = module
     return targets
-
-
-def collect_input_stats(
-    model: nn.Module, modules: dict[str, nn.Module], forward_loop: Callable[[nn.Module], None], config
-) -> dict[str, InputStats]:
-    """Run ``forward_loop(model)`` with hooks that record each module's :class:`InputStats`."""
-    stats = {
-        name: InputStats(m.in_features, sample_size=config.sample_tokens, seed=config.seed)
-        for name, m in modules.items()
-    }
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, st=stats[name]: st.update(args[0]))
-        for name, m in modules.items()
-    ]
-    run_with_hooks(model, forward_loop, handles)
-    return stats
-
-
-def record_input_amax(
-    model: nn.Module,
-    layers: dict[str, nn.Module],
-    forward_loop: Callable[[nn.Module], None],
-    check_finite: bool = True,
-) -> dict[str, Tensor | None]:
-    """Run ``forward_loop(model)`` and return each layer's ``max|x/s|`` over all its calls.
-
-    ``layers``: modules with a ``smoothed_input(x) -> x/s`` method (:class:`~svdq.layer.SVDQLinear`,
-    ``lora.base.SVDQBase``). Values are float32 0-d tensors on the layer's device (``None``: the layer
-    got no element). Local to this process: a caller with tensor parallelism reduces them (MAX).
-    Raises ``ValueError`` naming the layer if its input is not finite (with ``check_finite=False`` such a
-    value is returned as ``inf``, e.g. to be reduced first so that every rank raises).
-    """
-    amax: dict[str, Tensor | None] = dict.fromkeys(layers)
-
-    def hook(mod, args, name):
-        xs = mod.smoothed_input(args[0].detach())
-        if xs.numel() == 0:
-            return
-        a = xs.abs().amax().float()
-        amax[name] = a if amax[name] is None else torch.maximum(amax[name], a)
-
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, n=name: hook(mod, args, n))
-        for name, m in layers.items()
-    ]
-    run_with_hooks(model, forward_loop, handles)
-    for name, a in amax.items():
-        if a is not None and not bool(torch.isfinite(a)):
-            if check_finite:
-                raise ValueError(
-                    f"{name}: calibration activations contain NaN or Inf (activation-range pass)"
-                )
-            amax[name] = torch.full_like(a, float("inf"))
-    return amax
 
 
 def quantize(
@@ -126,7 +73,11 @@ def quantize(
         validate_layer(name, module.weight, config)
     if forward_loop is None and not config.weight_only_fallback:
         raise ValueError("forward_loop is required (or set weight_only_fallback=True for weight-only)")
-    stats = collect_input_stats(model, targets, forward_loop, config) if forward_loop else {}
+    stats = (
+        collect_input_stats(model, targets, forward_loop, config.sample_tokens, config.seed)
+        if forward_loop
+        else {}
+    )
     results: dict[str, SVDQResult] = {}
     for name, module in tqdm(targets.items(), desc="svdq decompose", unit="layer", disable=not progress):
         results[name] = decompose_linear(module.weight, stats.get(name), config, name=name)

@@ -1,15 +1,24 @@
-"""Streaming statistics of a linear layer's inputs, gathered during calibration.
+"""Streaming statistics of a linear layer's inputs, gathered during calibration by forward pre-hooks.
 
-Memory is bounded by ``in²`` (the second-moment matrix) plus a fixed-size token sample, whatever the
-number of calibration tokens.
+:class:`InputStats` holds one layer's statistics; memory is bounded by ``in²`` (the second-moment matrix)
+plus a fixed-size token sample, whatever the number of calibration tokens. The hooks are one
+implementation, :func:`register_input_hooks`, used by :func:`collect_input_stats` (statistics for the
+decomposition) and :func:`record_input_amax` (static activation ranges). A framework whose layers see
+only part of their input (tensor parallelism, a fused input norm) passes an input ``transform`` that
+returns the whole input (``lora.framework.full_input``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+#: ``transform(module, x) -> x'``: the input a statistics hook records, from the module's detached input
+InputTransform = Callable[[nn.Module, Tensor], Tensor]
 
 
 @dataclass
@@ -96,3 +105,81 @@ def run_with_hooks(model, forward_loop, handles: list) -> None:
     finally:
         for h in handles:
             h.remove()
+
+
+def register_input_hooks(
+    modules: dict[str, nn.Module],
+    on_input: Callable[[str, Tensor], None],
+    transform: InputTransform | None = None,
+) -> list[RemovableHandle]:
+    """A forward pre-hook on each of ``modules`` calling ``on_input(name, x)`` with the module's detached
+    first input ``x``, or ``transform(module, x)``. Returns the handles (remove them when done, e.g. with
+    :func:`run_with_hooks`)."""
+
+    def hook(module: nn.Module, args: tuple, name: str) -> None:
+        x = args[0].detach()
+        on_input(name, x if transform is None else transform(module, x))
+
+    return [
+        m.register_forward_pre_hook(lambda mod, args, n=name: hook(mod, args, n))
+        for name, m in modules.items()
+    ]
+
+
+def collect_input_stats(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    forward_loop: Callable[[nn.Module], None],
+    sample_tokens: int = 512,
+    seed: int = 0,
+    *,
+    transform: InputTransform | None = None,
+    in_features: Callable[[nn.Module], int] | None = None,
+) -> dict[str, InputStats]:
+    """Run ``forward_loop(model)`` with hooks (:func:`register_input_hooks`) that accumulate each module's
+    :class:`InputStats` (``sample_size=sample_tokens``, ``seed``); returns them by name.
+
+    ``transform``: see :func:`register_input_hooks`; ``in_features(module)``: the feature count of the
+    recorded input (default ``module.in_features``). Hooks are removed afterwards, also on error.
+    """
+    features = in_features or (lambda m: m.in_features)
+    stats = {
+        name: InputStats(features(m), sample_size=sample_tokens, seed=seed) for name, m in modules.items()
+    }
+    handles = register_input_hooks(modules, lambda name, x: stats[name].update(x), transform)
+    run_with_hooks(model, forward_loop, handles)
+    return stats
+
+
+def record_input_amax(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    forward_loop: Callable[[nn.Module], None],
+    check_finite: bool = True,
+) -> dict[str, Tensor | None]:
+    """Run ``forward_loop(model)`` and return each layer's ``max|x/s|`` over all its calls.
+
+    ``layers``: modules with a ``smoothed_input(x) -> x/s`` method (:class:`~svdq.layer.SVDQLinear`,
+    ``lora.base.SVDQBase``). Values are float32 0-d tensors on the layer's device (``None``: the layer
+    got no element). Local to this process: a caller with tensor parallelism reduces them (MAX).
+    Raises ``ValueError`` naming the layer if its input is not finite (with ``check_finite=False`` such a
+    value is returned as ``inf``, e.g. to be reduced first so that every rank raises).
+    """
+    amax: dict[str, Tensor | None] = dict.fromkeys(layers)
+
+    def on_input(name: str, x: Tensor) -> None:
+        xs = layers[name].smoothed_input(x)
+        if xs.numel() == 0:
+            return
+        a = xs.abs().amax().float()
+        amax[name] = a if amax[name] is None else torch.maximum(amax[name], a)
+
+    run_with_hooks(model, forward_loop, register_input_hooks(layers, on_input))
+    for name, a in amax.items():
+        if a is not None and not bool(torch.isfinite(a)):
+            if check_finite:
+                raise ValueError(
+                    f"{name}: calibration activations contain NaN or Inf (activation-range pass)"
+                )
+            amax[name] = torch.full_like(a, float("inf"))
+    return amax

@@ -7,11 +7,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lora.adapters.layers import LoraLinear
-from lora.base import SVDQBase, gather_full_weight, shard_packed, split_dim
+from lora.base import SVDQBase
 from lora.config import LoraConfig
 from lora.families.base import Family, adapter_dtype
 from lora.framework.te import tp_group_of
-from lora.framework.tp import group_rank_size, take_shard
+from lora.framework.tp import gather_full_weight, group_rank_size, shard_packed, split_dim, take_shard
 from svdq.modules import set_submodule
 
 

@@ -56,7 +56,7 @@ from lora.io.torch_common import (
     write_json,
 )
 from svdq.layer import SVDQLinear
-from svdq.quantize import record_input_amax
+from svdq.stats import record_input_amax
 
 E2M1_MAX, E4M3_MAX = 6.0, 448.0
 NVFP4_GROUP = 16

@@ -13,9 +13,9 @@
   Megatron's own checkpoint key map; a ``TEGroupedMLP`` weight ``….experts.linear_fc1.weight<i>`` is
   ``….experts.local_experts.<g>.linear_fc1.weight``. The norm of a quantized site is exported with the
   other tensors (the site's own tensors hold only the linear).
-* **Collectives**: gather whole tensors from tensor-parallel shards and expert-parallel ranks. Tensors
-  travel as raw bytes (``uint8`` views), so every dtype (float8 scales, bool, 0-d) goes through gloo
-  and NCCL alike; nothing is pickled.
+
+Whole tensors are gathered from tensor-parallel shards and expert-parallel ranks with
+:mod:`lora.framework.tp` (``gather_dim``, ``gather_packed``, ``all_gather``).
 """
 
 from __future__ import annotations
@@ -23,77 +23,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from lora.adapters.layers import ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, LoraLinear, linear_mode
+from lora.adapters.layers import ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, LoraLinear
 from lora.base import SVDQBase
 from lora.families import family_of
 from lora.families.megatron_linear import is_glu_fc1
 from lora.framework.te import is_te_grouped_mlp, tp_group_of
 from lora.framework.tp import group_rank_size, take_shard
-from svdq.formats import PackedTensor
 
 MODEL_KIND = "megatron"
-
-
-# ------------------------------------------------------------------------------------------ collectives
-
-
-def all_gather(t: Tensor, group) -> list[Tensor]:
-    """``t`` of every rank of ``group`` (same shape and dtype everywhere), in rank order."""
-    if group_rank_size(group)[1] == 1:
-        return [t]
-    flat = t.detach().contiguous().reshape(-1)
-    raw = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-    parts = [torch.empty_like(raw) for _ in range(group_rank_size(group)[1])]
-    dist.all_gather(parts, raw, group=group)
-    return [p.view(t.dtype).reshape(t.shape) for p in parts]
-
-
-def gather_dim(t: Tensor, dim: int | None, group, glu: bool = False) -> Tensor:
-    """The whole tensor from shards along ``dim`` over ``group`` (``None``: replicated, ``t`` itself);
-    ``glu``: shards are ``[gate_k; up_k]`` and the whole tensor is ``[gate; up]``."""
-    if dim is None or group_rank_size(group)[1] == 1:
-        return t
-    if glu:
-        gate, up = t.chunk(2, dim=0)
-        return torch.cat([torch.cat(all_gather(gate, group), 0), torch.cat(all_gather(up, group), 0)], 0)
-    return torch.cat(all_gather(t, group), dim)
-
-
-def gather_packed(p: PackedTensor, dim: int, group, glu: bool = False) -> PackedTensor:
-    """Inverse of :func:`lora.base.shard_packed`: the whole packed ``(out × in)`` tensor."""
-    size = group_rank_size(group)[1]
-    if size == 1:
-        return p
-    tensors = {k: t if t.dim() < 2 else gather_dim(t, dim, group, glu) for k, t in p.to_tensors().items()}
-    meta = dict(p.meta())
-    out_f, in_f = p.shape
-    meta["shape"] = [out_f * size, in_f] if dim == 0 else [out_f, in_f * size]
-    return PackedTensor.from_tensors(tensors, meta)
-
-
-def rank0_call(fn, *args, **kwargs):
-    """Run ``fn`` on global rank 0 only; every rank raises if it failed there (no rank is left waiting)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn(*args, **kwargs)
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            error = exc
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.broadcast(flag, src=0)
-    if error is not None:
-        raise error
-    if int(flag.item()):
-        raise RuntimeError("the checkpoint write failed on rank 0 (see its error)")
-    return result
 
 
 # ------------------------------------------------------------------------------------------ sites
@@ -295,10 +234,3 @@ def _is_grouped_glu_fc1(model: nn.Module, name: str) -> bool:
 def expert_key(group_name: str, g: int, suffix: str) -> str:
     """``<experts>.experts.<g>.<suffix>``: naming version 1 of a per-expert tensor."""
     return f"{group_name}.experts.{g}.{suffix}"
-
-
-def dense_split(linear: nn.Module) -> tuple[int, int, int]:
-    """``(split dim, tp rank, tp size)`` of a Megatron linear."""
-    dim = 0 if linear_mode(linear) == "column" else 1
-    rank, size = group_rank_size(tp_group_of(linear))
-    return dim, rank, size

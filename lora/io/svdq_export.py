@@ -55,22 +55,17 @@ from lora.base import SVDQBase
 from lora.families import is_megatron_model
 from lora.families.megatron_linear import is_glu_fc1
 from lora.framework.te import tp_group_of
-from lora.framework.tp import group_rank_size
+from lora.framework.tp import all_gather, gather_dim, gather_packed, group_rank_size, rank0_call, split_dim
 from lora.io.container import DTYPE_NAMES, read_metadata, write_checkpoint
 from lora.io.naming import LinearState, linear_meta, linear_tensors, residual_tensors
 from lora.io.sites import (
     MODEL_KIND,
-    all_gather,
     check_no_pipeline,
-    dense_split,
     expert_key,
     expert_linears,
     find_sites,
-    gather_dim,
-    gather_packed,
     linear_bias,
     other_tensors,
-    rank0_call,
     unwrap,
     unwrap_expert,
 )
@@ -228,7 +223,7 @@ def _dense(model, name: str, site: nn.Module) -> tuple[dict, dict]:
     adapter = site if isinstance(site, LoraLinear) else None
     base = unwrap(site)
     inner = base.inner
-    dim, _, _ = dense_split(inner)
+    dim = split_dim(inner)
     group = tp_group_of(inner)
     glu = adapter.glu if adapter is not None else is_glu_fc1(model, name)
     residual = gather_packed(_packed(base, name), dim, group, glu and dim == 0)

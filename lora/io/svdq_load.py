@@ -38,7 +38,7 @@ from lora.io.sites import (
 )
 from lora.io.torch_model import check_model_kind
 from lora.model import adapter_modules, freeze_base
-from svdq.layer import static_range_supported
+from svdq.residual import static_range_supported
 
 PROJ_DIM = {"fc1": 0, "fc2": 1}  # split dim of expert linears (column fc1, row fc2)
 

@@ -1,5 +1,6 @@
-"""Calibration statistics gathered by hooks (``lora.base.collect_megatron_stats``) against statistics
-computed by hand from the same activations, on a real Megatron GPT-MoE.
+"""Calibration statistics gathered by hooks (``svdq.stats.collect_input_stats`` with the Megatron input
+transform of ``lora.framework.full_input``) against statistics computed by hand from the same activations,
+on a real Megatron GPT-MoE.
 
 (a) Dense linears: the linear's input captured by a plain forward pre-hook (gathered by hand over the
     tensor-parallel ranks) → float64 ``XᵀX`` and absmax: absmax bit-exact, ``XᵀX`` to 1e-12 relative.
@@ -47,7 +48,8 @@ def _full_fc1(linear) -> torch.Tensor:
 
 
 def _stats_worker(rank, world):
-    from lora.base import collect_megatron_stats
+    from lora.framework.full_input import full_in_features, full_input
+    from svdq.stats import collect_input_stats
 
     init_parallel(tensor_parallel=world)
     torch.set_num_threads(1)
@@ -75,7 +77,9 @@ def _stats_worker(rank, world):
         handles = [lin.register_forward_pre_hook(capture(name)) for name, lin in dense.items()]
         handles.append(layer.mlp.register_forward_pre_hook(capture("moe_in")))
         try:
-            stats = collect_megatron_stats(linears, loop, model, sample_tokens=SAMPLE)
+            stats = collect_input_stats(
+                model, linears, loop, SAMPLE, transform=full_input, in_features=full_in_features
+            )
         finally:
             for h in handles:
                 h.remove()

@@ -50,8 +50,10 @@ def _worker(rank, world, storage):
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from lora.base import collect_megatron_stats, gather_full_weight
+    from lora.framework.full_input import full_in_features, full_input
+    from lora.framework.tp import gather_full_weight
     from svdq import SVDQConfig, decompose_linear
+    from svdq.stats import collect_input_stats
 
     init_parallel(tensor_parallel=world)
     W, xs = _problem()
@@ -73,8 +75,14 @@ def _worker(rank, world, storage):
             lin.weight.copy_(take_shard(W, 0 if mode == "column" else 1, rank, world))
         lin.weight.requires_grad_(False)
         name = f"{mode}{'-sp' if case_sp else ''}"
-        calib = local[:3]
-        stats = collect_megatron_stats({name: lin}, lambda m, calib=calib: [m(x) for x in calib], lin)
+
+        def loop(m, calib=local[:3]):
+            for x in calib:
+                m(x)
+
+        stats = collect_input_stats(
+            lin, {name: lin}, loop, transform=full_input, in_features=full_in_features
+        )
         full = gather_full_weight(lin)
         result = decompose_linear(full, stats[name], cfg, name=name)
         wrap = _install(lin, name, result, cfg.act_format, storage)

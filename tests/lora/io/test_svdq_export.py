@@ -301,7 +301,7 @@ def _parallel_worker(rank, world, src, out, tp, ep):
     with EP also calibrate under EP and round-trip that export."""
     from megatron.core import parallel_state
 
-    from lora.io.sites import gather_dim
+    from lora.framework.tp import gather_dim
     from lora.io.svdq_export import export_quantized, load_quantized
 
     torch.set_num_threads(1)
