@@ -13,7 +13,6 @@ from torch import nn
 
 from svdq import InputStats, SVDQConfig, SVDQLinear, decompose_linear
 from svdq.residual import STORAGE_MODES
-from tests.helpers.lora import megatron_world  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 
