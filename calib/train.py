@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from calib.models import LoadedModel
+from lora.io.atomic import atomic_output_dir, atomic_write_file, temporary_sibling
 from lora.model import adapter_modules
 
 CHECKPOINT_FORMAT = "svdq-finetune-checkpoint"
@@ -113,21 +114,10 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if id(p) in ids}
 
 
-def _atomic(path: Path, write) -> Path:
-    """``write(tmp_path)`` then rename to ``path``; the temporary file never survives."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write_json(path: str | os.PathLike, obj) -> Path:
-    """JSON file written atomically (temporary name + rename)."""
-    return _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+    """JSON file written atomically (:func:`lora.io.atomic.atomic_write_file`)."""
+    text = json.dumps(obj, indent=1)
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def save_adapter_file(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -145,7 +135,7 @@ def save_adapter_file(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError("the model has no adapters")
     tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
     meta = {"format": PARAMS_FORMAT, "version": "1"}
-    return _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def adapter_file_format(path: str | os.PathLike) -> str:
@@ -291,10 +281,7 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_output_dir(final, overwrite=True) as tmp:
         save_adapter_file(model, tmp / "adapters.safetensors")
         sd = optimizer.state_dict()
         moments = {}
@@ -314,13 +301,8 @@ def save_checkpoint(
             "rng": rng_state,
         }
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-        doomed = root / f".{old.name}.tmp-delete{os.getpid()}"
+        doomed = temporary_sibling(old, "tmp-delete")
         os.replace(old, doomed)  # a checkpoint disappears atomically, then its files
         shutil.rmtree(doomed, ignore_errors=True)
     return final

@@ -291,7 +291,7 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write every adapter factor as a whole tensor (:func:`full_adapter_state_dict`) and the configs
-    (JSON metadata) to a safetensors file, atomically (temporary file + ``os.replace``).
+    (JSON metadata) to a safetensors file, atomically (:func:`lora.io.atomic.atomic_write_file`).
 
     Collective under tensor / expert parallelism: every rank calls it, global rank 0 writes, and a failed
     write raises on every rank. The file does not depend on the TP / EP sizes; :func:`load_adapters`
@@ -299,6 +299,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
+    from lora.io.atomic import atomic_write_file
     from lora.io.sites import rank0_call
 
     modules = adapter_modules(model)
@@ -310,13 +311,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     def write() -> None:
         if not path.parent.is_dir():
             raise FileNotFoundError(f"save_adapters: directory {path.parent} does not exist")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=_metadata(model))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=_metadata(model)))
 
     rank0_call(write)
     return path
