@@ -135,7 +135,7 @@ def quantize(
             results[name], module.bias, config.act_format, storage=storage, dtype=module.weight.dtype
         ).to(module.weight.device)
         layer.svdq_summary = results[name].summary()
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     layers = {name: model.get_submodule(name) for name in targets}
     ranges = {}
     if act_range == "static" and forward_loop is not None and static_range_supported(config.act_format):
@@ -146,9 +146,3 @@ def quantize(
         layer.svdq_summary["act_range"] = layer.act_range
         layer.svdq_summary["input_amax"] = None if layer.input_amax is None else float(layer.input_amax)
     return model
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -286,8 +286,7 @@ def _make_base(linear, st, dim: int, glu: bool, storage: str) -> SVDQBase:
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    model.set_submodule(name, new)  # torch's (>= 2.5): replaces the existing module at a dotted name
 
 
 def _install_dense(model, reader: CheckpointReader, p: _Dense, storage: str) -> None:

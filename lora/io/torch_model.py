@@ -179,7 +179,7 @@ def load_torch(
             layer = SVDQLinear(
                 st.residual, st.smooth, down, up, st.bias, st.act_format, storage, dtype, st.input_amax
             )
-            _set_submodule(model, name, layer.to(old.weight.device))
+            model.set_submodule(name, layer.to(old.weight.device))
         with torch.no_grad():
             for k, t in other.items():
                 t.copy_(reader.get(k))
@@ -187,9 +187,3 @@ def load_torch(
         for p in model.parameters():
             p.requires_grad_(trainable and id(p) in lora)
         return reader.metadata
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
