@@ -175,15 +175,15 @@ def detect_format(path: str | os.PathLike) -> str:
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     if p.is_dir():
+        if (p / "hf_quant_config.json").is_file():  # it has a model.safetensors too, in its own layout
+            return "modelopt-hf"
+        if (p / "adapter_config.json").is_file():
+            return "peft"
         if (p / INDEX_FILE).is_file() or (p / SINGLE_FILE).is_file():
             from lora.io.container import read_metadata
 
             read_metadata(p)  # validates: an svdq checkpoint, or a ValueError naming the field
             return "svdq"
-        if (p / "hf_quant_config.json").is_file():
-            return "modelopt-hf"
-        if (p / "adapter_config.json").is_file():
-            return "peft"
         raise ValueError(f"{p}: no svdq checkpoint, modelopt HF export or PEFT adapter in this directory")
     if p.name.endswith(".json"):
         return "svdq"
