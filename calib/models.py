@@ -23,7 +23,6 @@ import dataclasses
 import importlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,16 +257,9 @@ def save_megatron_model(
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
     cfg_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     _tiny_config(cfg_dict)  # validates the fields
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    from lora.io.atomic import atomic_output_dir
+
+    with atomic_output_dir(out, overwrite) as tmp:
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
         (tmp / CONFIG_FILE).write_text(json.dumps({**cfg_dict, "format": MEGATRON_FORMAT}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

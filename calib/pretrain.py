@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,20 +58,13 @@ def save_pretrained(model: nn.Module, cfg: TinyMoEConfig, out_dir: Path, info: d
     """Write ``model.safetensors`` (bfloat16) and ``config.json`` into ``out_dir`` atomically."""
     from safetensors.torch import save_file
 
+    from lora.io.atomic import atomic_output_dir
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
         tensors = {k: v.to(torch.bfloat16) for k, v in pretrained_state(model).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "config.json").write_text(json.dumps({"model": cfg.to_dict(), **info}, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 

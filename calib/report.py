@@ -10,9 +10,10 @@ a dense layer, one value per local expert for an expert projection; ``None`` whe
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lora.io.atomic import atomic_write_file
 
 
 def short_name(layer: str) -> str:
@@ -126,11 +127,8 @@ class CalibReport:
 
     def write_json(self, path) -> Path:
         """Atomic write (temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        os.replace(tmp, path)
-        return path
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        return atomic_write_file(path, lambda tmp: tmp.write_text(text))
 
     def table(self):
         """A ``rich`` table of the rows."""
@@ -183,8 +181,8 @@ class CalibReport:
         ax.set_ylabel("relative output error")
         ax.legend()
         fig.tight_layout()
-        tmp = path.with_name(path.name + ".tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, path)
+        try:
+            atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=120))
+        finally:
+            plt.close(fig)
         return path

@@ -10,7 +10,7 @@ Data: the token stream is cut into ``n`` batches (:func:`calib.data.token_batche
 batch ``perm_e[k mod n]`` with ``e = k // n`` and ``perm_e`` a permutation drawn from ``(seed, e)``, so
 the data position is a function of the step.
 
-A checkpoint ``checkpoints/step-000005/`` holds ``adapters.safetensors`` (:func:`save_adapter_file`),
+A checkpoint ``checkpoints/step-000005/`` holds ``adapters.safetensors`` (:func:`lora.save_adapters`),
 ``optimizer.safetensors`` (AdamW moments and step counts per parameter name), ``rng.safetensors`` (torch
 CPU / CUDA and Megatron RNG-tracker states, numpy's state) and ``state.json`` (step, losses, learning
 rates, gradient norms, the config, the data position and fingerprint, optimizer hyperparameters, Python's
@@ -37,10 +37,10 @@ from torch import nn
 from tqdm import tqdm
 
 from calib.models import LoadedModel
-from lora.model import adapter_modules
+from lora.io.atomic import atomic_output_dir, atomic_write_file, temporary_sibling
+from lora.model import adapter_modules, save_adapters
 
 CHECKPOINT_FORMAT = "svdq-finetune-checkpoint"
-PARAMS_FORMAT = "svdq-params"
 STEP_PREFIX = "step-"
 
 
@@ -102,100 +102,31 @@ def batch_index(step: int, n_batches: int, seed: int) -> int:
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameter name → parameter of every adapter factor: the factors of :mod:`lora` adapters and the
-    ``lora_down`` / ``lora_up`` branch of every :class:`svdq.SVDQLinear`."""
-    from lora.model import adapter_factors
-    from svdq import SVDQLinear
+    ``lora_down`` / ``lora_up`` branch of every :class:`svdq.SVDQLinear`
+    (:func:`lora.model.branch_parameters`)."""
+    from lora.model import adapter_factors, branch_parameters
 
     ids = {id(f.param) for f in adapter_factors(model).values()}
-    for m in model.modules():
-        if isinstance(m, SVDQLinear):
-            ids.update((id(m.lora_down), id(m.lora_up)))
+    ids.update(id(p) for p in branch_parameters(model).values())
     return {n: p for n, p in model.named_parameters() if id(p) in ids}
 
 
-def _atomic(path: Path, write) -> Path:
-    """``write(tmp_path)`` then rename to ``path``; the temporary file never survives."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write_json(path: str | os.PathLike, obj) -> Path:
-    """JSON file written atomically (temporary name + rename)."""
-    return _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
-
-
-def save_adapter_file(model: nn.Module, path: str | os.PathLike) -> Path:
-    """The model's adapters as safetensors, atomically: :func:`lora.save_adapters` for models with
-    :mod:`lora` adapters, else every :func:`adapter_parameters` tensor under its parameter name
-    (metadata ``format = svdq-params``)."""
-    from safetensors.torch import save_file
-
-    from lora.model import adapter_modules, save_adapters
-
-    if adapter_modules(model):
-        return save_adapters(model, path)
-    params = adapter_parameters(model)
-    if not params:
-        raise ValueError("the model has no adapters")
-    tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
-    meta = {"format": PARAMS_FORMAT, "version": "1"}
-    return _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-def adapter_file_format(path: str | os.PathLike) -> str:
-    """The ``format`` of an adapter file (``svdq-lora`` or ``svdq-params``), read from its header only;
-    raises naming the file when it is missing, not safetensors, or not an adapter file."""
-    from safetensors import safe_open
-
-    from lora.model import FILE_FORMAT
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            fmt = (fh.metadata() or {}).get("format")
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ValueError(f"{path} is not a safetensors file: {exc}") from None
-    if fmt not in (FILE_FORMAT, PARAMS_FORMAT):
-        raise ValueError(f"{path} is not an adapter file (metadata format {fmt!r})")
-    return fmt
+    """JSON file written atomically (:func:`lora.io.atomic.atomic_write_file`)."""
+    text = json.dumps(obj, indent=1)
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def load_adapter_file(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load a :func:`save_adapter_file` file into ``model`` (either format); returns what was loaded.
-    Raises naming the file and tensor on a missing, unexpected or mis-shaped tensor."""
-    from safetensors import safe_open
+    """:func:`lora.load_adapters` for the command line: every problem with the file is a ``ValueError``
+    naming the file and tensor (a missing tensor too), or ``FileNotFoundError``."""
+    from lora.model import adapter_file_format, load_adapters
 
-    from lora.model import load_adapters
-
-    path = Path(path)
-    if adapter_file_format(path) != PARAMS_FORMAT:
-        try:
-            return load_adapters(model, path)
-        except KeyError as exc:
-            raise ValueError(str(exc.args[0])) from None
-    params = adapter_parameters(model)
-    with safe_open(str(path), framework="pt") as fh:
-        keys = set(fh.keys())
-        for name, p in params.items():
-            if name not in keys:
-                raise ValueError(f"{path}: tensor {name} is missing (the model's adapter)")
-            t = fh.get_tensor(name)
-            if t.shape != p.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-            with torch.no_grad():
-                p.copy_(t.to(p.dtype))
-    extra = sorted(keys - set(params))
-    if extra:
-        raise ValueError(f"{path} has tensors the model's adapters do not: {extra[:8]}")
-    return list(params)
+    adapter_file_format(path)
+    try:
+        return load_adapters(model, path)
+    except KeyError as exc:
+        raise ValueError(str(exc.args[0])) from None
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -291,11 +222,8 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_adapter_file(model, tmp / "adapters.safetensors")
+    with atomic_output_dir(final, overwrite=True) as tmp:
+        save_adapters(model, tmp / "adapters.safetensors")
         sd = optimizer.state_dict()
         moments = {}
         for i, name in enumerate(names):
@@ -314,13 +242,8 @@ def save_checkpoint(
             "rng": rng_state,
         }
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-        doomed = root / f".{old.name}.tmp-delete{os.getpid()}"
+        doomed = temporary_sibling(old, "tmp-delete")
         os.replace(old, doomed)  # a checkpoint disappears atomically, then its files
         shutil.rmtree(doomed, ignore_errors=True)
     return final

@@ -30,7 +30,6 @@ from lora.families import Family, family_of
 from lora.framework.te import tp_group_of
 from lora.framework.tp import group_rank_size, take_shard
 from svdq.formats import PackedTensor
-from svdq.modules import set_submodule
 
 EXPERT_PROJECTIONS = ("fc1", "fc2")
 
@@ -193,5 +192,5 @@ def install_experts(
                 t = factor_source(f.key)
                 t = t / adapter.scaling if f.role == "up" else t
                 f.param.copy_(f.to_local(t, name))
-    set_submodule(model, name, adapter)
+    model.set_submodule(name, adapter)
     return adapter

@@ -36,10 +36,11 @@ from lora.adapters.layers import (
 from lora.config import LoraConfig
 from lora.families import family_of
 from lora.framework.te import tp_group_of
-from svdq.modules import set_submodule
 
 FILE_FORMAT = "svdq-lora"
 FILE_VERSION = "1"
+TORCH_KIND = "torch"  # metadata model_kind of a file of svdq.SVDQLinear branches
+OLD_PARAMS_FORMAT = "svdq-params"  # those files before the formats were one (read only)
 _WRAPPERS = (LoraLinear, ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, GroupedLoraLinear)
 
 
@@ -109,7 +110,7 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
         new = family.make_adapter(model, name, m, config)
         new.lora_config = config
         new.reset_adapter(config.init, seed)
-        set_submodule(model, name, new)
+        model.set_submodule(name, new)
     return [name for name, _, _ in plans]
 
 
@@ -255,9 +256,35 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def branch_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameter name → parameter of the ``lora_down`` / ``lora_up`` branch of every
+    :class:`svdq.SVDQLinear` of a plain torch model (``<layer>.lora_down`` / ``<layer>.lora_up``)."""
+    from svdq.layer import SVDQLinear
+
+    ids = {id(p) for m in model.modules() if isinstance(m, SVDQLinear) for p in (m.lora_down, m.lora_up)}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
+def _branch_metadata(model: nn.Module) -> dict[str, str]:
+    from svdq.layer import SVDQLinear
+
+    layers = {n: m.rank for n, m in model.named_modules() if isinstance(m, SVDQLinear)}
+    return {
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "configs": "[]",
+        "model_kind": TORCH_KIND,
+        "layers": json.dumps(layers),
+    }
+
+
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write every adapter factor as a whole tensor (:func:`full_adapter_state_dict`) and the configs
-    (JSON metadata) to a safetensors file, atomically (temporary file + ``os.replace``).
+    (JSON metadata) to a safetensors file, atomically (:func:`lora.io.atomic.atomic_write_file`).
+
+    A plain torch model without :mod:`lora` adapters gets its :class:`svdq.SVDQLinear` branches written
+    instead (:func:`branch_parameters`, under their parameter names, which are the factor names of the
+    same layer; metadata ``configs: []``, ``model_kind: "torch"`` and ``layers: {layer: rank}``).
 
     Collective under tensor / expert parallelism: every rank calls it, global rank 0 writes, and a failed
     write raises on every rank. The file does not depend on the TP / EP sizes; :func:`load_adapters`
@@ -266,43 +293,70 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     from lora.framework.tp import rank0_call
+    from lora.io.atomic import atomic_write_file
 
-    modules = adapter_modules(model)
-    if not modules:
-        raise ValueError("the model has no adapters")
-    tensors = {k: t.contiguous().cpu() for k, t in full_adapter_state_dict(model).items()}
     path = Path(path)
+    if adapter_modules(model):
+        tensors = {k: t.contiguous().cpu() for k, t in full_adapter_state_dict(model).items()}
+        meta = _metadata(model)
+    else:
+        params = branch_parameters(model)
+        if not params:
+            raise ValueError("the model has no adapters")
+        tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
+        meta = _branch_metadata(model)
 
     def write() -> None:
         if not path.parent.is_dir():
             raise FileNotFoundError(f"save_adapters: directory {path.parent} does not exist")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=_metadata(model))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     rank0_call(write)
     return path
 
 
+def adapter_file_format(path: str | os.PathLike) -> str:
+    """The ``format`` of an adapter file, read from its header only: ``svdq-lora``, or ``svdq-params``
+    for files of the torch branches written before the formats were one. Raises naming the file when it
+    is missing (``FileNotFoundError``), not safetensors or not an adapter file (``ValueError``)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fmt = (fh.metadata() or {}).get("format")
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise ValueError(f"{path} is not a safetensors file: {exc}") from None
+    if fmt not in (FILE_FORMAT, OLD_PARAMS_FORMAT):
+        raise ValueError(f"{path} is not an adapter file (metadata format {fmt!r})")
+    return fmt
+
+
 def load_adapters(
     model: nn.Module, path: str | os.PathLike, *, strict: bool = True, seed: int = 0
 ) -> list[str]:
-    """Load a :func:`save_adapters` file; returns the adapter names loaded.
+    """Load a :func:`save_adapters` file; returns the adapter names loaded (for the branches of a torch
+    model: the parameter names).
 
     A model without adapters first gets them from the file's configs. Works under tensor / expert
     parallelism (each rank takes its shards and its global experts). Raises, naming the adapter, on a
     missing tensor (``KeyError``) or a shape mismatch (``ValueError``); with ``strict`` also on tensors
-    in the file that no adapter expects.
+    in the file that no adapter expects. Files of torch branches (``model_kind: "torch"``, and the older
+    ``svdq-params`` files) are loaded into the model's :class:`svdq.SVDQLinear` branches by parameter name
+    (``ValueError`` naming the file and tensor for a missing, mis-shaped or, with ``strict``, unexpected
+    tensor).
     """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if meta.get("format") == OLD_PARAMS_FORMAT or (
+        meta.get("format") == FILE_FORMAT and meta.get("model_kind") == TORCH_KIND
+    ):
+        return _load_branches(model, Path(path), tensors, strict)
     if meta.get("format") != FILE_FORMAT:
         raise ValueError(f"{path} is not an adapter file (metadata format {meta.get('format')!r})")
     modules = adapter_modules(model)
@@ -323,6 +377,24 @@ def load_adapters(
     if strict and unexpected:
         raise ValueError(f"{path} has tensors no adapter of the model expects: {unexpected[:8]}")
     return list(modules)
+
+
+def _load_branches(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor], strict: bool) -> list[str]:
+    """Copy the file's tensors into the :func:`branch_parameters` of the same names (all checked first)."""
+    params = branch_parameters(model)
+    for name, p in params.items():
+        if name not in tensors:
+            raise ValueError(f"{path}: tensor {name} is missing (the model's adapter)")
+        t = tensors[name]
+        if t.shape != p.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
+    extra = sorted(set(tensors) - set(params))
+    if strict and extra:
+        raise ValueError(f"{path} has tensors the model's adapters do not: {extra[:8]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.dtype))
+    return list(params)
 
 
 def shared_adapters_out_of_sync(model: nn.Module) -> list[str]:

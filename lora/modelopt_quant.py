@@ -63,16 +63,15 @@ import copy
 from fnmatch import fnmatch
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from lora.adapters.grouped import GroupedLoraLinear
 from lora.adapters.layers import ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, LoraLinear, linear_mode
+from lora.fold import delta_weight, fold_errors, fold_residual, requantize, squared_sum
 from lora.framework.te import tp_group_of
-from lora.framework.tp import group_rank_size
 from lora.model import adapter_modules, remove_adapters
-from svdq.formats import PackedTensor, QuantFormat, dequantize, parse_format
-from svdq.formats import quantize as quantize_tensor
+from svdq.formats import PackedTensor, dequantize, parse_format
+from svdq.metrics import relative_error
 from svdq.stats import run_with_hooks
 
 WRAPPER_TYPES = (LoraLinear, ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, GroupedLoraLinear)
@@ -183,58 +182,6 @@ def is_modelopt_quantized(base: nn.Module) -> bool:
     return hasattr(base, "weight_quantizer") and hasattr(base, "input_quantizer")
 
 
-def _sq_sum(t: Tensor, group=None) -> Tensor:
-    """``Σ t²`` in float64, summed over ``group`` (the tensor-parallel shards of one weight)."""
-    s = t.double().square().sum()
-    if group_rank_size(group)[1] > 1:
-        dist.all_reduce(s, group=group)
-    return s
-
-
-def _ratio(num_sq: Tensor, den_sq: Tensor) -> float:
-    if float(den_sq) == 0.0:
-        return 0.0 if float(num_sq) == 0.0 else float("inf")
-    return float((num_sq / den_sq).sqrt())
-
-
-def _errors(w_fold: Tensor, target: Tensor, delta: Tensor, x: Tensor | None = None, group=None) -> dict:
-    """Relative errors of ``w_fold`` against ``target`` (raw input coordinates, float64)."""
-    den = _sq_sum(target, group)
-    out = {
-        "weight_err": _ratio(_sq_sum(w_fold - target, group), den),
-        "delta_rel": _ratio(_sq_sum(delta, group), den),
-    }
-    if x is not None and x.shape[0]:
-        x = x.double()
-        out["act_weight_err"] = _ratio(_sq_sum(x @ (w_fold - target).T), _sq_sum(x @ target.T))
-    return out
-
-
-def _global_amax(stored: Tensor, fmt: QuantFormat, group, mode: str) -> Tensor | None:
-    """The per-tensor (or, row-parallel fp8-per-row, per-row) range over the tensor-parallel group, so that
-    shards are quantized as the whole weight would be; ``None`` (the shard's own range) without TP."""
-    if group_rank_size(group)[1] == 1:
-        return None
-    if fmt.name == "nvfp4" or (fmt.name == "fp8" and not fmt.per_channel):
-        amax = stored.detach().float().abs().amax()
-    elif fmt.name == "fp8" and mode == "row":
-        amax = stored.detach().float().abs().amax(dim=-1)
-    else:
-        return None
-    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    return amax if bool((amax > 0).all()) else None
-
-
-def _requantize(w_q, delta, fmt, col_scale, *, global_amax=None, group=None, mode="column"):
-    """``(packed Q(T·diag(1/c)), T)`` with ``T = w_q·diag(c) + delta`` (float64, raw coordinates); the
-    range is ``global_amax`` if given, else the tensor-parallel one (:func:`_global_amax`)."""
-    target = w_q.detach().double() * col_scale + delta.detach().double()
-    stored = (target / col_scale).to(w_q.dtype)
-    if global_amax is None:
-        global_amax = _global_amax(stored, fmt, group, mode)
-    return quantize_tensor(stored, fmt, global_amax=global_amax), target
-
-
 def fold_weight(
     w_q: Tensor,
     delta: Tensor,
@@ -253,21 +200,22 @@ def fold_weight(
     dtype of ``w_q``; :func:`svdq.formats.dequantize` it) and the errors of :mod:`the module docstring
     <lora.modelopt_quant>` (``act_weight_err`` when raw ``inputs`` ``(N × in)`` are given).
     """
-    fmt = parse_format(fmt)
-    c = torch.ones(w_q.shape[-1], dtype=torch.float64, device=w_q.device)
-    if col_scale is not None:
-        c = col_scale.detach().double().reshape(-1).to(w_q.device)
-    packed, target = _requantize(w_q, delta, fmt, c, global_amax=global_amax)
-    w_fold = dequantize(packed, w_q.dtype).double() * c
-    return packed, {"format": str(fmt), **_errors(w_fold, target, delta.double(), inputs)}
+    packed, target, w_fold = requantize(w_q, delta, fmt, col_scale=col_scale, global_amax=global_amax)
+    return packed, {"format": str(parse_format(fmt)), **fold_errors(w_fold, target, delta.double(), inputs)}
+
+
+def _factors(w: nn.Module) -> tuple[Tensor, Tensor, float]:
+    """``(A, B, scaling)`` of a wrapper (this rank's shards)."""
+    if isinstance(w, LoraLinear):
+        return w.lora_down, w.lora_up, w.scaling
+    A, B = w.local_factors()
+    return A, B, w._group.scaling
 
 
 def _delta(w: nn.Module) -> Tensor:
     """``scaling·B·A`` of a wrapper in float64 (this rank's weight shard shape)."""
-    if isinstance(w, LoraLinear):
-        return w.scaling * (w.lora_up.detach().double() @ w.lora_down.detach().double())
-    A, B = w.local_factors()
-    return w._group.scaling * (B.detach().double() @ A.detach().double())
+    A, B, scaling = _factors(w)
+    return delta_weight(B.detach(), A.detach(), scaling, torch.float64)
 
 
 def _recalibrate(wq, weight: Tensor, base: nn.Module, mode: str) -> None:
@@ -328,22 +276,26 @@ def _describe(q) -> str:
     return f"modelopt(num_bits={q.num_bits}, axis={q.axis}, block_sizes={q.block_sizes})"
 
 
-def _set_svdq_residual(base: nn.Module, packed: PackedTensor) -> None:
-    base.set_residual(packed)
-
-
-def _fold_svdq(base: nn.Module, delta: Tensor, weight_format, mode: str, who: str):
+def _fold_svdq(base: nn.Module, w: nn.Module, weight_format, mode: str, who: str, x: Tensor | None):
+    """Fold wrapper ``w``'s branch into its SVDQuant ``base`` (in place); ``(format, weight errors)``."""
     fmt = base.weight_format
     if weight_format is not None and parse_format(weight_format) != fmt:
         raise ValueError(f"{who}: the SVDQuant base is {fmt}, weight_format {weight_format} was asked for")
-    c = 1.0 / base.smooth.detach().double()
+    A, B, scaling = _factors(w)
     with torch.no_grad():
-        packed, target = _requantize(
-            base.residual_weight(), delta, fmt, c, group=tp_group_of(base), mode=mode
+        packed, _, errors, _, _ = fold_residual(
+            base.residual_weight(),
+            base.smooth,
+            A,
+            B,
+            scaling,
+            fmt=fmt,
+            group=tp_group_of(base),
+            mode=mode,
+            inputs=x,
         )
-        _set_svdq_residual(base, packed)
-        w_fold = base.residual_weight().double() * c
-    return w_fold, target, f"svdq({fmt})"
+        base.set_residual(packed)
+    return f"svdq({fmt})", errors
 
 
 def _fold_plain(base: nn.Module, delta: Tensor, weight_format, mode: str, who: str):
@@ -355,11 +307,10 @@ def _fold_plain(base: nn.Module, delta: Tensor, weight_format, mode: str, who: s
             f"{who}: the base is not quantized; use merge_adapters(), or pass weight_format to re-quantize"
         )
     fmt = parse_format(weight_format)
-    c = torch.ones(w.shape[1], dtype=torch.float64, device=w.device)
     with torch.no_grad():
-        packed, target = _requantize(w, delta, fmt, c, group=tp_group_of(base), mode=mode)
+        packed, target, w_fold = requantize(w, delta, fmt, group=tp_group_of(base), mode=mode)
         w.copy_(dequantize(packed, w.dtype))
-    return w.detach().double(), target, str(fmt)
+    return w_fold, target, str(fmt)
 
 
 def _fold_targets(name: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -409,20 +360,23 @@ def fold_adapters(
         captured = _capture(model, targets, forward_loop, max_tokens)
     report = {}
     for key, w in targets:
-        base, delta = w.base, _delta(w)
+        base = w.base
         mode = linear_mode(base)
-        if getattr(base, "is_quantized_base", False):
-            w_fold, target, fmt = _fold_svdq(base, delta, weight_format, mode, key)
-        elif is_modelopt_quantized(base):
-            w_fold, target, fmt = _fold_modelopt(base, delta, recalibrate, mode, key)
-        else:
-            w_fold, target, fmt = _fold_plain(base, delta, weight_format, mode, key)
         x, y = captured.get(key, (None, None))
-        report[key] = {"format": fmt, **_errors(w_fold, target, delta, x, tp_group_of(base))}
+        if getattr(base, "is_quantized_base", False):
+            fmt, errors = _fold_svdq(base, w, weight_format, mode, key, x)
+        else:
+            delta = _delta(w)
+            if is_modelopt_quantized(base):
+                w_fold, target, fmt = _fold_modelopt(base, delta, recalibrate, mode, key)
+            else:
+                w_fold, target, fmt = _fold_plain(base, delta, weight_format, mode, key)
+            errors = fold_errors(w_fold, target, delta, x, tp_group_of(base))
+        report[key] = {"format": fmt, **errors}
         if x is not None and x.shape[0]:
             with torch.no_grad():
                 y_fold = base(x)[0]
-            report[key]["output_err"] = _ratio(_sq_sum(y_fold - y), _sq_sum(y))
+            report[key]["output_err"] = relative_error(squared_sum(y_fold - y), squared_sum(y))
             report[key]["tokens"] = int(x.shape[0])
     for name in chosen:
         remove_adapters(model, name)

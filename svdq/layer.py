@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from svdq.formats import PackedTensor, QuantFormat, fake_quant, parse_format, trusted_inputs
-from svdq.modules import set_submodule
 from svdq.residual import ResidualStorage, StaticActRange, check_storage
 from svdq.solvers.linear import SVDQResult
 
@@ -151,5 +150,5 @@ def install_svdq_linear(
     up = lora_up if lora_up is not None else torch.zeros(out_f, 0, dtype=dtype)  # (out × 0)
     layer = SVDQLinear(residual, smooth, down, up, bias, act_format, storage, dtype, input_amax)
     layer = layer.to(old.weight.device)
-    set_submodule(model, name, layer)
+    model.set_submodule(name, layer)
     return layer

@@ -88,7 +88,8 @@ def open_model_and_data(args, batch: int | None, *, trainable: bool = False):
     Then: the architecture of the source, the quantized state of ``--checkpoint`` (a checkpoint that does
     not fit the model raises naming the layer or tensor), and ``--adapters FILE`` if given.
     """
-    from calib.train import adapter_file_format, load_adapter_file
+    from calib.train import load_adapter_file
+    from lora.model import adapter_file_format
 
     source = model_source(args)
     ckpt = getattr(args, "checkpoint", None)

@@ -4,8 +4,10 @@
                 [--format svdq|folded|modelopt-hf|peft] [--max-shard-size 2GB] [--overwrite]
                 [--data builtin|FILE|DIR|ids.npy] [--tokenizer tokenizer.json] [--tokens 4096] [--batch 8]
 
-Formats (the model is ``--checkpoint`` with ``--adapters`` loaded; every output is written to a temporary
-directory renamed into place, so a failed export leaves nothing at ``EXP``):
+The command parses its arguments and calls :func:`lora.export` (:mod:`lora.io.api`: which format applies to
+which model kind and takes which option). Formats (the model is ``--checkpoint`` with ``--adapters`` loaded;
+every output is written to a temporary directory renamed into place, so a failed export leaves nothing at
+``EXP``):
 
 * ``svdq`` (default) — our checkpoint format (:func:`lora.io.svdq_export.export_quantized`): packed 4-bit
   residuals, scales, smoothing and the adapters, loading back exactly. The model source is recorded again, so
@@ -19,7 +21,7 @@ directory renamed into place, so a failed export leaves nothing at ``EXP``):
   NVFP4 layout (``NVFP4_AWQ``: NVFP4 + ``pre_quant_scale``; ``--fold-smoothing fold`` folds the smoothing into
   the weight too and writes plain ``NVFP4``, which more engines read, at some added error). Prints the
   per-linear error the fold adds
-  (:func:`lora.io.folded_hf.format_report`: ``weight_err = ‖W_fold − T‖/‖T‖`` with ``T`` the unfolded
+  (:func:`lora.fold.format_report`: ``weight_err = ‖W_fold − T‖/‖T‖`` with ``T`` the unfolded
   effective weight, ``delta_rel = ‖B·A'‖/‖T‖``, and with ``--data`` the input-based ``act_weight_err`` and
   ``output_err = ‖y_fold − y‖/‖y‖`` on the inputs each linear gets from ``--tokens`` of ``--data``, at most
   4096 rows per linear) and a summary line (mean / max ``output_err`` with ``--data``, else ``weight_err``).
@@ -42,9 +44,9 @@ from pathlib import Path
 
 from calib.cli.common import MODEL_KEY, add_data_args, add_model_args, parse_size
 
+# the parser is built without importing lora (megatron-core: seconds, and import warnings); the names are
+# those of lora.io.api.EXPORTERS, in its order (tests/calib/cli/test_export_formats.py checks it)
 FORMATS = ("svdq", "folded", "modelopt-hf", "peft")
-TORCH_ONLY = ("modelopt-hf", "peft")
-WITH_DATA = ("folded", "modelopt-hf")
 
 
 def add_parser(sub) -> None:
@@ -62,7 +64,7 @@ def add_parser(sub) -> None:
         "--max-shard-size", default=None, help="--format svdq: split files above this size (e.g. 2GB)"
     )
     add_data_args(p, tokens_default=4096)
-    p.set_defaults(data=None)  # no data unless given: only folded / modelopt-hf use it
+    p.set_defaults(data=None)  # no data unless given: only the formats taking a forward loop use it
     p.add_argument("--batch", type=int, default=8, help="sequences per --data batch")
     p.add_argument(
         "--fold-smoothing",
@@ -79,15 +81,19 @@ def _check_args(args) -> None:
     """Every input problem that needs no model (``ValueError`` / ``FileNotFoundError`` /
     ``FileExistsError``, one line each)."""
     from calib.cli.common import checkpoint_source
+    from lora.io import api
 
     if args.checkpoint is None:
         raise ValueError("--checkpoint DIR (a quantized checkpoint from svdq calibrate) is required")
-    if args.max_shard_size is not None and args.format != "svdq":
+    sharded = api.formats_taking("max_shard_bytes")
+    if args.max_shard_size is not None and args.format not in sharded:
         raise ValueError(
-            f"--max-shard-size applies to --format svdq only; --format {args.format} writes single files"
+            f"--max-shard-size applies to --format {' / '.join(sharded)} only; "
+            f"--format {args.format} writes single files"
         )
-    if args.data is not None and args.format not in WITH_DATA:
-        raise ValueError(f"--data applies to --format {' / '.join(WITH_DATA)}, not to --format {args.format}")
+    with_data = api.formats_taking("forward_loop")
+    if args.data is not None and args.format not in with_data:
+        raise ValueError(f"--data applies to --format {' / '.join(with_data)}, not to --format {args.format}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.out.exists() and not args.out.is_dir():
@@ -102,70 +108,18 @@ def _check_args(args) -> None:
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
 
 
-def _check_model_kind(args, megatron: bool) -> None:
-    if megatron and args.format in TORCH_ONLY:
-        raise ValueError(
-            f"--format {args.format}: the modelopt HF layout and PEFT adapters are for dense torch models "
-            "(svdq.SVDQLinear layers, NVFP4 W4A4), not Megatron models; use --format svdq (adapters kept) "
-            "or --format folded (adapters merged into the 4-bit weights)"
-            if args.format == "modelopt-hf"
-            else "--format peft: PEFT adapters are for dense torch models (svdq.SVDQLinear layers), not "
-            "Megatron models; use --format svdq (adapters kept) or --format folded"
-        )
-
-
-def fold_summary(report: dict[str, dict]) -> str:
-    """One line: how many linears were folded and the mean / max of the error the fold added
-    (``output_err`` where every linear has one, i.e. with inputs, else ``weight_err``)."""
-    if not report:
-        return "folded 0 linears"
-    key = "output_err" if all("output_err" in r for r in report.values()) else "weight_err"
-    vals = [float(r[key]) for r in report.values()]
-    worst = max(report, key=lambda n: float(report[n][key]))
-    tokens = [int(r["tokens"]) for r in report.values() if "tokens" in r]
-    on = f" on up to {max(tokens)} tokens per linear" if tokens and key == "output_err" else ""
-    return (
-        f"folded {len(vals)} linears: added {key} mean {sum(vals) / len(vals):.4e}, "
-        f"max {max(vals):.4e} ({worst}){on}"
-    )
-
-
-def _export(args, lm, loop, metadata, max_shard) -> dict | None:
-    """Write ``args.out`` in ``args.format``; returns the fold report for ``folded``, else ``None``."""
-    from lora.io.folded import export_folded
-    from lora.io.folded_hf import export_folded_hf
-    from lora.io.modelopt_hf import export_modelopt_hf
-    from lora.io.peft import export_peft
-    from lora.io.svdq_export import export_quantized
-
-    model, out, overwrite = lm.model, args.out, args.overwrite
-    if args.format == "svdq":
-        export_quantized(model, out, max_shard_bytes=max_shard, metadata=metadata, overwrite=overwrite)
-    elif args.format == "folded" and lm.megatron:
-        return export_folded(
-            model, out, forward_loop=loop, metadata=metadata, overwrite=overwrite, verbose=False
-        )
-    elif args.format == "folded":
-        return export_folded_hf(
-            model, out, smoothing=args.fold_smoothing, forward_loop=loop, overwrite=overwrite, verbose=False
-        )
-    elif args.format == "modelopt-hf":
-        export_modelopt_hf(model, out, forward_loop=loop, overwrite=overwrite)
-    else:
-        export_peft(model, out, base_model_name_or_path=lm.source.spec, overwrite=overwrite)
-    return None
-
-
 def run(args) -> int:
     import torch
 
     from calib.cli.common import model_source, open_model_and_data
+    from lora.fold import fold_summary, format_report
     from lora.framework.parallel import destroy_parallel, init_parallel
-    from lora.io.folded_hf import format_report
+    from lora.io import api
     from lora.io.svdq_export import read_export_metadata
 
     _check_args(args)
-    _check_model_kind(args, model_source(args).kind != "factory")  # tiny / megatron:DIR build Megatron
+    kind = "torch" if model_source(args).kind == "factory" else "megatron"  # tiny / megatron:DIR: Megatron
+    api.check_format(args.format, kind, spell=lambda name: f"--format {name}")
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size else None
     previous = read_export_metadata(args.checkpoint).get("user") or {}
     init_parallel(seed=args.seed)
@@ -173,26 +127,32 @@ def run(args) -> int:
         lm, _, batches = open_model_and_data(args, None if args.data is None else args.batch)
         if batches is not None:
             lm.model.eval()  # the forward loop only measures (inputs, ranges)
-        metadata = {
-            **previous,
-            MODEL_KEY: lm.source.to_dict(),
-            "exported_from": str(args.checkpoint),
-            "adapters": None if args.adapters is None else str(args.adapters),
-            "export_format": args.format,
+        settings = {
+            "metadata": {
+                **previous,
+                MODEL_KEY: lm.source.to_dict(),
+                "exported_from": str(args.checkpoint),
+                "adapters": None if args.adapters is None else str(args.adapters),
+                "export_format": args.format,
+            },
+            "max_shard_bytes": max_shard,
+            "forward_loop": None if batches is None else lm.forward_loop(batches),
+            "smoothing": args.fold_smoothing,
+            "base_model_name_or_path": lm.source.spec,
+            "overwrite": args.overwrite,
+            "verbose": False,
         }
+        options = api.supported_options(args.format, api.model_kind(lm.model), settings)
         with torch.no_grad():
-            report = _export(
-                args, lm, None if batches is None else lm.forward_loop(batches), metadata, max_shard
-            )
+            exported = api.export(lm.model, args.out, args.format, **options)
     finally:
         destroy_parallel()
-    if report is not None:
+    if exported.report is not None:
         print("error added by folding the adapters into the 4-bit weights (per linear, relative):")
-        print(format_report(report))
-        print(fold_summary(report))
+        print(format_report(exported.report))
+        print(fold_summary(exported.report))
     files = sorted(p for p in args.out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)
-    layout = {"folded": "svdq format" if lm.megatron else "modelopt HF NVFP4 layout"}.get(args.format)
-    what = f"{args.format} format" + (f", {layout}" if layout else "")
+    what = f"{args.format} format" + (f", {exported.layout}" if exported.layout else "")
     print(f"exported {lm.source.spec} ({what}) to {args.out}: {len(files)} files, {size / 1e6:.2f} MB")
     return 0

@@ -50,10 +50,10 @@ def run(args) -> int:
         complete_checkpoints,
         finetune,
         remove_stale_temporaries,
-        save_adapter_file,
         write_json,
     )
     from lora.framework.parallel import destroy_parallel, init_parallel
+    from lora.model import save_adapters
 
     cfg = TrainConfig(
         steps=args.steps,
@@ -113,7 +113,7 @@ def run(args) -> int:
         if result.stopped:
             print(f"stopped after step {result.step} of {cfg.steps}; continue with --resume")
             return 0
-        adapters = save_adapter_file(lm.model, args.out / "adapters.safetensors")
+        adapters = save_adapters(lm.model, args.out / "adapters.safetensors")
         n_params = sum(p.numel() for p in adapter_parameters(lm.model).values())
         record = {
             "losses": result.losses,

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora.adapters.layers import LAYOUT_OWNS, ExpertGroup, Factor, _Context, _new_param, _Wrapper, add_deltas
+from lora.fold import delta_weight
 from lora.framework.te import is_grouped, te_mode, tp_group_of
 from lora.framework.tp import grad_allreduce, group_rank_size, set_tp_attributes
 
@@ -119,7 +120,7 @@ class ExpertView:
 
     def delta_weight(self) -> Tensor:
         A, B = self.local_factors()
-        return self.linear.owner.scaling * (B.float() @ A.float())
+        return delta_weight(B, A, self.linear.owner.scaling)
 
     def merge_weight(self, who: str) -> Tensor:
         """Expert ``index``'s base weight ``weight{index}`` (unquantized floating point only)."""

@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 from lora import sharded as ckpt
 from lora.adapters.dropout import adapter_dropout
+from lora.fold import delta_weight
 from lora.framework.te import (
     explicit_expert_comm,
     fused_norm_input,
@@ -424,7 +425,7 @@ class LoraLinear(_Wrapper):
     # -- merge
     def delta_weight(self) -> Tensor:
         """``scaling · B·A`` in this rank's weight shard shape, float32."""
-        return self.scaling * (self.lora_up.float() @ self.lora_down.float())
+        return delta_weight(self.lora_up, self.lora_down, self.scaling)
 
     def merge(self) -> None:
         """``W += scaling·B·A`` (unquantized bases only); the forward then skips the branch."""
@@ -546,7 +547,7 @@ class ExpertLoraLinear(_Wrapper):
 
     def delta_weight(self) -> Tensor:
         A, B = self.local_factors()
-        return self._group.scaling * (B.float() @ A.float())
+        return delta_weight(B, A, self._group.scaling)
 
     def extra_repr(self) -> str:
         return f"proj={self.proj}, layout={self.layout}, local_expert={self.index}"

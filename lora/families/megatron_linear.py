@@ -12,7 +12,6 @@ from lora.config import LoraConfig
 from lora.families.base import Family, adapter_dtype
 from lora.framework.te import tp_group_of
 from lora.framework.tp import gather_full_weight, group_rank_size, shard_packed, split_dim, take_shard
-from svdq.modules import set_submodule
 
 
 def is_glu_fc1(model: nn.Module, name: str) -> bool:
@@ -68,10 +67,10 @@ class MegatronLinear(Family):
 
         base = quantized_base(self, module, site, storage)
         if lora_config is None:
-            set_submodule(model, name, base)
+            model.set_submodule(name, base)
             return base
         adapter = self.make_adapter(model, name, base, lora_config)
         adapter.lora_config = lora_config
         adapter.init_from(site.lora_down, site.lora_up)
-        set_submodule(model, name, adapter)
+        model.set_submodule(name, adapter)
         return adapter

@@ -62,8 +62,7 @@ def ungroup_experts(model: nn.Module, patterns: tuple[str, ...] = ("*",)) -> lis
             continue
         if any(type(c).__name__ == "GroupedLoraLinear" for c in m.children()):
             raise ValueError(f"{name}: TEGroupedMLP with adapters; remove_adapters() before converting it")
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, sequential_from_grouped(m))
+        model.set_submodule(name, sequential_from_grouped(m))
         names.append(name)
     return names
 

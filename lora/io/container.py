@@ -20,11 +20,11 @@ the structural checks of :class:`CheckpointReader` (data offsets contiguous and 
 total data size = file size) every change of a header byte is detected. Tensor *data* is not
 checksummed (that would mean reading everything).
 
-**Atomic writes.** Everything is written into a temporary sibling directory ``.<name>.tmp-<pid>-<id>``,
-which is renamed to ``out_dir`` only when complete; on any error it is removed, so a failed write leaves
-no output directory and no partial file (a killed process can leave the hidden temporary directory).
-A non-empty existing ``out_dir`` is refused unless ``overwrite=True``; then it is replaced only after
-the new directory is complete.
+**Atomic writes** (:func:`lora.io.atomic.atomic_output_dir`). Everything is written into a temporary sibling
+directory ``.<name>.tmp-<pid>-<id>``, which is renamed to ``out_dir`` only when complete; on any error it is
+removed, so a failed write leaves no output directory and no partial file (a killed process can leave the
+hidden temporary directory). A non-empty existing ``out_dir`` is refused unless ``overwrite=True``; then it
+is replaced only after the new directory is complete.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
 import struct
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lora.io.atomic import atomic_output_dir, check_output_dir, current_umask
 
 FORMAT = "svdq"
 NAMING_VERSION = "1"
@@ -136,13 +136,7 @@ def _save_file(tensors: dict[str, Tensor], path: Path, header_meta: dict[str, st
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=header_meta)
-    os.chmod(path, 0o666 & ~_umask())  # safetensors creates files 0600; use the usual permissions
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors creates files 0600; use the usual permissions
 
 
 def _write_file(names: Iterable[str], tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
@@ -176,10 +170,7 @@ def write_checkpoint(
     stored; any failure leaves ``out_dir`` as it was.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    check_output_dir(out, overwrite)  # before anything else is checked or written
     _check_tensors(tensors)
     document = {
         **metadata,
@@ -190,10 +181,7 @@ def write_checkpoint(
     text = json.dumps(document, sort_keys=True)  # fails early on non-JSON metadata
     document = json.loads(text)
     shards = _plan_shards(tensors, max_shard_bytes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         base = {"format": FORMAT, "naming_version": NAMING_VERSION}
         if max_shard_bytes is None:
             _write_file(shards[0], tensors, tmp / SINGLE_FILE, {**base, "metadata": text})
@@ -207,25 +195,7 @@ def write_checkpoint(
             index = {"metadata": document, "weight_map": weight_map}
             index["checksum"] = _index_checksum(document, weight_map)
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True))
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        os.replace(tmp, out)  # an empty directory is replaced by rename(2)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- read

@@ -28,7 +28,7 @@ from torch import nn
 
 from lora.adapters.layers import ExpertLoraLinear, LoraLinear
 from lora.base import SVDQBase
-from lora.io.folded_hf import format_report
+from lora.fold import format_report
 from lora.io.svdq_export import export_quantized
 from lora.model import adapter_modules
 from lora.modelopt_quant import fold_adapters

@@ -37,52 +37,53 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from lora.fold import SMOOTHING_MODES, fold_residual, format_report, squared_sum
 from lora.io.modelopt_hf import export_modelopt_hf
 from lora.io.torch_common import ForwardLoop, capture_inputs, svdq_layers
-from svdq.formats import dequantize, quantize
+from svdq.formats import dequantize
 from svdq.layer import SVDQLinear
+from svdq.metrics import relative_error
 
-SMOOTHING_MODES = ("keep", "fold")
-
-
-def _rel(num: Tensor, den: Tensor) -> float:
-    """``‖num‖ / ‖den‖`` in float64 (0 for 0/0, inf for x/0)."""
-    n, d = float(num.double().norm()), float(den.double().norm())
-    if d == 0.0:
-        return 0.0 if n == 0.0 else float("inf")
-    return n / d
+__all__ = ["SMOOTHING_MODES", "export_folded_hf", "fold_branches", "fold_layer", "format_report"]
 
 
 def _residual(layer: SVDQLinear) -> tuple[Tensor, torch.dtype]:
-    """``(Q_w(R) as float64, dtype to re-quantize from)``."""
+    """``(Q_w(R) (out × in) float32, dtype to re-quantize from)``."""
     if layer.storage == "packed":
         packed = layer.packed_residual()
-        return dequantize(packed, torch.float32).double(), packed.dtype
-    return layer.residual_weight(torch.float32).double(), layer.lora_down.dtype
+        return dequantize(packed, torch.float32), packed.dtype
+    return layer.residual_weight(torch.float32), layer.lora_down.dtype
 
 
 def fold_layer(
     layer: SVDQLinear, smoothing: str = "keep", x: Tensor | None = None, raw_amax: Tensor | None = None
 ) -> tuple[SVDQLinear, dict]:
-    """``(folded rank-0 layer, errors)`` for one layer (module docstring); ``layer`` is not changed.
+    """``(folded rank-0 layer, errors)`` for one layer (module docstring; the math is
+    :func:`lora.fold.fold_residual`); ``layer`` is not changed.
 
     ``x``: raw inputs ``(n × in)`` for the input-based errors; ``raw_amax``: ``max|x|`` for the static range
     of a ``smoothing="fold"`` layer (``None``: dynamic).
     """
     if smoothing not in SMOOTHING_MODES:
         raise ValueError(f"smoothing must be one of {SMOOTHING_MODES}, got {smoothing!r}")
-    q, qdtype = _residual(layer)
-    s = layer.smooth.detach().double()
-    delta = layer.lora_up.detach().double() @ layer.lora_down.detach().double()  # B·A', raw coordinates
-    target = q / s + delta
-    if smoothing == "keep":
-        stored, new_s, amax = q + delta * s, layer.smooth.detach(), getattr(layer, "input_amax", None)
-    else:
-        stored, new_s, amax = target, torch.ones_like(layer.smooth), raw_amax
-    packed = quantize(stored.to(qdtype), layer.weight_format)
-    w_fold = dequantize(packed, torch.float32).double() / new_s.double()
-    dtype, device = layer.lora_down.dtype, layer.smooth.device
     in_f, out_f = layer.in_features, layer.out_features
+    if x is not None and x.shape[0]:
+        x = x.reshape(-1, in_f)  # (n, in)
+    else:
+        x = None
+    q, qdtype = _residual(layer)
+    packed, new_s, weight_errors, _, _ = fold_residual(
+        q,
+        layer.smooth,
+        layer.lora_down,
+        layer.lora_up,
+        fmt=layer.weight_format,
+        smoothing=smoothing,
+        quant_dtype=qdtype,
+        inputs=x,
+    )
+    amax = getattr(layer, "input_amax", None) if smoothing == "keep" else raw_amax
+    dtype, device = layer.lora_down.dtype, layer.smooth.device
     folded = SVDQLinear(
         packed,
         new_s,
@@ -95,28 +96,13 @@ def fold_layer(
     ).to(device)
     if amax is not None:
         folded.set_input_amax(amax)
-    errors = {
-        "format": str(layer.weight_format),
-        "smoothing": smoothing,
-        "rank": layer.rank,
-        "weight_err": _rel(w_fold - target, target),
-        "delta_rel": _rel(delta, target),
-    }
-    if x is not None and x.shape[0]:
-        x = x.reshape(-1, in_f)
-        x64 = x.double()
+    errors = {"format": str(layer.weight_format), "smoothing": smoothing, "rank": layer.rank, **weight_errors}
+    if x is not None:
         with torch.no_grad():
             y, y_fold = layer(x), folded(x)
-        errors["act_weight_err"] = _rel(x64 @ (w_fold - target).T, x64 @ target.T)
-        errors["output_err"] = _rel(y_fold.double() - y.double(), y)
+        errors["output_err"] = relative_error(squared_sum(y_fold.double() - y.double()), squared_sum(y))
         errors["tokens"] = int(x.shape[0])
     return folded, errors
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def fold_branches(
@@ -166,18 +152,8 @@ def fold_branches(
             layer, smoothing, xs.get(name), a if a is not None and a > 0 else None
         )
     for name, new in folded.items():
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
     return report
-
-
-def format_report(report: Mapping[str, Mapping]) -> str:
-    """A small text table of a fold report."""
-    cols = ("weight_err", "delta_rel", "act_weight_err", "output_err")
-    lines = [f"{'layer':<40} " + " ".join(f"{c:>14}" for c in cols)]
-    for name, r in report.items():
-        vals = " ".join(f"{r[c]:>14.4e}" if c in r else f"{'-':>14}" for c in cols)
-        lines.append(f"{name:<40} {vals}")
-    return "\n".join(lines)
 
 
 def export_folded_hf(

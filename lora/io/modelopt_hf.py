@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lora.io.atomic import atomic_output_dir
 from lora.io.torch_common import (
     ForwardLoop,
-    atomic_output_dir,
     qualified,
     require_packed,
     svdq_layers,

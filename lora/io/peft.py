@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lora.io.torch_common import atomic_output_dir, qualified, svdq_layers, write_json
+from lora.io.atomic import atomic_output_dir
+from lora.io.torch_common import qualified, svdq_layers, write_json
 from svdq.formats import dequantize
 
 PEFT_PREFIX = "base_model.model"

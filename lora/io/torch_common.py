@@ -1,14 +1,10 @@
-"""Shared pieces of the exporters: atomic output directories, finding the SVDQuant layers, static
-activation ranges and captured layer inputs."""
+"""Shared pieces of the torch exporters: finding the SVDQuant layers, static activation ranges and
+captured layer inputs (atomic output directories: :mod:`lora.io.atomic`)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -18,37 +14,6 @@ from svdq.layer import SVDQLinear
 from svdq.stats import run_with_hooks
 
 ForwardLoop = Callable[[nn.Module], None]
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``out_dir``; on success it is renamed to ``out_dir``.
-
-    Nothing appears at ``out_dir`` unless the block completes: on any exception the temporary directory is
-    removed. ``out_dir`` may be missing or an empty directory; a non-empty one raises ``FileExistsError``
-    unless ``overwrite`` (then the old directory is moved aside, the new one renamed in, the old one
-    deleted; ``out_dir`` is briefly absent between the two renames).
-    """
-    out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists() and any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # rename(2) replaces an empty directory
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, obj) -> None:

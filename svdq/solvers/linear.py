@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from svdq.config import SVDQConfig
 from svdq.formats import PackedTensor, QuantFormat, fake_quant, quantize, trusted_inputs
+from svdq.metrics import relative_norm
 from svdq.solvers.gptq import gptq_quantize
 from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd, randomized_svd_product
 from svdq.solvers.smoothing import smoothing_vector
@@ -181,12 +181,12 @@ class _Solver:
             W_hat = Rq / s
             if B is not None:
                 W_hat = W_hat + B @ A_raw
-            return _rel(W_hat - W, W, as_tensor)
+            return relative_norm(W_hat - W, W, as_tensor)
         y_ref = self.y_ref if not subset or self.rows is None else self.y_ref[:, self.rows]
         y = fake_quant(self.X / s, self.aq) @ Rq.T
         if B is not None:
             y = y + (self.X @ A_raw.T) @ B.T
-        return _rel(y - y_ref, y_ref, as_tensor)
+        return relative_norm(y - y_ref, y_ref, as_tensor)
 
     # -- branch --------------------------------------------------------------------------------------
     def branch(self, target_raw: Tensor, s: Tensor, whiten: bool) -> tuple[Tensor, Tensor]:
@@ -290,10 +290,3 @@ class _Solver:
             step_errors=tuple(step_errors),
             alpha_errors=tuple(alpha_errors),
         )
-
-
-def _rel(diff: Tensor, ref: Tensor, as_tensor: bool = False):
-    """``‖diff‖ / ‖ref‖`` in float64 (0 for 0/0, inf for x/0); a float, or a 0-d tensor if ``as_tensor``."""
-    num, den = diff.double().norm(), ref.double().norm()
-    rel = torch.where(den > 0, num / den.clamp_min(1e-300), torch.where(num == 0, 0.0, math.inf))
-    return rel if as_tensor else rel.item()

@@ -13,10 +13,10 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from svdq.metrics import relative_error  # re-exported: the relative-error helper lives in svdq.metrics
 
 __all__ = [
     "damped_cholesky",
@@ -194,14 +194,6 @@ def output_error(W_approx: Tensor, W: Tensor, cov: Tensor | None = None) -> floa
         return relative_error(float(D.square().sum()), float(W.square().sum()))
     C = cov.to(torch.float64)
     return relative_error(float(((D @ C) * D).sum()), float(((W @ C) * W).sum()))
-
-
-def relative_error(num: float, den: float) -> float:
-    """``sqrt(num / den)`` for squared errors, with ``num`` clamped at 0; ``0/0 → 0``, ``x/0 → inf``."""
-    num = max(num, 0.0)
-    if den > 0.0:
-        return math.sqrt(num / den)
-    return 0.0 if num == 0.0 else math.inf
 
 
 def _check_matrix(T: Tensor, name: str) -> None:

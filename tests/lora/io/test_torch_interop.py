@@ -35,10 +35,10 @@ from safetensors import safe_open
 from torch import nn
 
 import svdq
+from lora.io.atomic import atomic_output_dir
 from lora.io.folded_hf import export_folded_hf, fold_branches, fold_layer
 from lora.io.modelopt_hf import export_modelopt_hf, hf_quantization_config
 from lora.io.peft import export_peft, residual_base_state_dict
-from lora.io.torch_common import atomic_output_dir
 from svdq.formats import dequantize, quantize
 from svdq.layer import SVDQLinear
 
