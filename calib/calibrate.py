@@ -70,6 +70,7 @@ from lora.framework.te_convert import ungroup_experts
 from lora.framework.tp import group_rank_size
 from lora.model import add_adapters, freeze_base
 from svdq import SVDQConfig, decompose_linear
+from svdq.config_base import ConfigBase
 from svdq.layer import ACT_RANGES
 from svdq.solvers.expert_group import decompose_expert_group
 from svdq.solvers.linear import validate_layer
@@ -82,7 +83,7 @@ _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
 
 @dataclass(frozen=True)
-class CalibConfig:
+class CalibConfig(ConfigBase):
     """What :func:`calibrate` targets and how.
 
     ``svdq``: formats, rank, smoothing grid, refinement (see :class:`svdq.SVDQConfig`). ``layout``: expert
@@ -102,7 +103,12 @@ class CalibConfig:
     mode: str = "all"
     act_range: str = "static"
 
-    def __post_init__(self) -> None:
+    def normalize(self) -> None:
+        for name in ("dense_targets", "expert_targets"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+
+    def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"CalibConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.act_range not in ACT_RANGES:

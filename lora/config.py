@@ -20,9 +20,9 @@ Linears inside a ``SequentialMLP`` are adapted only through their experts module
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
+from svdq.config_base import ConfigBase
 from svdq.solvers.shared_basis import LAYOUTS
 
 INITS = ("kaiming", "zeros", "random")
@@ -33,7 +33,7 @@ EXPERTS = ("*.mlp.experts",)
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(ConfigBase):
     """Adapter configuration (see the module docstring).
 
     ``init``: ``"kaiming"`` — ``A`` kaiming-uniform, ``B = 0`` (plain LoRA: the adapted model starts equal
@@ -58,8 +58,10 @@ class LoraConfig:
     init: str = "kaiming"
     dtype: str | None = None
 
-    def __post_init__(self):
+    def normalize(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
+
+    def validate(self) -> None:
         for name in ("rank", "fc1_rank", "fc2_rank"):
             value = getattr(self, name)
             if (value is not None or name == "rank") and (not isinstance(value, int) or value < 1):
@@ -83,19 +85,6 @@ class LoraConfig:
     @property
     def has_expert_adapters(self) -> bool:
         return self.fc1_layout is not None or self.fc2_layout is not None or self.parallel_expert
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LoraConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown LoraConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> LoraConfig:
