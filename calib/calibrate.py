@@ -352,8 +352,7 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
         targets=(name,),
         fc1_layout=r1.layout,
         fc2_layout=r2.layout,
-        fc1_rank=r1.rank,
-        fc2_rank=r2.rank,
+        rank_pattern={f"{name}.linear_fc1": r1.rank, f"{name}.linear_fc2": r2.rank},
         init="zeros",
     )
     add_adapters(model, lcfg)

@@ -80,6 +80,9 @@ def adapter_factors(model: nn.Module) -> dict[str, Factor]:
 # ------------------------------------------------------------------------------------------ add/remove
 
 
+_BRANCHES = (("fc1", "linear_fc1"), ("fc2", "linear_fc2"), ("parallel", "parallel"))  # of an experts module
+
+
 def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list[str]:
     """Wrap every module matched by ``config.targets`` (see :mod:`lora.config`); returns their names.
 
@@ -125,12 +128,12 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
                 name=name,
                 dtype=dtype,
                 dropout=config.dropout,
-                ranks={"fc1": config.fc1_rank or config.rank, "fc2": config.fc2_rank or config.rank},
+                ranks={proj: config.rank_for(f"{name}.{proj_name}") for proj, proj_name in _BRANCHES},
             )
         elif is_grouped(m):
             new = GroupedLoraLinear(
                 m,
-                config.rank,
+                config.rank_for(name),
                 layout=config.fc1_layout or "shared-down",
                 scaling=config.scaling,
                 name=name,
@@ -140,7 +143,7 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
             glu = attr == "linear_fc1" and isinstance(parent, MLP) and parent.config.gated_linear_unit
             new = LoraLinear(
                 m,
-                config.rank,
+                config.rank_for(name),
                 scaling=config.scaling,
                 name=name,
                 glu=glu,

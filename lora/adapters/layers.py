@@ -635,9 +635,10 @@ class ExpertGroup(_Wrapper):
         super().__init__(base)
         self._check_base(base, name, parallel)
         w1, w2 = self._expert_weights(base)  # one local expert's fc1 (2F_l × hidden), fc2 (hidden × F_l)
-        self.adapter_name, self.rank = name, rank
-        # per-projection ranks ("fc1", "fc2", "parallel"): calibration may pick different layouts, and so
-        # different ranks at an equal parameter budget, for fc1 and fc2
+        self.adapter_name = name
+        # the one store of the branch ranks, per projection ("fc1", "fc2", "parallel"; ``rank`` where
+        # ``ranks`` has none): calibration may pick different layouts, and so different ranks at an equal
+        # parameter budget, for fc1 and fc2
         self.ranks = {"fc1": rank, "fc2": rank, "parallel": rank, **(ranks or {})}
         self.scaling, self.dropout_p = float(scaling), float(dropout)
         self.fc1_layout, self.fc2_layout, self.parallel = fc1_layout, fc2_layout, bool(parallel)
@@ -817,7 +818,7 @@ class ExpertGroup(_Wrapper):
 
     def extra_repr(self) -> str:
         return (
-            f"rank={self.rank}, fc1={self.fc1_layout}, fc2={self.fc2_layout}, parallel={self.parallel}, "
+            f"ranks={self.ranks}, fc1={self.fc1_layout}, fc2={self.fc2_layout}, parallel={self.parallel}, "
             f"experts={self.first_global}..{self.first_global + self.num_local - 1} of {self.num_global}"
         )
 

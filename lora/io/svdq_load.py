@@ -126,7 +126,7 @@ def _validate_dense(model, reader: CheckpointReader, name: str, meta: dict) -> t
         ) from None
     _check_linear(m, fields, meta, 0 if mode == "column" else 1, f"layer {name}", fields["input_amax"])
     cfg = _lora(meta, f"layer {name}")
-    if (cfg is None) != (fields["rank"] == 0) or (cfg is not None and cfg.rank != fields["rank"]):
+    if (cfg is None) != (fields["rank"] == 0) or (cfg is not None and cfg.rank_for(name) != fields["rank"]):
         raise ValueError(f"layer {name}: rank {fields['rank']} does not match its adapter configuration")
     if cfg is not None and _factor_dtype(cfg, m) != fields["dtype"]:
         raise ValueError(
@@ -188,7 +188,7 @@ def _validate_group(model, reader: CheckpointReader, name: str, gmeta: dict) -> 
         _check_linear(lin, per[0], pm, PROJ_DIM[proj], f"{who} linear_{proj}", any(amax))
         layout = pm.get("layout")
         want = None if cfg is None else {"fc1": cfg.fc1_layout, "fc2": cfg.fc2_layout}[proj]
-        rank = 0 if cfg is None or layout is None else (getattr(cfg, f"{proj}_rank") or cfg.rank)
+        rank = 0 if cfg is None or layout is None else cfg.rank_for(f"{name}.linear_{proj}")
         if layout != want or pm.get("rank") != rank:
             raise ValueError(
                 f"{who}: {proj} layout/rank {layout}/{pm.get('rank')} do not match the adapter config"

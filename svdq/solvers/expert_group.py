@@ -123,7 +123,6 @@ class MoEGroupResult:
     name: str
     projection: str
     layout: str
-    rank: int
     budget: int
     num_params: int
     weight_format: str
@@ -151,6 +150,11 @@ class MoEGroupResult:
     @property
     def num_experts(self) -> int:
         return len(self.expert_indices)
+
+    @property
+    def rank(self) -> int:
+        """Rank ``r`` of the branch, read from its factors (the one store)."""
+        return self.expert_branch(0)[0].shape[0]
 
     @property
     def alpha(self) -> float | None:
@@ -740,7 +744,6 @@ class _Group:
             name=self.name,
             projection=self.projection,
             layout=st.layout,
-            rank=st.rank,
             budget=budget,
             num_params=param_count(st.layout, st.rank, self.num_global, out, n_in),
             weight_format=str(self.wq),

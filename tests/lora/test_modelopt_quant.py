@@ -148,7 +148,7 @@ def test_both_orders_agree_and_match_float64(qname):
     add_adapters(a, LORA, seed=3)
     # (b) add adapters, then plain mtq.quantize; B = 0 while calibrating, so calibration sees the base
     b = tiny_model()
-    add_adapters(b, LoraConfig(**{**LORA.to_dict(), "init": "kaiming"}), seed=3)
+    add_adapters(b, LORA.replace(init="kaiming"), seed=3)
     mtq.quantize(b, cfg, _loop)
     _copy_adapters(a, b)
     # same quantizers and, state-dict keys being the base's own, the same quantizer state
