@@ -191,10 +191,10 @@ class SVDQBase(StaticActRange, nn.Module):
 
 
 def _gather(t: Tensor, dim: int, group) -> Tensor:
-    rank, size = group_rank_size(group)
-    if size == 1:
+    tp_size = group_rank_size(group)[1]
+    if tp_size == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(size)]
+    parts = [torch.empty_like(t) for _ in range(tp_size)]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
@@ -218,19 +218,19 @@ def gather_full_weight(linear: nn.Module, glu: bool = False) -> Tensor:
     return torch.cat([_gather(gate, 0, group), _gather(up, 0, group)], dim=0)
 
 
-def shard_packed(p: PackedTensor, dim: int, rank: int, size: int, glu: bool = False) -> PackedTensor:
-    """Rank ``rank``'s shard of a packed ``(out × in)`` tensor along ``dim`` (lossless: codes and scales are
-    sliced, the per-tensor scale is kept)."""
-    if size == 1:
+def shard_packed(p: PackedTensor, dim: int, tp_rank: int, tp_size: int, glu: bool = False) -> PackedTensor:
+    """Shard ``tp_rank`` of ``tp_size`` of a packed ``(out × in)`` tensor along ``dim`` (lossless: codes and
+    scales are sliced, the per-tensor scale is kept)."""
+    if tp_size == 1:
         return p
     out_f, in_f = p.shape
-    shape = (out_f // size, in_f) if dim == 0 else (out_f, in_f // size)
+    shape = (out_f // tp_size, in_f) if dim == 0 else (out_f, in_f // tp_size)
     tensors = {}
     for key, t in p.to_tensors().items():
         if t.dim() < 2:  # per-tensor scale
             tensors[key] = t
         else:
-            tensors[key] = take_shard(t, dim, rank, size, glu).contiguous()
+            tensors[key] = take_shard(t, dim, tp_rank, tp_size, glu).contiguous()
     meta = dict(p.meta())
     meta["shape"] = list(shape)
     return PackedTensor.from_tensors(tensors, meta)
@@ -296,9 +296,9 @@ def install_svdq_base(adapter: nn.Module, result: SVDQResult, act_format, storag
     if is_fused_norm_linear(inner):  # quantize between the norm and the GEMM
         norm, inner = split_fused_norm(inner)
     dim = split_dim(inner)
-    rank, size = group_rank_size(tp_group_of(inner))
-    residual = shard_packed(result.residual, dim, rank, size, glu and dim == 0)
-    smooth = take_shard(result.smooth, 0, rank, size) if dim == 1 else result.smooth
+    tp_rank, tp_size = group_rank_size(tp_group_of(inner))
+    residual = shard_packed(result.residual, dim, tp_rank, tp_size, glu and dim == 0)
+    smooth = take_shard(result.smooth, 0, tp_rank, tp_size) if dim == 1 else result.smooth
     adapter.base = SVDQBase(inner, residual, smooth, act_format, storage, input_norm=norm)
     adapter.init_from(result.lora_down, result.lora_up)
     return adapter
@@ -315,9 +315,9 @@ def install_expert_base(
     if isinstance(inner, SVDQBase):
         raise ValueError(f"{getattr(wrapper, 'adapter_name', '')}: the base is already quantized")
     dim = split_dim(inner)
-    rank, size = group_rank_size(tp_group_of(inner))
-    shard = shard_packed(residual, dim, rank, size, glu and dim == 0)
-    s = take_shard(smooth, 0, rank, size) if dim == 1 else smooth
+    tp_rank, tp_size = group_rank_size(tp_group_of(inner))
+    shard = shard_packed(residual, dim, tp_rank, tp_size, glu and dim == 0)
+    s = take_shard(smooth, 0, tp_rank, tp_size) if dim == 1 else smooth
     wrapper.base = SVDQBase(inner, shard, s, act_format, storage)
     return wrapper.base
 

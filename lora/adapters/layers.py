@@ -96,7 +96,8 @@ class Factor:
 
     ``key``: global name (adapter files; per-expert keys use the *global* expert index). ``attr``: the
     parameter's attribute name in its owner module. ``role``: ``"down"`` (r × in) or ``"up"`` (out × r).
-    ``dim``: axis split over the (expert) tensor-parallel group of ``size`` ranks (None: replicated);
+    ``dim``: axis split over the (expert) tensor-parallel group of ``tp_size`` ranks, this one
+    ``tp_rank`` (None: replicated);
     ``glu``: an fc1 ``lora_up`` with ``[gate; up]`` rows (see :mod:`lora.framework.tp`).
     """
 
@@ -106,12 +107,12 @@ class Factor:
     role: str
     dim: int | None = None
     glu: bool = False
-    rank: int = 0
-    size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @property
     def full_shape(self) -> tuple[int, ...]:
-        return full_shape(tuple(self.param.shape), self.dim, self.size)
+        return full_shape(tuple(self.param.shape), self.dim, self.tp_size)
 
     def to_local(self, t: Tensor, who: str) -> Tensor:
         """``t`` as this rank's shard: ``t`` is either the whole tensor or already the local shard."""
@@ -119,10 +120,10 @@ class Factor:
         if shape == tuple(self.param.shape):
             return t
         if shape == self.full_shape:
-            return take_shard(t, self.dim, self.rank, self.size, self.glu)
+            return take_shard(t, self.dim, self.tp_rank, self.tp_size, self.glu)
         raise ValueError(
             f"{who}: {self.key} has shape {shape}, expected {self.full_shape}"
-            + (f" (or the local shard {tuple(self.param.shape)})" if self.size > 1 else "")
+            + (f" (or the local shard {tuple(self.param.shape)})" if self.tp_size > 1 else "")
         )
 
 
@@ -138,7 +139,7 @@ def init_factor(f: Factor, init: str, seed: int) -> None:
         gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{f.key}".encode()))
         bound = 1.0 / math.sqrt(shape[1])
         full = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
-        f.param.copy_(take_shard(full, f.dim, f.rank, f.size, f.glu))
+        f.param.copy_(take_shard(full, f.dim, f.tp_rank, f.tp_size, f.glu))
 
 
 def _new_param(shape, like: Tensor, dtype) -> nn.Parameter:
@@ -298,7 +299,7 @@ class LoraLinear(_Wrapper):
 
     # -- factors / init
     def factors(self) -> list[Factor]:
-        common = {"rank": self.tp_rank, "size": self.tp_size}
+        common = {"tp_rank": self.tp_rank, "tp_size": self.tp_size}
         return [
             Factor(
                 f"{self.adapter_name}.lora_down", "lora_down", self.lora_down, "down", self.down_dim, **common
@@ -486,7 +487,7 @@ class ExpertLoraLinear(_Wrapper):
     def factors(self, global_index: int | None = None) -> list[Factor]:
         g = self.global_index if global_index is None else global_index
         name = f"{self._group.adapter_name}.experts.{g}.linear_{self.proj}"
-        common = {"rank": self.etp_rank, "size": self.etp_size}
+        common = {"tp_rank": self.etp_rank, "tp_size": self.etp_size}
         out = []
         if "lora_down" in self._parameters:
             out.append(

@@ -227,8 +227,8 @@ class OtherTensor:
 
     def local_from(self, full: Tensor) -> Tensor:
         """This rank's shard of the whole tensor ``full``."""
-        rank, size = group_rank_size(self.group)
-        return take_shard(full, self.dim, rank, size, self.glu)
+        tp_rank, tp_size = group_rank_size(self.group)
+        return take_shard(full, self.dim, tp_rank, tp_size, self.glu)
 
 
 _NORM_NAMES = (  # TE fused input norms (and the norm split off them) -> the local spec's norm modules
@@ -314,5 +314,5 @@ def expert_key(group_name: str, g: int, suffix: str) -> str:
 def dense_split(linear: nn.Module) -> tuple[int, int, int]:
     """``(split dim, tp rank, tp size)`` of a Megatron linear."""
     dim = 0 if linear_mode(linear) == "column" else 1
-    rank, size = group_rank_size(tp_group_of(linear))
-    return dim, rank, size
+    tp_rank, tp_size = group_rank_size(tp_group_of(linear))
+    return dim, tp_rank, tp_size

@@ -266,18 +266,18 @@ def _copy_bias(linear: nn.Module, full: torch.Tensor | None) -> None:
         return
     b = linear.bias
     dim = int(b.partition_dim) if getattr(b, "tensor_model_parallel", False) else None
-    rank, size = group_rank_size(tp_group_of(linear))
+    tp_rank, tp_size = group_rank_size(tp_group_of(linear))
     with torch.no_grad():
-        b.copy_(take_shard(full, dim, rank, size))
+        b.copy_(take_shard(full, dim, tp_rank, tp_size))
 
 
 def _make_base(linear, st, dim: int, glu: bool, storage: str) -> SVDQBase:
     norm = None
     if is_fused_norm_linear(linear):  # quantize between the norm and the GEMM
         norm, linear = split_fused_norm(linear)
-    rank, size = group_rank_size(tp_group_of(linear))
-    residual = shard_packed(st.residual, dim, rank, size, glu and dim == 0)
-    smooth = take_shard(st.smooth, 0, rank, size) if dim == 1 else st.smooth
+    tp_rank, tp_size = group_rank_size(tp_group_of(linear))
+    residual = shard_packed(st.residual, dim, tp_rank, tp_size, glu and dim == 0)
+    smooth = take_shard(st.smooth, 0, tp_rank, tp_size) if dim == 1 else st.smooth
     _copy_bias(linear, st.bias)
     base = SVDQBase(linear, residual, smooth, st.act_format, storage, input_norm=norm)
     if st.input_amax is not None:

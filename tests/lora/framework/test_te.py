@@ -449,7 +449,7 @@ def _tp_worker(rank: int, world_size: int, spec: str, ckpt_dir: str | None):
         "losses": losses.detach().cpu(),
         "values": {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()},
         "grads": {k: f.param.grad.detach().cpu().clone() for k, f in factors.items()},
-        "shards": {k: (f.dim, f.glu, f.rank, f.size) for k, f in factors.items()},
+        "shards": {k: (f.dim, f.glu, f.tp_rank, f.tp_size) for k, f in factors.items()},
     }
 
 
