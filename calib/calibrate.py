@@ -343,7 +343,7 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
             cfg,
             projection=proj,
             layout=config.layout,
-            group=ep_group,
+            ep_group=ep_group,
             name=f"{name}.linear_{proj}",
         )
     r1, r2 = results["fc1"], results["fc2"]
@@ -356,12 +356,12 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
         init="zeros",
     )
     add_adapters(model, lcfg)
-    group = model.get_submodule(name)
+    expert_group = model.get_submodule(name)
     for proj, res in results.items():
         downs = res.shared_down if res.shared_down is not None else torch.stack(list(res.lora_downs))
         ups = res.shared_up if res.shared_up is not None else torch.stack(list(res.lora_ups))
-        group.init_from(proj, downs, ups)
-        for i, expert in enumerate(group.base.local_experts):
+        expert_group.init_from(proj, downs, ups)
+        for i, expert in enumerate(expert_group.base.local_experts):
             wrapper = getattr(expert, f"linear_{proj}")
             smooth = res.expert_smooth(i)
             install_expert_base(

@@ -183,11 +183,11 @@ def is_modelopt_quantized(base: nn.Module) -> bool:
     return hasattr(base, "weight_quantizer") and hasattr(base, "input_quantizer")
 
 
-def _sq_sum(t: Tensor, group=None) -> Tensor:
-    """``Σ t²`` in float64, summed over ``group`` (the tensor-parallel shards of one weight)."""
+def _sq_sum(t: Tensor, tp_group=None) -> Tensor:
+    """``Σ t²`` in float64, summed over ``tp_group`` (the tensor-parallel shards of one weight)."""
     s = t.double().square().sum()
-    if group_rank_size(group)[1] > 1:
-        dist.all_reduce(s, group=group)
+    if group_rank_size(tp_group)[1] > 1:
+        dist.all_reduce(s, group=tp_group)
     return s
 
 
@@ -197,12 +197,12 @@ def _ratio(num_sq: Tensor, den_sq: Tensor) -> float:
     return float((num_sq / den_sq).sqrt())
 
 
-def _errors(w_fold: Tensor, target: Tensor, delta: Tensor, x: Tensor | None = None, group=None) -> dict:
+def _errors(w_fold: Tensor, target: Tensor, delta: Tensor, x: Tensor | None = None, tp_group=None) -> dict:
     """Relative errors of ``w_fold`` against ``target`` (raw input coordinates, float64)."""
-    den = _sq_sum(target, group)
+    den = _sq_sum(target, tp_group)
     out = {
-        "weight_err": _ratio(_sq_sum(w_fold - target, group), den),
-        "delta_rel": _ratio(_sq_sum(delta, group), den),
+        "weight_err": _ratio(_sq_sum(w_fold - target, tp_group), den),
+        "delta_rel": _ratio(_sq_sum(delta, tp_group), den),
     }
     if x is not None and x.shape[0]:
         x = x.double()
@@ -210,10 +210,10 @@ def _errors(w_fold: Tensor, target: Tensor, delta: Tensor, x: Tensor | None = No
     return out
 
 
-def _global_amax(stored: Tensor, fmt: QuantFormat, group, mode: str) -> Tensor | None:
+def _global_amax(stored: Tensor, fmt: QuantFormat, tp_group, mode: str) -> Tensor | None:
     """The per-tensor (or, row-parallel fp8-per-row, per-row) range over the tensor-parallel group, so that
     shards are quantized as the whole weight would be; ``None`` (the shard's own range) without TP."""
-    if group_rank_size(group)[1] == 1:
+    if group_rank_size(tp_group)[1] == 1:
         return None
     if fmt.name == "nvfp4" or (fmt.name == "fp8" and not fmt.per_channel):
         amax = stored.detach().float().abs().amax()
@@ -221,17 +221,17 @@ def _global_amax(stored: Tensor, fmt: QuantFormat, group, mode: str) -> Tensor |
         amax = stored.detach().float().abs().amax(dim=-1)
     else:
         return None
-    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=tp_group)
     return amax if bool((amax > 0).all()) else None
 
 
-def _requantize(w_q, delta, fmt, col_scale, *, global_amax=None, group=None, mode="column"):
+def _requantize(w_q, delta, fmt, col_scale, *, global_amax=None, tp_group=None, mode="column"):
     """``(packed Q(T·diag(1/c)), T)`` with ``T = w_q·diag(c) + delta`` (float64, raw coordinates); the
     range is ``global_amax`` if given, else the tensor-parallel one (:func:`_global_amax`)."""
     target = w_q.detach().double() * col_scale + delta.detach().double()
     stored = (target / col_scale).to(w_q.dtype)
     if global_amax is None:
-        global_amax = _global_amax(stored, fmt, group, mode)
+        global_amax = _global_amax(stored, fmt, tp_group, mode)
     return quantize_tensor(stored, fmt, global_amax=global_amax), target
 
 
@@ -267,7 +267,7 @@ def _delta(w: nn.Module) -> Tensor:
     if isinstance(w, LoraLinear):
         return w.scaling * (w.lora_up.detach().double() @ w.lora_down.detach().double())
     A, B = w.local_factors()
-    return w._group.scaling * (B.detach().double() @ A.detach().double())
+    return w._expert_group.scaling * (B.detach().double() @ A.detach().double())
 
 
 def _recalibrate(wq, weight: Tensor, base: nn.Module, mode: str) -> None:
@@ -339,7 +339,7 @@ def _fold_svdq(base: nn.Module, delta: Tensor, weight_format, mode: str, who: st
     c = 1.0 / base.smooth.detach().double()
     with torch.no_grad():
         packed, target = _requantize(
-            base.residual_weight(), delta, fmt, c, group=tp_group_of(base), mode=mode
+            base.residual_weight(), delta, fmt, c, tp_group=tp_group_of(base), mode=mode
         )
         _set_svdq_residual(base, packed)
         w_fold = base.residual_weight().double() * c
@@ -357,7 +357,7 @@ def _fold_plain(base: nn.Module, delta: Tensor, weight_format, mode: str, who: s
     fmt = parse_format(weight_format)
     c = torch.ones(w.shape[1], dtype=torch.float64, device=w.device)
     with torch.no_grad():
-        packed, target = _requantize(w, delta, fmt, c, group=tp_group_of(base), mode=mode)
+        packed, target = _requantize(w, delta, fmt, c, tp_group=tp_group_of(base), mode=mode)
         w.copy_(dequantize(packed, w.dtype))
     return w.detach().double(), target, str(fmt)
 

@@ -460,19 +460,19 @@ class ExpertLoraLinear(_Wrapper):
     and reads the shared ones from the group. ``delta_i = scaling · (x_i·A_iᵀ)·B_iᵀ`` (``x_i·A_iᵀ``
     precomputed by the group for fc1 shared-down)."""
 
-    def __init__(self, base: nn.Module, group: LoraExperts, proj: str, index: int, layout: str, dtype):
+    def __init__(self, base: nn.Module, expert_group: LoraExperts, proj: str, index: int, layout: str, dtype):
         super().__init__(base)
         self.mode = linear_mode(base)
         if self.mode != ("column" if proj == "fc1" else "row"):
-            raise TypeError(f"{group.adapter_name}: expert {proj} is a {self.mode}-parallel linear")
-        object.__setattr__(self, "_group", group)
+            raise TypeError(f"{expert_group.adapter_name}: expert {proj} is a {self.mode}-parallel linear")
+        object.__setattr__(self, "_expert_group", expert_group)
         self.proj, self.index, self.layout = proj, index, layout
         self.etp_rank, self.etp_size = group_rank_size(tp_group_of(base))
         out_l, in_l = base.weight.shape
         owns_down, owns_up = LAYOUT_OWNS[layout]
         self.down_dim = 1 if self.mode == "row" else None
         self.up_dim = 0 if self.mode == "column" else None
-        r = group.ranks[proj]
+        r = expert_group.ranks[proj]
         if owns_down:
             self.lora_down = _new_param((r, in_l), base.weight, dtype)
             set_tp_attributes(self.lora_down, self.down_dim, base.weight)
@@ -482,11 +482,11 @@ class ExpertLoraLinear(_Wrapper):
 
     @property
     def global_index(self) -> int:
-        return self._group.first_global + self.index
+        return self._expert_group.first_global + self.index
 
     def factors(self, global_index: int | None = None) -> list[Factor]:
         g = self.global_index if global_index is None else global_index
-        name = f"{self._group.adapter_name}.experts.{g}.linear_{self.proj}"
+        name = f"{self._expert_group.adapter_name}.experts.{g}.linear_{self.proj}"
         common = {"tp_rank": self.etp_rank, "tp_size": self.etp_size}
         out = []
         if "lora_down" in self._parameters:
@@ -494,17 +494,17 @@ class ExpertLoraLinear(_Wrapper):
                 Factor(f"{name}.lora_down", "lora_down", self.lora_down, "down", self.down_dim, **common)
             )
         if "lora_up" in self._parameters:
-            glu = self._group.glu and self.proj == "fc1"
+            glu = self._expert_group.glu and self.proj == "fc1"
             out.append(Factor(f"{name}.lora_up", "lora_up", self.lora_up, "up", self.up_dim, glu, **common))
         return out
 
     def local_factors(self) -> tuple[Tensor, Tensor]:
         """``(A, B)`` as used on this rank (own or shared parameters, no gradient reductions)."""
-        group = self._group
+        expert_group = self._expert_group
         A = self._parameters.get("lora_down")
         B = self._parameters.get("lora_up")
-        A = A if A is not None else getattr(group, f"{self.proj}_lora_down")
-        B = B if B is not None else getattr(group, f"{self.proj}_lora_up")
+        A = A if A is not None else getattr(expert_group, f"{self.proj}_lora_down")
+        B = B if B is not None else getattr(expert_group, f"{self.proj}_lora_up")
         return A, B
 
     def _own_or_shared(self, ctx: _Context, attr: str, dim: int | None) -> Tensor:
@@ -518,18 +518,18 @@ class ExpertLoraLinear(_Wrapper):
 
     def forward(self, x: Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
-        group = self._group
-        if not group.enabled or group.merged:
+        expert_group = self._expert_group
+        if not expert_group.enabled or expert_group.merged:
             return out, bias
-        ctx = group.context()
+        ctx = expert_group.context()
         A = self._own_or_shared(ctx, "lora_down", self.down_dim)
         B = self._own_or_shared(ctx, "lora_up", self.up_dim)
         pre = ctx.h.get(self.proj)
         if pre is not None:
             h = _pad_rows(pre[self.index], x.shape[0])
         else:
-            h = F.linear(group.drop(x, split=self.proj == "fc2"), A.to(x.dtype))
-        delta = F.linear(h, B.to(h.dtype)) * group.scaling
+            h = F.linear(expert_group.drop(x, split=self.proj == "fc2"), A.to(x.dtype))
+        delta = F.linear(h, B.to(h.dtype)) * expert_group.scaling
         return out + delta.to(out.dtype), bias
 
     def merge_weight(self, who: str) -> Tensor:
@@ -538,7 +538,7 @@ class ExpertLoraLinear(_Wrapper):
 
     def delta_weight(self) -> Tensor:
         A, B = self.local_factors()
-        return self._group.scaling * (B.float() @ A.float())
+        return self._expert_group.scaling * (B.float() @ A.float())
 
     def extra_repr(self) -> str:
         return f"proj={self.proj}, layout={self.layout}, local_expert={self.index}"
@@ -554,22 +554,22 @@ class ExpertParallelAdapter(_Wrapper):
     so a top-2 token receives ``p1·B_1(A_p x) + p2·B_2(A_p x)`` after the combine. With expert tensor
     parallelism the expert output is a partial sum over its ranks: each adds ``delta / etp``."""
 
-    def __init__(self, base: nn.Module, group: LoraExperts, index: int, dtype):
+    def __init__(self, base: nn.Module, expert_group: LoraExperts, index: int, dtype):
         super().__init__(base)
-        object.__setattr__(self, "_group", group)
+        object.__setattr__(self, "_expert_group", expert_group)
         self.index = index
         self.etp_rank, self.etp_size = group_rank_size(base.tp_group)
         w2 = base.linear_fc2.weight
-        self.parallel_lora_up = _new_param((w2.shape[0], group.ranks["parallel"]), w2, dtype)
+        self.parallel_lora_up = _new_param((w2.shape[0], expert_group.ranks["parallel"]), w2, dtype)
         set_tp_attributes(self.parallel_lora_up, None, w2)
 
     @property
     def global_index(self) -> int:
-        return self._group.first_global + self.index
+        return self._expert_group.first_global + self.index
 
     def factors(self, global_index: int | None = None) -> list[Factor]:
         g = self.global_index if global_index is None else global_index
-        key = f"{self._group.adapter_name}.experts.{g}.parallel.lora_up"
+        key = f"{self._expert_group.adapter_name}.experts.{g}.parallel.lora_up"
         return [
             Factor(
                 key,
@@ -585,17 +585,19 @@ class ExpertParallelAdapter(_Wrapper):
 
     def forward(self, hidden_states: Tensor, per_token_scale: Tensor | None = None, **kwargs):
         out, bias = self.base(hidden_states, per_token_scale, **kwargs)
-        group = self._group
-        if not group.enabled:
+        expert_group = self._expert_group
+        if not expert_group.enabled:
             return out, bias
-        ctx = group.context()
+        ctx = expert_group.context()
         pre = ctx.h.get("parallel")
         if pre is not None:
             h = _pad_rows(pre[self.index], hidden_states.shape[0])
         else:
-            h = F.linear(group.drop(hidden_states), ctx.shared["parallel_lora_down"].to(hidden_states.dtype))
+            h = F.linear(
+                expert_group.drop(hidden_states), ctx.shared["parallel_lora_down"].to(hidden_states.dtype)
+            )
         B = grad_allreduce(self.parallel_lora_up, self.base.tp_group)
-        delta = F.linear(h, B.to(h.dtype)) * group.scaling
+        delta = F.linear(h, B.to(h.dtype)) * expert_group.scaling
         if per_token_scale is not None:
             delta = delta * per_token_scale.unsqueeze(-1).to(delta.dtype)
         if self.etp_size > 1:
@@ -807,9 +809,9 @@ class ExpertGroup(_Wrapper):
     def expert_dp_group(self):
         """The expert-data-parallel group (replica ids of expert tensors): ``SequentialMLP.dp_group``;
         ``TEGroupedMLP`` keeps it only in its linears' process-group collection."""
-        group = getattr(self.base, "dp_group", None)
-        if group is not None:
-            return group
+        dp_group = getattr(self.base, "dp_group", None)
+        if dp_group is not None:
+            return dp_group
         pgs = getattr(self.base.linear_fc1, "_pg_collection", None)
         if pgs is not None and getattr(pgs, "expt_dp", None) is not None:
             return pgs.expt_dp

@@ -20,7 +20,7 @@ parameter budget**. :func:`decompose_expert_group` does, for the local experts o
 2. **Smoothing** ``s = max|X_:j|^α / max|W_:j|^(1−α)`` (:func:`svdq.solvers.smoothing.smoothing_vector`):
    *fc1* — one vector for all experts (they read the same hidden state): activation absmax pooled
    (max) over all experts' routed tokens, weight absmax over all experts' columns, both all-reduced (MAX)
-   over ``group``; one α for the group, chosen by the group's total output error (error sums all-reduced).
+   over ``ep_group``; one α for the group, chosen by the group's total output error (error sums all-reduced).
    *fc2* — one vector per expert (private input spaces), and **one α per expert**: the branch does not
    depend on ``s``, so expert ``i``'s quantized output depends on ``s_i`` alone and the per-expert argmins
    minimize the total. Each candidate is scored by the output error of the *complete* quantized expert
@@ -42,7 +42,7 @@ total error and refines it; ``layout_figures`` records what it chose from.
 **Errors.** Expert ``i``'s error is ``‖y_i − X_i·W_iᵀ‖ / ‖X_i·W_iᵀ‖`` over its sampled tokens
 (``stats[i].sample``, up to ``sample_tokens``). The total is **activation-weighted**: each expert's squared
 errors count ``n_i / k_i`` times (routed / sampled tokens), so it estimates the relative output error over
-all routed tokens of the group (all-reduced over ``group``). Experts without tokens (``fallback_experts``)
+all routed tokens of the group (all-reduced over ``ep_group``). Experts without tokens (``fallback_experts``)
 report the relative weight error ``‖W_i − Ŵ_i‖_F / ‖W_i‖_F`` and do not enter the total, unless no expert of
 the group saw a token (then the total is the weight error; requires ``config.weight_only_fallback``).
 
@@ -50,7 +50,7 @@ the group saw a token (then the total is the weight error; requires ``config.wei
 tokens (``0 < n_i < in``: rank-deficient ``X_iᵀX_i``) → damped, flagged in ``few_token_experts``. Any float
 weight dtype (bf16, fp16): the branch is computed in float64, residuals and scoring in float32.
 
-**Expert parallelism.** With ``group``, the experts passed are this rank's; everything that must agree
+**Expert parallelism.** With ``ep_group``, the experts passed are this rank's; everything that must agree
 is reduced over the group (fc1 smoothing, every α / layout / refinement decision, the shared factor), so all
 ranks return the identical smoothing and shared factor and take the same decisions. Every rank must call
 with the same ``config``, ``projection``, ``layout`` and ``budget``.
@@ -232,7 +232,7 @@ def decompose_expert_group(
     projection: str = "fc1",
     layout: str = "auto",
     budget: int | None = None,
-    group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
     name: str = "layer0.fc1",
     expert_offset: int | None = None,
     score_rows: int | None = None,
@@ -257,7 +257,7 @@ def decompose_expert_group(
         group: expert-parallel process group (experts spread over its ranks).
         name: layer name used in error messages and the result.
         expert_offset: global index of the first local expert (default: from the ranks before this one in
-            ``group``, 0 without a group).
+            ``ep_group``, 0 without a group).
         score_rows: output rows per expert on which α candidates are scored (a fixed random subset, the
             same for every expert and candidate). Default: ``config.score_rows`` spread over the group's
             experts, at least 256 per expert (all rows of smaller experts).
@@ -274,10 +274,10 @@ def decompose_expert_group(
     if layout not in LAYOUT_CHOICES:
         raise ValueError(f"{name}: layout must be one of {LAYOUT_CHOICES}, got {layout!r}")
     W = _stack(weights, name)
-    offset = _expert_offset(W.shape[0], group, W.device) if expert_offset is None else int(expert_offset)
-    _validate_everywhere(W, stats, config, name, offset, group)
+    offset = _expert_offset(W.shape[0], ep_group, W.device) if expert_offset is None else int(expert_offset)
+    _validate_everywhere(W, stats, config, name, offset, ep_group)
     with trusted_inputs():  # weights and statistics are validated: no per-call NaN syncs
-        g = _Group(W, list(stats), config, projection, layout, group, name, offset, score_rows)
+        g = _ExpertProjection(W, list(stats), config, projection, layout, ep_group, name, offset, score_rows)
         del W
         state, steps, figures, budget = _search(g, layout, budget, alternations, cg_iters)
         state, steps = _refine(g, state, steps, refine_alternations, cg_iters)
@@ -288,7 +288,7 @@ def _fit_options(config: SVDQConfig) -> dict:
     return dict(oversample=config.oversample, power_iters=config.power_iters, seed=config.seed)
 
 
-def _search(g: _Group, layout: str, budget: int | None, alternations: int, cg_iters: int):
+def _search(g: _ExpertProjection, layout: str, budget: int | None, alternations: int, cg_iters: int):
     """Fit, α-search and evaluate every candidate layout at the budget; the best ``_State`` wins."""
     E, out, n_in = g.shape
     if budget is None:
@@ -306,7 +306,7 @@ def _search(g: _Group, layout: str, budget: int | None, alternations: int, cg_it
             lay,
             g.ex,
             rank,
-            group=g.group,
+            ep_group=g.ep_group,
             max_iters=alternations,
             cg_iters=cg_iters,
             cache=g.fit_cache,
@@ -327,7 +327,7 @@ def _search(g: _Group, layout: str, budget: int | None, alternations: int, cg_it
     return best, [best.error], figures, budget
 
 
-def _refine(g: _Group, state: _State, steps: list[float], alternations: int, cg_iters: int):
+def _refine(g: _ExpertProjection, state: _State, steps: list[float], alternations: int, cg_iters: int):
     """Refit the branch to ``W_i − Q_w(R_i)·diag(1/s_i)`` and re-quantize while the total error falls."""
     opts = {**_fit_options(g.cfg), "power_iters": 0}  # warm start: one orthogonalization + Rayleigh–Ritz
     for _ in range(g.cfg.refine_steps):
@@ -337,7 +337,7 @@ def _refine(g: _Group, state: _State, steps: list[float], alternations: int, cg_
             target,
             state.rank,
             init=(state.B, state.A),
-            group=g.group,
+            ep_group=g.ep_group,
             max_iters=alternations,
             cg_iters=cg_iters,
             cache=g.fit_cache,
@@ -433,27 +433,27 @@ def _stack(weights, name: str) -> Tensor:
     return W
 
 
-def _expert_offset(E: int, group, device: torch.device) -> int:
-    """Global index of this rank's first expert: local counts of the lower ranks of ``group``."""
-    if group is None:
+def _expert_offset(E: int, ep_group, device: torch.device) -> int:
+    """Global index of this rank's first expert: local counts of the lower ranks of ``ep_group``."""
+    if ep_group is None:
         return 0
     t = torch.tensor([E], dtype=torch.int64, device=device)
-    counts = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, t, group=group)
-    return int(sum(int(c.item()) for c in counts[: dist.get_rank(group)]))
+    counts = [torch.zeros_like(t) for _ in range(dist.get_world_size(ep_group))]
+    dist.all_gather(counts, t, group=ep_group)
+    return int(sum(int(c.item()) for c in counts[: dist.get_rank(ep_group)]))
 
 
-def _validate_everywhere(W: Tensor, stats, config: SVDQConfig, name: str, offset: int, group) -> None:
-    """:func:`_validate` on every rank of ``group``; if any rank's input is invalid, all ranks raise (the
+def _validate_everywhere(W: Tensor, stats, config: SVDQConfig, name: str, offset: int, ep_group) -> None:
+    """:func:`_validate` on every rank of ``ep_group``; if any rank's input is invalid, all ranks raise (the
     others would otherwise wait in the next collective)."""
     try:
         _validate(W, stats, config, name, offset)
         error = None
     except ValueError as exc:
         error = exc
-    if group is not None:
+    if ep_group is not None:
         failed = torch.tensor([error is not None], dtype=torch.int64, device=W.device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=ep_group)
         if error is None and failed.item():
             raise ValueError(f"{name}: invalid expert inputs on another expert-parallel rank")
     if error is not None:
@@ -504,17 +504,18 @@ def _smoothing_rows(x_absmax: Tensor, w_absmax: Tensor, alpha: float, eps: float
     return s.float()
 
 
-class _Group:
-    """Per-call data of :func:`decompose_expert_group`: weights, scoring tokens, smoothing candidates, the
-    prepared experts of :mod:`svdq.solvers.shared_basis`, and the scoring / evaluation steps."""
+class _ExpertProjection:
+    """The local experts of one projection under :func:`decompose_expert_group` (per-call data):
+    weights, scoring tokens, smoothing candidates, the prepared experts of
+    :mod:`svdq.solvers.shared_basis`, and the scoring / evaluation steps."""
 
-    def __init__(self, W, stats, config: SVDQConfig, projection, layout, group, name, offset, score_rows):
+    def __init__(self, W, stats, config: SVDQConfig, projection, layout, ep_group, name, offset, score_rows):
         dev = W.device
         E, out, n_in = W.shape
-        self.cfg, self.projection, self.group, self.name, self.offset = (
+        self.cfg, self.projection, self.ep_group, self.name, self.offset = (
             config,
             projection,
-            group,
+            ep_group,
             name,
             offset,
         )
@@ -574,12 +575,12 @@ class _Group:
             st.covariance.to(dev) if n > 0 else torch.zeros((), dtype=_F64, device=dev).expand(n_in, n_in)
             for st, n in zip(stats, self.counts)
         ]
-        self.ex = _prepare(self.W64, covs, self.counts, config.damp, group)
+        self.ex = _prepare(self.W64, covs, self.counts, config.damp, ep_group)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
-        if self.group is not None:
-            dist.all_reduce(t, op=op, group=self.group)
+        if self.ep_group is not None:
+            dist.all_reduce(t, op=op, group=self.ep_group)
         return t
 
     def _s3(self, s: Tensor) -> Tensor:

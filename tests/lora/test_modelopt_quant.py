@@ -74,7 +74,7 @@ def _factors(w):
     if isinstance(w, LoraLinear):
         return w.lora_down, w.lora_up, w.scaling
     A, B = w.local_factors()
-    return A, B, w._group.scaling
+    return A, B, w._expert_group.scaling
 
 
 def _col_scale(base):
@@ -343,7 +343,7 @@ def test_fold_modelopt_base(qname):
         key = (
             w.adapter_name
             if isinstance(w, LoraLinear)
-            else (f"{w._group.adapter_name}.experts.{w.global_index}.linear_{w.proj}")
+            else (f"{w._expert_group.adapter_name}.experts.{w.global_index}.linear_{w.proj}")
         )
         xs = [x.reshape(-1, x.shape[-1]) for m, x, _ in recs if m is w]
         ys = [y.reshape(-1, y.shape[-1]) for m, _, y in recs if m is w]

@@ -326,14 +326,14 @@ def _dist_group():
 
 
 def _on_rank(rank: int, world_size: int) -> dict:
-    """Each rank decomposes its contiguous slice of the 8 experts with group=WORLD."""
+    """Each rank decomposes its contiguous slice of the 8 experts with ep_group=WORLD."""
     W, stats, _ = _dist_group()
     bounds = _DIST_SPLITS[world_size]
     local = slice(bounds[rank], bounds[rank + 1])
     out = {}
     for projection, layout in (("fc1", "shared-down"), ("fc2", "shared-up"), ("fc1", "auto")):
         res = decompose_expert_group(
-            W[local], stats[local], CFG, projection=projection, layout=layout, group=dist.group.WORLD
+            W[local], stats[local], CFG, projection=projection, layout=layout, ep_group=dist.group.WORLD
         )
         out[f"{projection}-{layout}"] = _figures(res)
     bad = W[local].clone()
@@ -341,7 +341,7 @@ def _on_rank(rank: int, world_size: int) -> dict:
         bad[0, 0, 0] = float("nan")
     try:  # invalid input on one rank: every rank raises instead of waiting in a collective
         decompose_expert_group(
-            bad, stats[local], CFG, layout="shared-down", group=dist.group.WORLD, name="x.fc1"
+            bad, stats[local], CFG, layout="shared-down", ep_group=dist.group.WORLD, name="x.fc1"
         )
     except ValueError as exc:
         out["error"] = str(exc)
