@@ -74,6 +74,7 @@ from svdq.config_base import ConfigBase
 from svdq.layer import ACT_RANGES
 from svdq.solvers.expert_group import decompose_expert_group
 from svdq.solvers.linear import validate_layer
+from svdq.solvers.shared_basis import AUTO
 from svdq.stats import InputStats, run_with_hooks
 
 DENSE_TARGETS = ("*.self_attention.linear_qkv", "*.self_attention.linear_proj")
@@ -95,7 +96,7 @@ class CalibConfig(ConfigBase):
     """
 
     svdq: SVDQConfig = field(default_factory=SVDQConfig)
-    layout: str = "auto"
+    layout: str = AUTO
     dense_targets: tuple[str, ...] = DENSE_TARGETS
     expert_targets: tuple[str, ...] = EXPERT_TARGETS
     storage: str = "packed"

@@ -25,7 +25,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from svdq.config_base import ConfigBase
-from svdq.solvers.shared_basis import LAYOUTS
+from svdq.solvers.shared_basis import LAYOUTS, PER_EXPERT, SHARED_DOWN, SHARED_UP
 
 INITS = ("kaiming", "zeros", "random")
 
@@ -53,8 +53,8 @@ class LoraConfig(ConfigBase):
     rank: int = 16
     alpha: float | None = None
     targets: tuple[str, ...] = ATTENTION + DENSE_MLP + EXPERTS
-    fc1_layout: str | None = "shared-down"
-    fc2_layout: str | None = "shared-up"
+    fc1_layout: str | None = SHARED_DOWN
+    fc2_layout: str | None = SHARED_UP
     rank_pattern: dict[str, int] = field(default_factory=dict)
     parallel_expert: bool = False
     dropout: float = 0.0
@@ -145,8 +145,8 @@ PRESETS: dict[str, dict] = {
     # the baseline: independent LoRA on every expert linear
     "moe-per-expert": {
         "targets": ATTENTION + DENSE_MLP + EXPERTS,
-        "fc1_layout": "per-expert",
-        "fc2_layout": "per-expert",
+        "fc1_layout": PER_EXPERT,
+        "fc2_layout": PER_EXPERT,
     },
     # the upstream design: hidden → r → hidden around each whole expert (shared down, per-expert up),
     # weighted by the routing probability

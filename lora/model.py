@@ -36,6 +36,7 @@ from lora.adapters.layers import (
 )
 from lora.config import LoraConfig
 from lora.framework.te import is_grouped, is_te_grouped_mlp, tp_group_of
+from svdq.solvers.shared_basis import SHARED_DOWN
 
 FILE_FORMAT = "svdq-lora"
 FILE_VERSION = "1"
@@ -134,7 +135,7 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
             new = GroupedLoraLinear(
                 m,
                 config.rank_for(name),
-                layout=config.fc1_layout or "shared-down",
+                layout=config.fc1_layout or SHARED_DOWN,
                 scaling=config.scaling,
                 name=name,
                 dtype=dtype,

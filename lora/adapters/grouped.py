@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from lora.adapters.layers import LAYOUT_OWNS, ExpertGroup, Factor, _Context, _new_param, _Wrapper, add_deltas
 from lora.framework.te import is_grouped, te_mode, tp_group_of
 from lora.framework.tp import grad_allreduce, group_rank_size, set_tp_attributes
+from svdq.solvers.shared_basis import SHARED_DOWN, SHARED_UP
 
 ROLES = ("down", "up")
 
@@ -150,7 +151,7 @@ class GroupedLoraLinear(_Wrapper):
         base: nn.Module,
         rank: int,
         *,
-        layout: str = "shared-down",
+        layout: str = SHARED_DOWN,
         expert_group: LoraGroupedExperts | None = None,
         proj: str | None = None,
         scaling: float = 1.0,
@@ -308,10 +309,10 @@ class GroupedLoraLinear(_Wrapper):
         def factors(role: str) -> list[Tensor]:  # per-expert factors
             return [self._factor(ctx, role, i).to(dt) for i in range(self.num_local)]
 
-        if self.layout == "shared-down":
+        if self.layout == SHARED_DOWN:
             h = F.linear(x2, self._factor(ctx, "down", 0).to(dt))
             delta = per_expert_linear(h, factors("up"), splits)
-        elif self.layout == "shared-up":
+        elif self.layout == SHARED_UP:
             h = per_expert_linear(x2, factors("down"), splits)
             delta = F.linear(h, self._factor(ctx, "up", 0).to(dt))
         else:

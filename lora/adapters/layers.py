@@ -79,11 +79,12 @@ from lora.framework.te import (
     tp_group_of,
 )
 from lora.framework.tp import full_shape, grad_allreduce, group_rank_size, set_tp_attributes, take_shard
+from svdq.solvers.shared_basis import PER_EXPERT, SHARED_DOWN, SHARED_UP
 
 LAYOUT_OWNS = {  # layout -> (expert owns lora_down, expert owns lora_up)
-    "per-expert": (True, True),
-    "shared-down": (False, True),
-    "shared-up": (True, False),
+    PER_EXPERT: (True, True),
+    SHARED_DOWN: (False, True),
+    SHARED_UP: (True, False),
 }
 
 
@@ -606,10 +607,10 @@ class ExpertParallelAdapter(_Wrapper):
 
 
 _SHARED = {  # (proj, layout) -> attribute of the factor shared by the experts
-    ("fc1", "shared-down"): "fc1_lora_down",
-    ("fc1", "shared-up"): "fc1_lora_up",
-    ("fc2", "shared-down"): "fc2_lora_down",
-    ("fc2", "shared-up"): "fc2_lora_up",
+    ("fc1", SHARED_DOWN): "fc1_lora_down",
+    ("fc1", SHARED_UP): "fc1_lora_up",
+    ("fc2", SHARED_DOWN): "fc2_lora_down",
+    ("fc2", SHARED_UP): "fc2_lora_up",
 }
 
 
@@ -627,8 +628,8 @@ class ExpertGroup(_Wrapper):
         rank: int,
         *,
         scaling: float = 1.0,
-        fc1_layout: str | None = "shared-down",
-        fc2_layout: str | None = "shared-up",
+        fc1_layout: str | None = SHARED_DOWN,
+        fc2_layout: str | None = SHARED_UP,
         parallel: bool = False,
         name: str = "",
         dtype: torch.dtype | None = None,
@@ -738,7 +739,7 @@ class ExpertGroup(_Wrapper):
         if proj == "parallel":
             if not self.parallel:
                 raise ValueError(f"{self.adapter_name}: no parallel adapter")
-            layout = "shared-down"
+            layout = SHARED_DOWN
         else:
             layout = {"fc1": self.fc1_layout, "fc2": self.fc2_layout}[proj]
             if layout is None:
@@ -874,7 +875,7 @@ class LoraExperts(ExpertGroup):
         if getattr(self.base.config, "moe_apply_probs_on_input", False):
             x = (probs.unsqueeze(-1) * hidden).to(hidden.dtype)
         counts = [int(c) for c in tokens_per_expert.tolist()] if self.num_local > 1 else [hidden.shape[0]]
-        if self.fc1_layout == "shared-down":  # ONE GEMM over all local tokens, split per expert
+        if self.fc1_layout == SHARED_DOWN:  # ONE GEMM over all local tokens, split per expert
             h = F.linear(self.drop(x), ctx.shared["fc1_lora_down"].to(x.dtype))
             ctx.h["fc1"] = torch.split(h, counts)
         if self.parallel:

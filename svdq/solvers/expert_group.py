@@ -82,14 +82,24 @@ from svdq.formats import (
     trusted_inputs,
 )
 from svdq.solvers.lowrank import relative_error
-from svdq.solvers.shared_basis import LAYOUTS, _fit, _prepare, param_count, rank_for_budget
+from svdq.solvers.shared_basis import (
+    AUTO,
+    LAYOUT_CHOICES,
+    LAYOUTS,
+    PER_EXPERT,
+    SHARED_DOWN,
+    SHARED_UP,
+    _fit,
+    _prepare,
+    param_count,
+    rank_for_budget,
+)
 from svdq.solvers.smoothing import smoothing_vector
 from svdq.stats import InputStats
 
 __all__ = ["LAYOUT_CHOICES", "PROJECTIONS", "MoEGroupResult", "decompose_expert_group", "fake_quant_experts"]
 
 PROJECTIONS: tuple[str, ...] = ("fc1", "fc2")
-LAYOUT_CHOICES: tuple[str, ...] = ("auto", *LAYOUTS)
 _F64 = torch.float64
 _MIN_SCORE_ROWS = 256  # default rows per expert scoring the α candidates (at least)
 
@@ -230,7 +240,7 @@ def decompose_expert_group(
     config: SVDQConfig,
     *,
     projection: str = "fc1",
-    layout: str = "auto",
+    layout: str = AUTO,
     budget: int | None = None,
     ep_group: dist.ProcessGroup | None = None,
     name: str = "layer0.fc1",
@@ -292,13 +302,13 @@ def _search(g: _ExpertProjection, layout: str, budget: int | None, alternations:
     """Fit, α-search and evaluate every candidate layout at the budget; the best ``_State`` wins."""
     E, out, n_in = g.shape
     if budget is None:
-        budget = param_count("per-expert", min(g.cfg.rank, out, n_in), g.num_global, out, n_in)
+        budget = param_count(PER_EXPERT, min(g.cfg.rank, out, n_in), g.num_global, out, n_in)
     best, figures = None, {}
-    for lay in LAYOUTS if layout == "auto" else (layout,):
+    for lay in LAYOUTS if layout == AUTO else (layout,):
         try:
             rank = rank_for_budget(lay, budget, g.num_global, out, n_in)
         except ValueError as exc:
-            if layout != "auto":
+            if layout != AUTO:
                 raise ValueError(f"{g.name}: {exc}") from None
             figures[lay] = {"rank": None, "skipped": str(exc)}
             continue
@@ -555,7 +565,7 @@ class _ExpertProjection:
         # Q_a(X_i/s_i) per smoothing tensor (by identity); candidates' entries are kept for later layouts
         self._xq: dict[int, tuple[Tensor, Tensor]] = {}
         self.fit_cache: dict = {}  # shared-down A-step preconditioner, reused by every fit of the group
-        self._keep_candidates = layout == "auto"
+        self._keep_candidates = layout == AUTO
 
         # smoothing candidates
         w_absmax = W32.abs().amax(dim=1)  # (E × in)
@@ -736,8 +746,8 @@ class _ExpertProjection:
         rtn = [relative_error(n, d) for n, d in zip(self.rtn_nums.tolist(), dens.tolist())]
         rtn_total = self.totals(self.rtn_nums.unsqueeze(0), dens)[0]
         B32, A32 = st.B.float(), st.A.float()
-        down = A32.contiguous() if st.layout == "shared-down" else None
-        up = B32.contiguous() if st.layout == "shared-up" else None
+        down = A32.contiguous() if st.layout == SHARED_DOWN else None
+        up = B32.contiguous() if st.layout == SHARED_UP else None
         downs = () if down is not None else tuple(a.clone() for a in A32)
         ups = () if up is not None else tuple(b.clone() for b in B32)
         idx = tuple(self.offset + i for i in range(E))

@@ -59,7 +59,12 @@ from torch import Tensor
 from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, relative_error
 
 __all__ = [
+    "AUTO",
     "LAYOUTS",
+    "LAYOUT_CHOICES",
+    "PER_EXPERT",
+    "SHARED_DOWN",
+    "SHARED_UP",
     "Layout",
     "MoELowRank",
     "max_rank",
@@ -70,8 +75,14 @@ __all__ = [
     "shared_up",
 ]
 
-Layout = Literal["per-expert", "shared-down", "shared-up"]
-LAYOUTS: tuple[str, ...] = ("per-expert", "shared-down", "shared-up")
+# The expert layouts: the one definition of their names (svdq, lora and calib use these constants).
+PER_EXPERT = "per-expert"  # every expert its own lora_down and lora_up
+SHARED_DOWN = "shared-down"  # one lora_down shared by the experts, a lora_up per expert
+SHARED_UP = "shared-up"  # one lora_up shared by the experts, a lora_down per expert
+LAYOUTS: tuple[str, ...] = (PER_EXPERT, SHARED_DOWN, SHARED_UP)
+AUTO = "auto"  # calibration: the layout of lowest error at an equal parameter budget
+LAYOUT_CHOICES: tuple[str, ...] = (AUTO, *LAYOUTS)
+Layout = Literal["per-expert", "shared-down", "shared-up"]  # LAYOUTS as a type
 
 _F64 = torch.float64
 
@@ -102,8 +113,8 @@ class MoELowRank:
 
     def factors(self, i: int) -> tuple[Tensor, Tensor]:
         """``(B_i (out × r), A_i (r × in))`` of (local) expert ``i``."""
-        B = self.B if self.layout == "shared-up" else self.B[i]
-        A = self.A if self.layout == "shared-down" else self.A[i]
+        B = self.B if self.layout == SHARED_UP else self.B[i]
+        A = self.A if self.layout == SHARED_DOWN else self.A[i]
         return B, A
 
     def approx(self, i: int) -> Tensor:
@@ -121,7 +132,7 @@ def param_count(layout: str, rank: int, num_experts: int, out_features: int, in_
     per-expert ``E·r·(in+out)``, shared-down ``r·(in+E·out)``, shared-up ``r·(out+E·in)``.
     """
     E, o, i = num_experts, out_features, in_features
-    per_rank = {"per-expert": E * (i + o), "shared-down": i + E * o, "shared-up": o + E * i}
+    per_rank = {PER_EXPERT: E * (i + o), SHARED_DOWN: i + E * o, SHARED_UP: o + E * i}
     if layout not in per_rank:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     return rank * per_rank[layout]
@@ -131,7 +142,7 @@ def max_rank(layout: str, num_experts: int, out_features: int, in_features: int)
     """Largest meaningful rank: per-expert ``min(out, in)``, shared-down ``min(in, E·out)``,
     shared-up ``min(out, E·in)`` (beyond it the approximation is already exact)."""
     E, o, i = num_experts, out_features, in_features
-    limits = {"per-expert": min(o, i), "shared-down": min(i, E * o), "shared-up": min(o, E * i)}
+    limits = {PER_EXPERT: min(o, i), SHARED_DOWN: min(i, E * o), SHARED_UP: min(o, E * i)}
     if layout not in limits:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     return limits[layout]
@@ -176,10 +187,10 @@ def per_expert(
     *Scale*). ``ep_group`` only makes ``total_error`` and ``num_params`` global.
     """
     ex = _prepare(weights, covs, token_counts, damp, ep_group)
-    _check_rank("per-expert", rank, ex)
+    _check_rank(PER_EXPERT, rank, ex)
     energy, const = _energy(ex, ep_group)
-    B, A, history = _fit("per-expert", ex, rank, const=const, ep_group=ep_group, **svd_kwargs)
-    return _finish("per-expert", ex, B, A, history, energy, ep_group)
+    B, A, history = _fit(PER_EXPERT, ex, rank, const=const, ep_group=ep_group, **svd_kwargs)
+    return _finish(PER_EXPERT, ex, B, A, history, energy, ep_group)
 
 
 def shared_down(
@@ -215,10 +226,10 @@ def shared_down(
     summation order.
     """
     ex = _prepare(weights, covs, token_counts, damp, ep_group)
-    _check_rank("shared-down", rank, ex)
+    _check_rank(SHARED_DOWN, rank, ex)
     energy, const = _energy(ex, ep_group)
     B, A, history = _fit(
-        "shared-down",
+        SHARED_DOWN,
         ex,
         rank,
         const=const,
@@ -229,7 +240,7 @@ def shared_down(
         cg_tol=cg_tol,
         **svd_kwargs,
     )
-    return _finish("shared-down", ex, B, A, history, energy, ep_group)
+    return _finish(SHARED_DOWN, ex, B, A, history, energy, ep_group)
 
 
 def shared_up(
@@ -251,10 +262,10 @@ def shared_up(
     products) is all-reduced.
     """
     ex = _prepare(weights, covs, token_counts, damp, ep_group)
-    _check_rank("shared-up", rank, ex)
+    _check_rank(SHARED_UP, rank, ex)
     energy, const = _energy(ex, ep_group)
-    B, A, history = _fit("shared-up", ex, rank, const=const, ep_group=ep_group, **svd_kwargs)
-    return _finish("shared-up", ex, B, A, history, energy, ep_group)
+    B, A, history = _fit(SHARED_UP, ex, rank, const=const, ep_group=ep_group, **svd_kwargs)
+    return _finish(SHARED_UP, ex, B, A, history, energy, ep_group)
 
 
 # ----------------------------------------------------------------------------------------------- internals
@@ -585,13 +596,13 @@ def _fit(
     preconditioner instead of recomputing it (an ``in³`` factorization) per fit.
     """
     opts = _svd_opts(svd_kwargs)
-    if layout == "per-expert":
+    if layout == PER_EXPERT:
         B, A = _solve_per_expert(ex, rank, None if init is None else init[0], opts)
         return B, A, []
-    if layout == "shared-up":
+    if layout == SHARED_UP:
         B, A = _solve_shared_up(ex, rank, None if init is None else init[0], opts, ep_group)
         return B, A, []
-    if layout == "shared-down":
+    if layout == SHARED_DOWN:
         init_A = None if init is None else init[1]
         cache = {} if cache is None else cache
         return _solve_shared_down(
