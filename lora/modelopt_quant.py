@@ -3,10 +3,10 @@
 
     import modelopt.torch.quantization as mtq
     from lora import LoraConfig, add_adapters
-    from lora.modelopt_quant import quantize, fold_adapters
+    from lora.modelopt_quant import modelopt_quantize, fold_adapters
 
     mtq.quantize(model, mtq.INT8_DEFAULT_CFG, loop); add_adapters(model, cfg)   # (a) quantize, then adapt
-    add_adapters(model, cfg); quantize(model, mtq.INT8_DEFAULT_CFG, loop)       # (b) adapt, then quantize
+    add_adapters(model, cfg); modelopt_quantize(model, mtq.INT8_DEFAULT_CFG, loop)  # (b) adapt, then quantize
     report = fold_adapters(model, forward_loop=loop)   # {name: {"weight_err": …, "output_err": …}}
 
 **How modelopt meets the wrappers** (modelopt 0.47, megatron-core 0.16/0.19; see the tests):
@@ -22,7 +22,7 @@
   Megatron ones. ``merge_adapters`` refuses these bases; use :func:`fold_adapters`.
 * Order (b) with plain ``mtq.quantize`` quantizes the same modules with the same quantizers, and when the
   adapters contribute nothing at calibration time (``init="kaiming"``: ``lora_up = 0``) the result equals
-  order (a) bit for bit. Three differences remain, which :func:`quantize` removes by quantizing the
+  order (a) bit for bit. Three differences remain, which :func:`modelopt_quantize` removes by quantizing the
   *unwrapped* model (:func:`unwrapped_adapters`): (1) quantizer names gain ``.base.`` segments
   (``…linear_qkv.base.weight_quantizer``), so a ``quant_cfg`` pattern such as
   ``"*linear_qkv.weight_quantizer"`` silently misses; (2) modelopt's ``SequentialMLP`` setup seeds the
@@ -34,7 +34,7 @@
   keys), quantizer ``_amax`` / ``_extra_state`` included. modelopt's own state (``mto.modelopt_state``)
   records module names: ``mto.restore_from_modelopt_state`` on an adapted model fails ("Unmatched keys")
   unless run inside :func:`unwrapped_adapters` (save it there too).
-* SVDQuant bases (:mod:`lora.base`, ``is_quantized_base``) are already quantized: :func:`quantize`
+* SVDQuant bases (:mod:`lora.base`, ``is_quantized_base``) are already quantized: :func:`modelopt_quantize`
   disables modelopt's quantizers inside them.
 
 **Fold** (:func:`fold_adapters`). For an adapter on a quantized base with effective weight ``W_q`` (raw
@@ -71,8 +71,7 @@ from lora.adapters.layers import ExpertGroup, ExpertLoraLinear, ExpertParallelAd
 from lora.framework.te import tp_group_of
 from lora.framework.tp import group_rank_size
 from lora.model import adapter_modules, remove_adapters
-from svdq.formats import PackedTensor, QuantFormat, dequantize, parse_format
-from svdq.formats import quantize as quantize_tensor
+from svdq.formats import PackedTensor, QuantFormat, dequantize, parse_format, quantize_tensor
 from svdq.stats import run_with_hooks
 
 WRAPPER_TYPES = (LoraLinear, ExpertGroup, ExpertLoraLinear, ExpertParallelAdapter, GroupedLoraLinear)
@@ -140,7 +139,9 @@ def exclude_adapters(config: dict) -> dict:
     return _quant_cfg_entries(config, [dict(ADAPTER_EXCLUDE)])
 
 
-def quantize(model: nn.Module, config: dict, forward_loop=None, *, calibrate_with_adapters: bool = False):
+def modelopt_quantize(
+    model: nn.Module, config: dict, forward_loop=None, *, calibrate_with_adapters: bool = False
+):
     """``mtq.quantize`` for a model that may hold adapters; returns ``model`` (quantized in place).
 
     The quantization runs on the unwrapped model (:func:`unwrapped_adapters`): quantizer names, parallel

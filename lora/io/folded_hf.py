@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from lora.io.modelopt_hf import export_modelopt_hf
 from lora.io.torch_common import ForwardLoop, capture_inputs, svdq_layers
-from svdq.formats import dequantize, quantize
+from svdq.formats import dequantize, quantize_tensor
 from svdq.layer import SVDQLinear
 
 SMOOTHING_MODES = ("keep", "fold")
@@ -79,7 +79,7 @@ def fold_layer(
         stored, new_s, amax = q + delta * s, layer.smooth.detach(), getattr(layer, "input_amax", None)
     else:
         stored, new_s, amax = target, torch.ones_like(layer.smooth), raw_amax
-    packed = quantize(stored.to(qdtype), layer.weight_format)
+    packed = quantize_tensor(stored.to(qdtype), layer.weight_format)
     w_fold = dequantize(packed, torch.float32).double() / new_s.double()
     dtype, device = layer.lora_down.dtype, layer.smooth.device
     in_f, out_f = layer.in_features, layer.out_features

@@ -78,7 +78,7 @@ from svdq.formats import (
     fake_quant,
     fp8,
     nvfp4,
-    quantize,
+    quantize_tensor,
     trusted_inputs,
 )
 from svdq.solvers.lowrank import relative_error
@@ -371,7 +371,7 @@ def fake_quant_experts(
     """Fake-quantize every ``x[i]`` of ``x (E × … × K)`` float32 **as its own tensor**, batched.
 
     Equals ``torch.stack([fake_quant(x[i], fmt) for i in range(E)])`` bit for bit (and
-    ``dequantize(quantize(x[i], fmt))``): the per-tensor scales of NVFP4 (global FP32 scale) and FP8
+    ``dequantize(quantize_tensor(x[i], fmt))``): the per-tensor scales of NVFP4 (global FP32 scale) and FP8
     (per-tensor scale) are taken per expert, grouped formats work on any leading shape anyway. ``amax (E,)``
     replaces the per-expert ``max|x[i]|`` (e.g. the amax of the full tensor when ``x`` holds a subset of its
     rows). Runs in chunks of experts of at most ``max_elements`` elements.
@@ -739,7 +739,7 @@ class _ExpertProjection:
         E, out, n_in = self.shape
         R = self.raw_residual(st.B, st.A)
         R *= self._s3(st.s)
-        residuals = tuple(quantize(R[i], self.wq) for i in range(E))
+        residuals = tuple(quantize_tensor(R[i], self.wq) for i in range(E))
         del R
         dens = self.dens(None)
         errs = [relative_error(n, d) for n, d in zip(st.nums.tolist(), dens.tolist())]

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from svdq import InputStats, SVDQConfig
-from svdq.formats import PackedTensor, dequantize, quantize
+from svdq.formats import PackedTensor, dequantize, quantize_tensor
 from svdq.solvers.expert_group import (
     MoEGroupResult,
     _smoothing_rows,
@@ -296,7 +296,7 @@ def test_invalid_inputs_name_the_layer_and_expert():
 def test_fake_quant_experts_equals_per_expert_quantize(fmt):
     g = _gen(5)
     x = torch.randn(5, 24, 64, generator=g) * torch.tensor([1.0, 10.0, 0.01, 3.0, 0.0]).view(5, 1, 1)
-    ref = torch.stack([dequantize(quantize(x[i], fmt)) for i in range(5)])
+    ref = torch.stack([dequantize(quantize_tensor(x[i], fmt)) for i in range(5)])
     assert torch.equal(fake_quant_experts(x, fmt), ref)
     assert torch.equal(fake_quant_experts(x, fmt, max_elements=24 * 64 * 2), ref)  # chunked
     rows = torch.tensor([1, 5, 6, 20])  # a row subset quantized with the full tensors' amax
