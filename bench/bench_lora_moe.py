@@ -73,11 +73,11 @@ def expert_linears(moe_layer):
 def quantize_experts(moe_layer, storage: str):
     """Replace every expert linear's weight by an NVFP4 residual (RTN of the weight, smoothing 1)."""
     from lora.base import SVDQBase
-    from svdq.formats import quantize
+    from svdq.formats import quantize_tensor
 
     for holder, attr in expert_linears(moe_layer):
         inner = getattr(holder, attr)
-        residual = quantize(inner.weight.detach().float(), "nvfp4")
+        residual = quantize_tensor(inner.weight.detach().float(), "nvfp4")
         smooth = torch.ones(inner.weight.shape[1])
         setattr(holder, attr, SVDQBase(inner, residual, smooth, "nvfp4", storage))
 

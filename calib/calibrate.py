@@ -65,9 +65,11 @@ from lora.framework.tp import group_rank_size
 from lora.install import ExpertProjection, install_experts, install_linear
 from lora.model import freeze_base
 from svdq import SVDQConfig, decompose_linear
+from svdq.config_base import ConfigBase
 from svdq.residual import ACT_RANGES
 from svdq.solvers.expert_group import decompose_expert_group
 from svdq.solvers.linear import validate_layer
+from svdq.solvers.shared_basis import AUTO
 from svdq.stats import InputStats, collect_input_stats
 
 DENSE_TARGETS = ("*.self_attention.linear_qkv", "*.self_attention.linear_proj")
@@ -77,7 +79,7 @@ _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
 
 @dataclass(frozen=True)
-class CalibConfig:
+class CalibConfig(ConfigBase):
     """What :func:`calibrate` targets and how.
 
     ``svdq``: formats, rank, smoothing grid, refinement (see :class:`svdq.SVDQConfig`). ``layout``: expert
@@ -89,7 +91,7 @@ class CalibConfig:
     """
 
     svdq: SVDQConfig = field(default_factory=SVDQConfig)
-    layout: str = "auto"
+    layout: str = AUTO
     dense_targets: tuple[str, ...] = DENSE_TARGETS
     expert_targets: tuple[str, ...] = EXPERT_TARGETS
     storage: str = "packed"
@@ -97,7 +99,12 @@ class CalibConfig:
     mode: str = "all"
     act_range: str = "static"
 
-    def __post_init__(self) -> None:
+    def normalize(self) -> None:
+        for name in ("dense_targets", "expert_targets"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+
+    def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"CalibConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.act_range not in ACT_RANGES:
@@ -345,7 +352,7 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
             cfg,
             projection=proj,
             layout=config.layout,
-            group=ep_group,
+            ep_group=ep_group,
             name=f"{name}.linear_{proj}",
         )
     r1, r2 = results["fc1"], results["fc2"]
@@ -354,8 +361,7 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
         targets=(name,),
         fc1_layout=r1.layout,
         fc2_layout=r2.layout,
-        fc1_rank=r1.rank,
-        fc2_rank=r2.rank,
+        rank_pattern={f"{name}.linear_fc1": r1.rank, f"{name}.linear_fc2": r2.rank},
         init="zeros",
     )
     projections = {

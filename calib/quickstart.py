@@ -92,7 +92,7 @@ def run(qc: QuickstartConfig) -> dict:
     from calib.cli.eval import perplexity
     from calib.corpus import eval_windows, random_windows, stdlib_split
     from calib.pretrain import ASSET_DIR, load_pretrained, read_pretrained_config, train
-    from calib.rtn import quantize_rtn_like
+    from calib.rtn import rtn_baseline
     from calib.tiny_moe import TinyMoEConfig
     from calib.train import TrainConfig, finetune
     from lora.io.svdq_export import export_quantized, load_quantized
@@ -149,7 +149,7 @@ def run(qc: QuickstartConfig) -> dict:
 
     t = time.perf_counter()
     rtn = _new_model(cfg, weights, qc.seed)
-    quantize_rtn_like(rtn, model, qc.fmt, qc.fmt, seed=qc.seed)
+    rtn_baseline(rtn, model, qc.fmt, qc.fmt, seed=qc.seed)
     rtn_base, rtn_shift = ppl(rtn, base_eval), ppl(rtn, shift_eval)
     rows.append(
         Row(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora.io.atomic import atomic_write_file
+from svdq.solvers.shared_basis import AUTO
 
 
 def short_name(layer: str) -> str:
@@ -105,7 +106,7 @@ class CalibReport:
 
     rows: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
-    layout: str = "auto"
+    layout: str = AUTO
     seconds: float = 0.0
     # layer name → SVDQResult / MoEGroupResult (tensors; not written to JSON)
     results: dict = field(default_factory=dict, repr=False)

@@ -3,7 +3,7 @@
 Every adapted linear of ``model`` gets a frozen base ``Q_a(x) · Q_w(W)ᵀ`` (no smoothing, ``s = 1``, no
 low-rank branch in the base) — the same :class:`lora.base.SVDQBase` as an SVDQuant layer, with the
 residual replaced by the whole weight — and plain LoRA adapters (``lora_down`` kaiming-uniform,
-``lora_up = 0``), so the model starts exactly at its RTN-quantized output. :func:`quantize_rtn_like` copies
+``lora_up = 0``), so the model starts exactly at its RTN-quantized output. :func:`rtn_baseline` copies
 the adapter structure (targets, expert layouts, ranks) of an SVDQuant-calibrated model, so the baseline
 trains the same number of adapter parameters.
 """
@@ -20,10 +20,10 @@ from lora.base import SVDQBase
 from lora.framework.te import tp_group_of
 from lora.framework.tp import group_rank_size
 from lora.model import adapter_modules, add_adapters, freeze_base
-from svdq.formats import quantize
+from svdq.formats import quantize_tensor
 
 
-def quantize_rtn_like(
+def rtn_baseline(
     model: nn.Module,
     reference: nn.Module,
     weight_format: str,
@@ -51,6 +51,6 @@ def quantize_rtn_like(
                 raise ValueError(f"{name}: RTN baseline needs tensor parallel size 1")
             w = inner.weight.detach()
             ones = torch.ones(w.shape[1], dtype=torch.float32, device=w.device)
-            m.base = SVDQBase(inner, quantize(w, weight_format), ones, act_format, storage)
+            m.base = SVDQBase(inner, quantize_tensor(w, weight_format), ones, act_format, storage)
     freeze_base(model)
     return list(configs)

@@ -180,16 +180,16 @@ def _init_by_global_name(model, seed: int, std: float, num_layers: int) -> None:
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
-        gname, (rank, size) = global_names.get(p, (name, tp))
+        gname, (tp_rank, tp_size) = global_names.get(p, (name, tp))
         dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
         key = zlib.crc32(f"{seed}:{gname}:0".encode())
         scale = std / (2 * num_layers) ** 0.5 if ("linear_proj" in gname or "linear_fc2" in gname) else std
         fresh = torch.randn(
-            full_shape(tuple(p.shape), dim, size), generator=torch.Generator().manual_seed(key)
+            full_shape(tuple(p.shape), dim, tp_size), generator=torch.Generator().manual_seed(key)
         )
         gated = glu and dim == 0 and gname.endswith("linear_fc1.weight")
         with torch.no_grad():
-            p.copy_((take_shard(fresh, dim, rank, size, gated) * scale).to(p.dtype))
+            p.copy_((take_shard(fresh, dim, tp_rank, tp_size, gated) * scale).to(p.dtype))
 
 
 def tiny_moe_batch(cfg: TinyMoEConfig, batch: int = 4, seed: int = 0, device=None) -> dict:

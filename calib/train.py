@@ -39,13 +39,14 @@ from tqdm import tqdm
 from calib.models import LoadedModel
 from lora.io.atomic import atomic_output_dir, atomic_write_file, temporary_sibling
 from lora.model import adapter_modules, save_adapters
+from svdq.config_base import ConfigBase
 
 CHECKPOINT_FORMAT = "svdq-finetune-checkpoint"
 STEP_PREFIX = "step-"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """Everything that determines the loss curve (see the module docstring). ``grad_clip = 0`` turns
     clipping off."""
 
@@ -59,7 +60,7 @@ class TrainConfig:
     seed: int = 0
     dropout: float = 0.0  # adapter dropout during the run (lora.adapters.dropout)
 
-    def __post_init__(self):
+    def validate(self) -> None:
         checks = [
             (self.steps >= 1, "--steps must be ≥ 1"),
             (self.lr > 0, "--lr must be > 0"),
@@ -73,13 +74,6 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        return cls(**d)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -316,16 +310,21 @@ def routers_outside_autocast(model: nn.Module):
             del r.gating
 
 
+def _fields(config: dict) -> dict:
+    """A config dict without its schema ``version`` (checkpoints written before it had none)."""
+    return {k: v for k, v in config.items() if k != "version"}
+
+
 def check_resumable(path: str | os.PathLike, cfg: TrainConfig, run_info: dict | None = None) -> dict:
     """Raise ``ValueError`` (listing ``{field: (was, now)}``) unless the checkpoint at ``path`` was made
     with the same :class:`TrainConfig` and, when given, the same ``run_info``; returns its state."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    now = cfg.to_dict()
+    now = _fields(cfg.to_dict())
     defaults = {
         f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
     }
-    was = {**defaults, **state.get("config", {})}  # fields added later: their defaults
+    was = {**defaults, **_fields(state.get("config", {}))}  # fields added later: their defaults
     if was != now:
         diff = {k: (v, now.get(k)) for k, v in was.items() if now.get(k) != v}
         raise ValueError(f"--resume: the checkpoint {path} was made with other settings (was, now): {diff}")

@@ -102,14 +102,14 @@ class SVDQBase(StaticActRange, ResidualStorage, nn.Module):
         row-parallel linear: each token's range over all its feature shards (all-reduced MAX)."""
         xs = StaticActRange.smoothed_input(self, x)  # x is already normalized here
         ga = self.input_amax
-        group = tp_group_of(self.inner)
-        if ga is None and group_rank_size(group)[1] > 1:
+        tp_group = tp_group_of(self.inner)
+        if ga is None and group_rank_size(tp_group)[1] > 1:
             if static_range_supported(self.act_format):  # (an expert may get no token: amax 0)
                 ga = xs.detach().abs().amax().float() if xs.numel() else xs.new_zeros((), dtype=torch.float32)
             elif self.act_format.name == "fp8" and self.parallel_mode == "row":
                 ga = xs.detach().abs().amax(dim=-1).float()
             if ga is not None:
-                dist.all_reduce(ga, op=dist.ReduceOp.MAX, group=group)
+                dist.all_reduce(ga, op=dist.ReduceOp.MAX, group=tp_group)
                 ga = torch.where(ga > 0, ga, torch.ones_like(ga))
         with trusted_inputs():
             return fake_quant(xs, self.act_format, global_amax=ga)

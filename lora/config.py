@@ -21,9 +21,11 @@ Linears inside a ``SequentialMLP`` are adapted only through their experts module
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import fnmatch
+from dataclasses import dataclass, field
 
-from svdq.solvers.shared_basis import LAYOUTS
+from svdq.config_base import ConfigBase
+from svdq.solvers.shared_basis import LAYOUTS, PER_EXPERT, SHARED_DOWN, SHARED_UP
 
 INITS = ("kaiming", "zeros", "random")
 
@@ -33,15 +35,17 @@ EXPERTS = ("*.mlp.experts",)
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(ConfigBase):
     """Adapter configuration (see the module docstring).
 
     ``init``: ``"kaiming"`` — ``A`` kaiming-uniform, ``B = 0`` (plain LoRA: the adapted model starts equal
     to the base); ``"zeros"`` — both zero (placeholders to be filled by ``init_from`` or a load; a zero
     adapter gets no gradient); ``"random"`` — both kaiming-uniform (tests, debugging). Random values are
     drawn per *global* factor name from ``seed``, so they do not depend on tensor or expert parallelism.
-    ``fc1_rank`` / ``fc2_rank``: expert branch ranks per projection (``None``: ``rank``) — calibration
-    picks layouts per projection at an equal parameter budget, hence possibly different ranks.
+    ``rank_pattern``: ranks other than ``rank`` for some branches, ``{fnmatch pattern: rank}`` over branch
+    names (see :meth:`rank_for`); calibration picks expert layouts per projection at an equal parameter
+    budget, hence possibly different ranks for fc1 and fc2. ``scaling`` stays ``alpha / rank`` with the
+    default ``rank`` for every branch.
     ``dtype``: adapter parameter dtype (``None``: the base weight's). ``dropout`` on the adapter input
     (training only; masks consistent under tensor parallelism, see :mod:`lora.adapters.dropout`).
     """
@@ -49,21 +53,24 @@ class LoraConfig:
     rank: int = 16
     alpha: float | None = None
     targets: tuple[str, ...] = ATTENTION + DENSE_MLP + EXPERTS
-    fc1_layout: str | None = "shared-down"
-    fc2_layout: str | None = "shared-up"
-    fc1_rank: int | None = None
-    fc2_rank: int | None = None
+    fc1_layout: str | None = SHARED_DOWN
+    fc2_layout: str | None = SHARED_UP
+    rank_pattern: dict[str, int] = field(default_factory=dict)
     parallel_expert: bool = False
     dropout: float = 0.0
     init: str = "kaiming"
     dtype: str | None = None
 
-    def __post_init__(self):
+    def normalize(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
-        for name in ("rank", "fc1_rank", "fc2_rank"):
-            value = getattr(self, name)
-            if (value is not None or name == "rank") and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+
+    def validate(self) -> None:
+        if not _positive_int(self.rank):
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        for pattern, value in self.rank_pattern.items():
+            if not isinstance(pattern, str) or not _positive_int(value):
+                raise ValueError(f"rank_pattern maps patterns to positive ints, got {pattern!r}: {value!r}")
         for name in ("fc1_layout", "fc2_layout"):
             value = getattr(self, name)
             if value is not None and value not in LAYOUTS:
@@ -75,6 +82,40 @@ class LoraConfig:
         if not self.targets:
             raise ValueError("targets is empty")
 
+    def __hash__(self) -> int:  # rank_pattern is a dict
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return hash(tuple(tuple(v.items()) if isinstance(v, dict) else v for v in values))
+
+    def rank_for(self, name: str) -> int:
+        """Rank of the branch called ``name``: the value of the FIRST pattern of ``rank_pattern`` (in its
+        order) that ``name`` matches (:func:`fnmatch.fnmatchcase`), else ``rank``. Branch names are those
+        of their factor keys: a dense adapter's module name (``decoder.layers.0.self_attention.linear_qkv``);
+        for an experts module ``N`` its projections ``N.linear_fc1`` / ``N.linear_fc2`` and its parallel
+        adapter ``N.parallel``."""
+        for pattern, value in self.rank_pattern.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return value
+        return self.rank
+
+    @classmethod
+    def _upgrade(cls, d: dict, version: int) -> dict:
+        """Version 0 had ``fc1_rank`` / ``fc2_rank`` (``None``: ``rank``), the ranks of the expert
+        projections; they become ``rank_pattern`` entries ``*.experts.linear_fc1`` / ``…fc2``, which match
+        the expert projections of Megatron's MoE layers (``….mlp.experts``) and no dense linear (a linear
+        named ``….experts.linear_fc1`` is inside an experts module, never adapted on its own)."""
+        if version > 0:
+            return d
+        d = dict(d)
+        rank = d.get("rank", cls.rank)
+        pattern = dict(d.get("rank_pattern", {}))
+        for proj in ("fc1", "fc2"):
+            value = d.pop(f"{proj}_rank", None)
+            if value is not None and value != rank:
+                pattern[f"*.experts.linear_{proj}"] = value
+        if pattern:
+            d["rank_pattern"] = pattern
+        return d
+
     @property
     def scaling(self) -> float:
         """``alpha / rank`` (1 when ``alpha`` is None)."""
@@ -84,25 +125,16 @@ class LoraConfig:
     def has_expert_adapters(self) -> bool:
         return self.fc1_layout is not None or self.fc2_layout is not None or self.parallel_expert
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LoraConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown LoraConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
     @classmethod
     def preset(cls, name: str, **overrides) -> LoraConfig:
         """A named preset (:data:`PRESETS`) with optional field overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown LoRA preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 PRESETS: dict[str, dict] = {
@@ -113,8 +145,8 @@ PRESETS: dict[str, dict] = {
     # the baseline: independent LoRA on every expert linear
     "moe-per-expert": {
         "targets": ATTENTION + DENSE_MLP + EXPERTS,
-        "fc1_layout": "per-expert",
-        "fc2_layout": "per-expert",
+        "fc1_layout": PER_EXPERT,
+        "fc2_layout": PER_EXPERT,
     },
     # the upstream design: hidden → r → hidden around each whole expert (shared down, per-expert up),
     # weighted by the routing probability

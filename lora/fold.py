@@ -16,7 +16,7 @@ through them the folded exports :mod:`lora.io.folded` / :mod:`lora.io.folded_hf`
   weight (``s' = 1``).
 * :func:`fold_errors` — the added error of a folded weight ``W_fold`` against ``T`` (float64):
   ``weight_err = ‖W_fold − T‖ / ‖T‖``, ``delta_rel = ‖delta‖ / ‖T‖`` and, with raw inputs ``X``,
-  ``act_weight_err = ‖X·(W_fold − T)ᵀ‖ / ‖X·Tᵀ‖``; the squared sums are all-reduced over ``group``
+  ``act_weight_err = ‖X·(W_fold − T)ᵀ‖ / ‖X·Tᵀ‖``; the squared sums are all-reduced over ``tp_group``
   (the tensor-parallel shards of one weight), so the errors are those of the whole weight.
 * :func:`format_report` / :func:`fold_summary` — a fold report as a table and as one line.
 """
@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lora.framework.tp import group_rank_size
-from svdq.formats import PackedTensor, QuantFormat, dequantize, parse_format, quantize
+from svdq.formats import PackedTensor, QuantFormat, dequantize, parse_format, quantize_tensor
 from svdq.metrics import relative_error
 
 SMOOTHING_MODES = ("keep", "fold")
@@ -42,25 +42,25 @@ def delta_weight(B: Tensor, A: Tensor, scaling: float = 1.0, dtype: torch.dtype 
     return scaling * (B.to(dtype) @ A.to(dtype))  # (out, in)
 
 
-def squared_sum(t: Tensor, group=None) -> Tensor:
-    """``Σ t²`` in float64 (0-d), summed over ``group`` (the tensor-parallel shards of one tensor)."""
+def squared_sum(t: Tensor, tp_group=None) -> Tensor:
+    """``Σ t²`` in float64 (0-d), summed over ``tp_group`` (the tensor-parallel shards of one tensor)."""
     s = t.double().square().sum()
-    if group_rank_size(group)[1] > 1:
-        dist.all_reduce(s, group=group)
+    if group_rank_size(tp_group)[1] > 1:
+        dist.all_reduce(s, group=tp_group)
     return s
 
 
 def fold_errors(
-    w_fold: Tensor, target: Tensor, delta: Tensor, inputs: Tensor | None = None, group=None
+    w_fold: Tensor, target: Tensor, delta: Tensor, inputs: Tensor | None = None, tp_group=None
 ) -> dict:
     """``{"weight_err", "delta_rel"[, "act_weight_err"]}`` of ``w_fold`` against ``target`` (module
     docstring). ``w_fold``, ``target``, ``delta`` ``(out × in)`` float64 in raw input coordinates (this rank's
-    shard under tensor parallelism, ``group`` its tensor-parallel group); ``inputs`` raw ``(n × in)``, any
+    shard under tensor parallelism, ``tp_group`` its tensor-parallel group); ``inputs`` raw ``(n × in)``, any
     float dtype (read as float64; the input-based error is this shard's, tensor-parallel size 1)."""
-    den = squared_sum(target, group)
+    den = squared_sum(target, tp_group)
     out = {
-        "weight_err": relative_error(squared_sum(w_fold - target, group), den),
-        "delta_rel": relative_error(squared_sum(delta, group), den),
+        "weight_err": relative_error(squared_sum(w_fold - target, tp_group), den),
+        "delta_rel": relative_error(squared_sum(delta, tp_group), den),
     }
     if inputs is not None and inputs.shape[0]:
         x = inputs.double()  # (n, in)
@@ -69,10 +69,10 @@ def fold_errors(
     return out
 
 
-def tp_global_amax(stored: Tensor, fmt: QuantFormat, group, mode: str) -> Tensor | None:
+def tp_global_amax(stored: Tensor, fmt: QuantFormat, tp_group, mode: str) -> Tensor | None:
     """The per-tensor (or, row-parallel fp8-per-row, per-row) range over the tensor-parallel group, so that
     shards are quantized as the whole weight would be; ``None`` (the shard's own range) without TP."""
-    if group_rank_size(group)[1] == 1:
+    if group_rank_size(tp_group)[1] == 1:
         return None
     if fmt.name == "nvfp4" or (fmt.name == "fp8" and not fmt.per_channel):
         amax = stored.detach().float().abs().amax()
@@ -80,7 +80,7 @@ def tp_global_amax(stored: Tensor, fmt: QuantFormat, group, mode: str) -> Tensor
         amax = stored.detach().float().abs().amax(dim=-1)
     else:
         return None
-    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=tp_group)
     return amax if bool((amax > 0).all()) else None
 
 
@@ -100,7 +100,7 @@ def requantize(
     new_col_scale: Tensor | None = None,
     quant_dtype: torch.dtype | None = None,
     global_amax: Tensor | float | None = None,
-    group=None,
+    tp_group=None,
     mode: str = "column",
 ) -> tuple[PackedTensor, Tensor, Tensor]:
     """The generic fold: ``(packed Q(T·diag(1/c')), T, W_fold)``.
@@ -109,7 +109,7 @@ def requantize(
     dequantization); ``col_scale`` ``c`` ``(in,)`` maps stored to raw coordinates (default 1);
     ``delta`` ``(out × in)`` in raw coordinates. ``T = weight·diag(c) + delta`` (float64) is stored with
     column scale ``new_col_scale`` ``c'`` (default ``c``), cast to ``quant_dtype`` (default ``weight``'s)
-    and quantized in ``fmt`` with range ``global_amax`` (default: the tensor-parallel one over ``group``,
+    and quantized in ``fmt`` with range ``global_amax`` (default: the tensor-parallel one over ``tp_group``,
     :func:`tp_global_amax`, ``mode`` the linear's ``"column"`` / ``"row"`` split). ``W_fold =
     dequantize(packed)·diag(c')`` (float64, raw coordinates).
     """
@@ -119,8 +119,8 @@ def requantize(
     target = weight.detach().double() * c + delta.detach().double()  # (out, in) raw
     stored = (target / c_new).to(quant_dtype or weight.dtype)  # (out, in) stored coordinates
     if global_amax is None:
-        global_amax = tp_global_amax(stored, fmt, group, mode)
-    packed = quantize(stored, fmt, global_amax=global_amax)
+        global_amax = tp_global_amax(stored, fmt, tp_group, mode)
+    packed = quantize_tensor(stored, fmt, global_amax=global_amax)
     w_fold = dequantize(packed, weight.dtype).double() * c_new  # (out, in) raw
     return packed, target, w_fold
 
@@ -136,7 +136,7 @@ def fold_residual(
     smoothing: str = "keep",
     quant_dtype: torch.dtype | None = None,
     global_amax: Tensor | float | None = None,
-    group=None,
+    tp_group=None,
     mode: str = "column",
     inputs: Tensor | None = None,
 ) -> tuple[PackedTensor, Tensor, dict, Tensor, Tensor]:
@@ -161,10 +161,10 @@ def fold_residual(
         new_col_scale=None if smoothing == "keep" else torch.ones_like(c),
         quant_dtype=quant_dtype,
         global_amax=global_amax,
-        group=group,
+        tp_group=tp_group,
         mode=mode,
     )
-    return packed, new_smooth, fold_errors(w_fold, target, delta, inputs, group), target, w_fold
+    return packed, new_smooth, fold_errors(w_fold, target, delta, inputs, tp_group), target, w_fold
 
 
 def fold_adapters(model: nn.Module, pattern: str = "*", **options) -> dict[str, dict]:

@@ -61,7 +61,7 @@ def is_adapter(m: nn.Module) -> bool:
     """An adapter module: :class:`LoraLinear`, an expert group (:class:`LoraExperts`,
     :class:`~lora.adapters.grouped.LoraGroupedExperts`) or a TE grouped linear adapted on its own."""
     if isinstance(m, GroupedLoraLinear):
-        return m._group is None
+        return m._expert_group is None
     return isinstance(m, (LoraLinear, ExpertGroup))
 
 
@@ -243,8 +243,8 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for m in adapter_modules(model).values():
         if not isinstance(m, ExpertGroup):
-            group = tp_group_of(m.base)
-            out.update({f.key: gather_dim(f.param.detach(), f.dim, group, f.glu) for f in m.factors()})
+            tp_group = tp_group_of(m.base)
+            out.update({f.key: gather_dim(f.param.detach(), f.dim, tp_group, f.glu) for f in m.factors()})
             continue
         etp, ep = m.base.tp_group, m.base.ep_group
         out.update({f.key: gather_dim(f.param.detach(), f.dim, etp, f.glu) for f in m.shared_factors()})

@@ -3,10 +3,10 @@
 
     import modelopt.torch.quantization as mtq
     from lora import LoraConfig, add_adapters
-    from lora.modelopt_quant import quantize, fold_adapters
+    from lora.modelopt_quant import modelopt_quantize, fold_adapters
 
     mtq.quantize(model, mtq.INT8_DEFAULT_CFG, loop); add_adapters(model, cfg)   # (a) quantize, then adapt
-    add_adapters(model, cfg); quantize(model, mtq.INT8_DEFAULT_CFG, loop)       # (b) adapt, then quantize
+    add_adapters(model, cfg); modelopt_quantize(model, mtq.INT8_DEFAULT_CFG, loop)  # (b) adapt, then quantize
     report = fold_adapters(model, forward_loop=loop)   # {name: {"weight_err": …, "output_err": …}}
 
 **How modelopt meets the wrappers** (modelopt 0.47, megatron-core 0.16/0.19; see the tests):
@@ -22,7 +22,7 @@
   Megatron ones. ``merge_adapters`` refuses these bases; use :func:`fold_adapters`.
 * Order (b) with plain ``mtq.quantize`` quantizes the same modules with the same quantizers, and when the
   adapters contribute nothing at calibration time (``init="kaiming"``: ``lora_up = 0``) the result equals
-  order (a) bit for bit. Three differences remain, which :func:`quantize` removes by quantizing the
+  order (a) bit for bit. Three differences remain, which :func:`modelopt_quantize` removes by quantizing the
   *unwrapped* model (:func:`unwrapped_adapters`): (1) quantizer names gain ``.base.`` segments
   (``…linear_qkv.base.weight_quantizer``), so a ``quant_cfg`` pattern such as
   ``"*linear_qkv.weight_quantizer"`` silently misses; (2) modelopt's ``SequentialMLP`` setup seeds the
@@ -34,7 +34,7 @@
   keys), quantizer ``_amax`` / ``_extra_state`` included. modelopt's own state (``mto.modelopt_state``)
   records module names: ``mto.restore_from_modelopt_state`` on an adapted model fails ("Unmatched keys")
   unless run inside :func:`unwrapped_adapters` (save it there too).
-* SVDQuant bases (:mod:`lora.base`, ``is_quantized_base``) are already quantized: :func:`quantize`
+* SVDQuant bases (:mod:`lora.base`, ``is_quantized_base``) are already quantized: :func:`modelopt_quantize`
   disables modelopt's quantizers inside them.
 
 **Fold** (:func:`fold_adapters`). For an adapter on a quantized base with effective weight ``W_q`` (raw
@@ -139,7 +139,9 @@ def exclude_adapters(config: dict) -> dict:
     return _quant_cfg_entries(config, [dict(ADAPTER_EXCLUDE)])
 
 
-def quantize(model: nn.Module, config: dict, forward_loop=None, *, calibrate_with_adapters: bool = False):
+def modelopt_quantize(
+    model: nn.Module, config: dict, forward_loop=None, *, calibrate_with_adapters: bool = False
+):
     """``mtq.quantize`` for a model that may hold adapters; returns ``model`` (quantized in place).
 
     The quantization runs on the unwrapped model (:func:`unwrapped_adapters`): quantizer names, parallel
@@ -209,7 +211,7 @@ def _factors(w: nn.Module) -> tuple[Tensor, Tensor, float]:
     if isinstance(w, LoraLinear):
         return w.lora_down, w.lora_up, w.scaling
     A, B = w.local_factors()
-    return A, B, w._group.scaling
+    return A, B, w._expert_group.scaling
 
 
 def _delta(w: nn.Module) -> Tensor:
@@ -290,7 +292,7 @@ def _fold_svdq(base: nn.Module, w: nn.Module, weight_format, mode: str, who: str
             B,
             scaling,
             fmt=fmt,
-            group=tp_group_of(base),
+            tp_group=tp_group_of(base),
             mode=mode,
             inputs=x,
         )
@@ -308,7 +310,7 @@ def _fold_plain(base: nn.Module, delta: Tensor, weight_format, mode: str, who: s
         )
     fmt = parse_format(weight_format)
     with torch.no_grad():
-        packed, target, w_fold = requantize(w, delta, fmt, group=tp_group_of(base), mode=mode)
+        packed, target, w_fold = requantize(w, delta, fmt, tp_group=tp_group_of(base), mode=mode)
         w.copy_(dequantize(packed, w.dtype))
     return w_fold, target, str(fmt)
 

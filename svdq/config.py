@@ -1,18 +1,19 @@
-"""``SVDQConfig``: what to quantize and how. A small frozen dataclass, buildable from a dict or JSON."""
+"""``SVDQConfig``: what to quantize and how. A small frozen dataclass (:class:`svdq.config_base.ConfigBase`),
+buildable from a dict or JSON."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 
+from svdq.config_base import ConfigBase
 from svdq.formats import QuantFormat, parse_format
 
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
-class SVDQConfig:
+class SVDQConfig(ConfigBase):
     """Settings of the SVDQuant decomposition and of which layers ``svdq.quantize`` replaces.
 
     * ``weight_format`` / ``act_format``: ``"nvfp4"``, ``"int4"`` (``"int4-g128"`` …), ``"fp8"``, ``"none"``.
@@ -50,12 +51,14 @@ class SVDQConfig:
     weight_only_fallback: bool = False
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def normalize(self) -> None:
         for name in ("alphas", "include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
+
+    def validate(self) -> None:
         parse_format(self.weight_format)  # raises on an unknown format string
         parse_format(self.act_format)
         if self.rank < 1:
@@ -84,20 +87,6 @@ class SVDQConfig:
     @property
     def act_quant(self) -> QuantFormat:
         return parse_format(self.act_format)
-
-    def replace(self, **changes) -> SVDQConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SVDQConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown SVDQConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from calib.cli.common import MODEL_KEY, add_data_args
 from calib.models import build_model, resolve_source
+from svdq.solvers.shared_basis import AUTO, PER_EXPERT, SHARED_DOWN, SHARED_UP
 
 
 def add_parser(sub) -> None:
@@ -30,7 +31,11 @@ def add_parser(sub) -> None:
     p.add_argument("--model-config", type=Path, default=None, help="TinyMoEConfig fields (JSON file)")
     add_data_args(p, tokens_default=16384)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--layout", default="auto", help="expert layout: auto, shared-down, shared-up, per-expert")
+    p.add_argument(
+        "--layout",
+        default=AUTO,
+        help=f"expert layout: {AUTO}, {SHARED_DOWN}, {SHARED_UP}, {PER_EXPERT}",
+    )
     p.add_argument("--format", default="nvfp4", help="weight and activation format (nvfp4, int4, fp8, none)")
     p.add_argument("--storage", default="packed", choices=["packed", "fake"])
     p.add_argument(

@@ -40,12 +40,12 @@ _SEED_OFFSET = {DENSE_STATE: 3_000_017, EXPERT_STATE: 5_000_011}  # far from Meg
 _SEEDS: dict[str, int] = {}  # state name -> seed agreed over its group (once per process)
 
 
-def adapter_dropout(x: Tensor, p: float, training: bool, group, *, split: bool, expert: bool) -> Tensor:
+def adapter_dropout(x: Tensor, p: float, training: bool, tp_group, *, split: bool, expert: bool) -> Tensor:
     """``F.dropout(x, p)`` in training (identity otherwise) with the mask drawn as the module docstring
-    says: ``group`` is the (expert-)TP group the branch input is replicated or ``split`` over."""
+    says: ``tp_group`` is the (expert-)TP group the branch input is replicated or ``split`` over."""
     if not p or not training:
         return x
-    if group_rank_size(group)[1] == 1:
+    if group_rank_size(tp_group)[1] == 1:
         return F.dropout(x, p, True)
     from megatron.core.tensor_parallel.random import (
         _EXPERT_PARALLEL_RNG_TRACKER_NAME,
@@ -60,15 +60,15 @@ def adapter_dropout(x: Tensor, p: float, training: bool, group, *, split: bool, 
         name = EXPERT_STATE if expert else DENSE_STATE
         if name not in tracker.get_states():
             if name not in _SEEDS:
-                _SEEDS[name] = _agreed_seed(name, group, expert)
+                _SEEDS[name] = _agreed_seed(name, tp_group, expert)
             getattr(tracker, "seeds_", set()).discard(_SEEDS[name])  # re-created after a tracker restore
             tracker.add(name, _SEEDS[name])
     with tracker.fork(name):
         return F.dropout(x, p, True)
 
 
-def _agreed_seed(name: str, group, expert: bool) -> int:
-    """One seed for the replicated state on every rank of ``group`` (collective over it)."""
+def _agreed_seed(name: str, tp_group, expert: bool) -> int:
+    """One seed for the replicated state on every rank of ``tp_group`` (collective over it)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -78,7 +78,9 @@ def _agreed_seed(name: str, group, expert: bool) -> int:
     else:
         position = ps.get_data_parallel_rank()
     seed = torch.initial_seed() % (2**31) + _SEED_OFFSET[name] + 1009 * position
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(tp_group) == "nccl" else "cpu"
+    )
     t = torch.tensor([seed], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp_group)
     return int(t.item())

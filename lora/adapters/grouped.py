@@ -45,6 +45,7 @@ from lora.adapters.layers import LAYOUT_OWNS, ExpertGroup, Factor, _Context, _ne
 from lora.fold import delta_weight
 from lora.framework.te import is_grouped, te_mode, tp_group_of
 from lora.framework.tp import grad_allreduce, group_rank_size, set_tp_attributes
+from svdq.solvers.shared_basis import SHARED_DOWN, SHARED_UP
 
 ROLES = ("down", "up")
 
@@ -141,9 +142,9 @@ class GroupedLoraLinear(_Wrapper):
     ``forward(x, m_splits, *args, **kwargs)`` returns what the base returns (``(out, bias)`` for Megatron's
     wrappers, ``out`` for a plain TE ``GroupedLinear``) with the branch added to ``out``. Per-expert
     factors: ``lora_down{i} (r × in_l)`` / ``lora_up{i} (out_l × r)``. Inside a :class:`LoraGroupedExperts`
-    (``group``, ``proj`` = ``"fc1"`` / ``"fc2"``) shared factors and the scaling / enabled state come from
-    the group; on its own (``group=None``) this module is the adapter (``adapter_name``, ``scaling``,
-    ``enabled``, ``merge()``, …) and owns the shared factor.
+    (``expert_group``, ``proj`` = ``"fc1"`` / ``"fc2"``) shared factors and the scaling / enabled state
+    come from the group; on its own (``expert_group=None``) this module is the adapter (``adapter_name``,
+    ``scaling``, ``enabled``, ``merge()``, …) and owns the shared factor.
     """
 
     def __init__(
@@ -151,8 +152,8 @@ class GroupedLoraLinear(_Wrapper):
         base: nn.Module,
         rank: int,
         *,
-        layout: str = "shared-down",
-        group: LoraGroupedExperts | None = None,
+        layout: str = SHARED_DOWN,
+        expert_group: LoraGroupedExperts | None = None,
         proj: str | None = None,
         scaling: float = 1.0,
         name: str = "",
@@ -166,7 +167,7 @@ class GroupedLoraLinear(_Wrapper):
             )
         if layout not in LAYOUT_OWNS:
             raise ValueError(f"{name or proj}: layout must be one of {sorted(LAYOUT_OWNS)}, got {layout!r}")
-        object.__setattr__(self, "_group", group)
+        object.__setattr__(self, "_expert_group", expert_group)
         self.mode = te_mode(base)
         self.proj, self.layout, self.rank = proj, layout, rank
         self.num_local = int(base.num_gemms)
@@ -184,7 +185,7 @@ class GroupedLoraLinear(_Wrapper):
             if owns_up:
                 setattr(self, f"lora_up{i}", _new_param((out_l, rank), w0, dtype))
                 set_tp_attributes(getattr(self, f"lora_up{i}"), self.up_dim, w0)
-        if group is None:  # adapted on its own: this module is the adapter
+        if expert_group is None:  # adapted on its own: this module is the adapter
             if self.etp_size > 1:
                 raise ValueError(f"{name}: a grouped linear adapted on its own needs tensor parallel size 1")
             self.adapter_name, self.scaling = name, float(scaling)
@@ -199,14 +200,14 @@ class GroupedLoraLinear(_Wrapper):
     @property
     def owner(self):
         """The module holding the adapter state: the expert group, or this module on its own."""
-        return self._group if self._group is not None else self
+        return self._expert_group if self._expert_group is not None else self
 
     def expert_views(self) -> list[ExpertView]:
         return [ExpertView(self, i) for i in range(self.num_local)]
 
     def _key(self, global_index: int, role: str) -> str:
-        if self._group is not None:
-            return f"{self._group.adapter_name}.experts.{global_index}.linear_{self.proj}.lora_{role}"
+        if self._expert_group is not None:
+            return f"{self._expert_group.adapter_name}.experts.{global_index}.linear_{self.proj}.lora_{role}"
         return f"{self.adapter_name}.experts.{global_index}.lora_{role}"
 
     def expert_factors(self, index: int, global_index: int | None = None) -> list[Factor]:
@@ -234,7 +235,7 @@ class GroupedLoraLinear(_Wrapper):
 
     def shared_factors(self) -> list[Factor]:
         """On its own: the shared factor owned here (inside a group the group owns it)."""
-        if self._group is not None:
+        if self._expert_group is not None:
             return []
         out = []
         for role in ROLES:
@@ -257,10 +258,10 @@ class GroupedLoraLinear(_Wrapper):
             if ctx is None or dim is not None:
                 return own
             return grad_allreduce(own, tp_group_of(self.base))  # replicated over expert-TP ranks
-        if self._group is None:
+        if self._expert_group is None:
             return self._parameters[f"lora_{role}"]
         attr = f"{self.proj}_lora_{role}"
-        return ctx.shared[attr] if ctx is not None else getattr(self._group, attr)
+        return ctx.shared[attr] if ctx is not None else getattr(self._expert_group, attr)
 
     # -- adapter API on its own (inside a group the group provides it; see also _Wrapper)
     def init_from(self, lora_down: Tensor, lora_up: Tensor) -> None:
@@ -293,7 +294,7 @@ class GroupedLoraLinear(_Wrapper):
         out, bias, as_tuple = (r[0], r[1], True) if isinstance(r, tuple) else (r, None, False)
         owner = self.owner
         if owner.enabled and not owner.merged:
-            ctx = owner.context() if self._group is not None else None
+            ctx = owner.context() if self._expert_group is not None else None
             delta = self.branch(x, _splits(m_splits), ctx)
             out = out + delta.view(out.shape).to(out.dtype)
         return (out, bias) if as_tuple else out
@@ -302,17 +303,17 @@ class GroupedLoraLinear(_Wrapper):
         """``(T × out_l)``: the rows of expert ``i`` get ``scaling · (x_i·A_iᵀ)·B_iᵀ`` (see the module
         docstring for the GEMMs per layout; per-expert products by :func:`per_expert_linear`)."""
         x2 = x.reshape(-1, x.shape[-1])
-        if self._group is not None:
-            x2 = self._group.drop(x2, split=self.mode == "row")
+        if self._expert_group is not None:
+            x2 = self._expert_group.drop(x2, split=self.mode == "row")
         dt = x2.dtype
 
         def factors(role: str) -> list[Tensor]:  # per-expert factors
             return [self._factor(ctx, role, i).to(dt) for i in range(self.num_local)]
 
-        if self.layout == "shared-down":
+        if self.layout == SHARED_DOWN:
             h = F.linear(x2, self._factor(ctx, "down", 0).to(dt))
             delta = per_expert_linear(h, factors("up"), splits)
-        elif self.layout == "shared-up":
+        elif self.layout == SHARED_UP:
             h = per_expert_linear(x2, factors("down"), splits)
             delta = F.linear(h, self._factor(ctx, "up", 0).to(dt))
         else:
@@ -330,7 +331,7 @@ class GroupedLoraLinear(_Wrapper):
 
         from lora.framework import compat
 
-        if self._group is None:
+        if self._expert_group is None:
             raise NotImplementedError(
                 f"{self.adapter_name}: distributed checkpoints of a grouped linear adapted on its own; "
                 "use save_adapters"
@@ -338,14 +339,14 @@ class GroupedLoraLinear(_Wrapper):
         metadata = compat.ensure_dp_cp_group(metadata)
         state = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
         singleton = metadata.get("singleton_local_shards", False)
-        group = self._group
-        edp_rank = group_rank_size(group.expert_dp_group())[0]
+        expert_group = self._expert_group
+        edp_rank = group_rank_size(expert_group.expert_dp_group())[0]
         for i in range(self.num_local):
-            g = group.first_global + i
+            g = expert_group.first_global + i
             if singleton:
                 offsets, expert_prefix = tuple(sharded_offsets), f"{g}.{prefix}"
             else:
-                offsets = (*sharded_offsets, (len(sharded_offsets), g, group.num_global))
+                offsets = (*sharded_offsets, (len(sharded_offsets), g, expert_group.num_global))
                 expert_prefix = prefix
             for f in self.expert_factors(i):
                 name = f"{i}.lora_{f.role}"
@@ -376,18 +377,20 @@ class ParallelView:
 
     proj = "parallel"
 
-    def __init__(self, group: LoraGroupedExperts, index: int):
-        self.group, self.index = group, index
+    def __init__(self, expert_group: LoraGroupedExperts, index: int):
+        self.expert_group, self.index = expert_group, index
 
     @property
     def global_index(self) -> int:
-        return self.group.first_global + self.index
+        return self.expert_group.first_global + self.index
 
     def factors(self, global_index: int | None = None) -> list[Factor]:
         g = self.global_index if global_index is None else global_index
-        key = f"{self.group.adapter_name}.experts.{g}.parallel.lora_up"
-        param = self.group._parameters[f"parallel_lora_up{self.index}"]
-        return [Factor(key, f"parallel_lora_up{self.index}", param, "up", None, False, *self.group.etp)]
+        key = f"{self.expert_group.adapter_name}.experts.{g}.parallel.lora_up"
+        param = self.expert_group._parameters[f"parallel_lora_up{self.index}"]
+        return [
+            Factor(key, f"parallel_lora_up{self.index}", param, "up", None, False, *self.expert_group.etp)
+        ]
 
 
 class LoraGroupedExperts(ExpertGroup):
@@ -416,7 +419,13 @@ class LoraGroupedExperts(ExpertGroup):
             if layout is not None:
                 lin = getattr(self.base, f"linear_{proj}")
                 wrapper = GroupedLoraLinear(
-                    lin, self.ranks[proj], layout=layout, group=self, proj=proj, glu=self.glu, dtype=dtype
+                    lin,
+                    self.ranks[proj],
+                    layout=layout,
+                    expert_group=self,
+                    proj=proj,
+                    glu=self.glu,
+                    dtype=dtype,
                 )
                 setattr(self.base, f"linear_{proj}", wrapper)
         if self.parallel:

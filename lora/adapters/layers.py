@@ -80,11 +80,12 @@ from lora.framework.te import (
     tp_group_of,
 )
 from lora.framework.tp import full_shape, grad_allreduce, group_rank_size, set_tp_attributes, take_shard
+from svdq.solvers.shared_basis import PER_EXPERT, SHARED_DOWN, SHARED_UP
 
 LAYOUT_OWNS = {  # layout -> (expert owns lora_down, expert owns lora_up)
-    "per-expert": (True, True),
-    "shared-down": (False, True),
-    "shared-up": (True, False),
+    PER_EXPERT: (True, True),
+    SHARED_DOWN: (False, True),
+    SHARED_UP: (True, False),
 }
 
 
@@ -97,7 +98,8 @@ class Factor:
 
     ``key``: global name (adapter files; per-expert keys use the *global* expert index). ``attr``: the
     parameter's attribute name in its owner module. ``role``: ``"down"`` (r × in) or ``"up"`` (out × r).
-    ``dim``: axis split over the (expert) tensor-parallel group of ``size`` ranks (None: replicated);
+    ``dim``: axis split over the (expert) tensor-parallel group of ``tp_size`` ranks, this one
+    ``tp_rank`` (None: replicated);
     ``glu``: an fc1 ``lora_up`` with ``[gate; up]`` rows (see :mod:`lora.framework.tp`).
     """
 
@@ -107,12 +109,12 @@ class Factor:
     role: str
     dim: int | None = None
     glu: bool = False
-    rank: int = 0
-    size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @property
     def full_shape(self) -> tuple[int, ...]:
-        return full_shape(tuple(self.param.shape), self.dim, self.size)
+        return full_shape(tuple(self.param.shape), self.dim, self.tp_size)
 
     def to_local(self, t: Tensor, who: str) -> Tensor:
         """``t`` as this rank's shard: ``t`` is either the whole tensor or already the local shard."""
@@ -120,10 +122,10 @@ class Factor:
         if shape == tuple(self.param.shape):
             return t
         if shape == self.full_shape:
-            return take_shard(t, self.dim, self.rank, self.size, self.glu)
+            return take_shard(t, self.dim, self.tp_rank, self.tp_size, self.glu)
         raise ValueError(
             f"{who}: {self.key} has shape {shape}, expected {self.full_shape}"
-            + (f" (or the local shard {tuple(self.param.shape)})" if self.size > 1 else "")
+            + (f" (or the local shard {tuple(self.param.shape)})" if self.tp_size > 1 else "")
         )
 
 
@@ -139,7 +141,7 @@ def init_factor(f: Factor, init: str, seed: int) -> None:
         gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{f.key}".encode()))
         bound = 1.0 / math.sqrt(shape[1])
         full = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
-        f.param.copy_(take_shard(full, f.dim, f.rank, f.size, f.glu))
+        f.param.copy_(take_shard(full, f.dim, f.tp_rank, f.tp_size, f.glu))
 
 
 def base_weight(base: nn.Module) -> Tensor | None:
@@ -307,7 +309,7 @@ class LoraLinear(_Wrapper):
 
     # -- factors / init
     def factors(self) -> list[Factor]:
-        common = {"rank": self.tp_rank, "size": self.tp_size}
+        common = {"tp_rank": self.tp_rank, "tp_size": self.tp_size}
         return [
             Factor(
                 f"{self.adapter_name}.lora_down", "lora_down", self.lora_down, "down", self.down_dim, **common
@@ -468,12 +470,12 @@ class ExpertLoraLinear(_Wrapper):
     and reads the shared ones from the group. ``delta_i = scaling · (x_i·A_iᵀ)·B_iᵀ`` (``x_i·A_iᵀ``
     precomputed by the group for fc1 shared-down)."""
 
-    def __init__(self, base: nn.Module, group: LoraExperts, proj: str, index: int, layout: str, dtype):
+    def __init__(self, base: nn.Module, expert_group: LoraExperts, proj: str, index: int, layout: str, dtype):
         super().__init__(base)
         self.mode = linear_mode(base)
         if self.mode != ("column" if proj == "fc1" else "row"):
-            raise TypeError(f"{group.adapter_name}: expert {proj} is a {self.mode}-parallel linear")
-        object.__setattr__(self, "_group", group)
+            raise TypeError(f"{expert_group.adapter_name}: expert {proj} is a {self.mode}-parallel linear")
+        object.__setattr__(self, "_expert_group", expert_group)
         self.proj, self.index, self.layout = proj, index, layout
         self.etp_rank, self.etp_size = group_rank_size(tp_group_of(base))
         weight = base_weight(base)
@@ -481,7 +483,7 @@ class ExpertLoraLinear(_Wrapper):
         owns_down, owns_up = LAYOUT_OWNS[layout]
         self.down_dim = 1 if self.mode == "row" else None
         self.up_dim = 0 if self.mode == "column" else None
-        r = group.ranks[proj]
+        r = expert_group.ranks[proj]
         if owns_down:
             self.lora_down = _new_param((r, in_l), weight, dtype)
             set_tp_attributes(self.lora_down, self.down_dim, weight)
@@ -491,29 +493,29 @@ class ExpertLoraLinear(_Wrapper):
 
     @property
     def global_index(self) -> int:
-        return self._group.first_global + self.index
+        return self._expert_group.first_global + self.index
 
     def factors(self, global_index: int | None = None) -> list[Factor]:
         g = self.global_index if global_index is None else global_index
-        name = f"{self._group.adapter_name}.experts.{g}.linear_{self.proj}"
-        common = {"rank": self.etp_rank, "size": self.etp_size}
+        name = f"{self._expert_group.adapter_name}.experts.{g}.linear_{self.proj}"
+        common = {"tp_rank": self.etp_rank, "tp_size": self.etp_size}
         out = []
         if "lora_down" in self._parameters:
             out.append(
                 Factor(f"{name}.lora_down", "lora_down", self.lora_down, "down", self.down_dim, **common)
             )
         if "lora_up" in self._parameters:
-            glu = self._group.glu and self.proj == "fc1"
+            glu = self._expert_group.glu and self.proj == "fc1"
             out.append(Factor(f"{name}.lora_up", "lora_up", self.lora_up, "up", self.up_dim, glu, **common))
         return out
 
     def local_factors(self) -> tuple[Tensor, Tensor]:
         """``(A, B)`` as used on this rank (own or shared parameters, no gradient reductions)."""
-        group = self._group
+        expert_group = self._expert_group
         A = self._parameters.get("lora_down")
         B = self._parameters.get("lora_up")
-        A = A if A is not None else getattr(group, f"{self.proj}_lora_down")
-        B = B if B is not None else getattr(group, f"{self.proj}_lora_up")
+        A = A if A is not None else getattr(expert_group, f"{self.proj}_lora_down")
+        B = B if B is not None else getattr(expert_group, f"{self.proj}_lora_up")
         return A, B
 
     def _own_or_shared(self, ctx: _Context, attr: str, dim: int | None) -> Tensor:
@@ -527,18 +529,18 @@ class ExpertLoraLinear(_Wrapper):
 
     def forward(self, x: Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
-        group = self._group
-        if not group.enabled or group.merged:
+        expert_group = self._expert_group
+        if not expert_group.enabled or expert_group.merged:
             return out, bias
-        ctx = group.context()
+        ctx = expert_group.context()
         A = self._own_or_shared(ctx, "lora_down", self.down_dim)
         B = self._own_or_shared(ctx, "lora_up", self.up_dim)
         pre = ctx.h.get(self.proj)
         if pre is not None:
             h = _pad_rows(pre[self.index], x.shape[0])
         else:
-            h = F.linear(group.drop(x, split=self.proj == "fc2"), A.to(x.dtype))
-        delta = F.linear(h, B.to(h.dtype)) * group.scaling
+            h = F.linear(expert_group.drop(x, split=self.proj == "fc2"), A.to(x.dtype))
+        delta = F.linear(h, B.to(h.dtype)) * expert_group.scaling
         return out + delta.to(out.dtype), bias
 
     def merge_weight(self, who: str) -> Tensor:
@@ -547,7 +549,7 @@ class ExpertLoraLinear(_Wrapper):
 
     def delta_weight(self) -> Tensor:
         A, B = self.local_factors()
-        return delta_weight(B, A, self._group.scaling)
+        return delta_weight(B, A, self._expert_group.scaling)
 
     def extra_repr(self) -> str:
         return f"proj={self.proj}, layout={self.layout}, local_expert={self.index}"
@@ -563,22 +565,22 @@ class ExpertParallelAdapter(_Wrapper):
     so a top-2 token receives ``p1·B_1(A_p x) + p2·B_2(A_p x)`` after the combine. With expert tensor
     parallelism the expert output is a partial sum over its ranks: each adds ``delta / etp``."""
 
-    def __init__(self, base: nn.Module, group: LoraExperts, index: int, dtype):
+    def __init__(self, base: nn.Module, expert_group: LoraExperts, index: int, dtype):
         super().__init__(base)
-        object.__setattr__(self, "_group", group)
+        object.__setattr__(self, "_expert_group", expert_group)
         self.index = index
         self.etp_rank, self.etp_size = group_rank_size(base.tp_group)
         w2 = base_weight(base.linear_fc2)
-        self.parallel_lora_up = _new_param((w2.shape[0], group.ranks["parallel"]), w2, dtype)
+        self.parallel_lora_up = _new_param((w2.shape[0], expert_group.ranks["parallel"]), w2, dtype)
         set_tp_attributes(self.parallel_lora_up, None, w2)
 
     @property
     def global_index(self) -> int:
-        return self._group.first_global + self.index
+        return self._expert_group.first_global + self.index
 
     def factors(self, global_index: int | None = None) -> list[Factor]:
         g = self.global_index if global_index is None else global_index
-        key = f"{self._group.adapter_name}.experts.{g}.parallel.lora_up"
+        key = f"{self._expert_group.adapter_name}.experts.{g}.parallel.lora_up"
         return [
             Factor(
                 key,
@@ -594,17 +596,19 @@ class ExpertParallelAdapter(_Wrapper):
 
     def forward(self, hidden_states: Tensor, per_token_scale: Tensor | None = None, **kwargs):
         out, bias = self.base(hidden_states, per_token_scale, **kwargs)
-        group = self._group
-        if not group.enabled:
+        expert_group = self._expert_group
+        if not expert_group.enabled:
             return out, bias
-        ctx = group.context()
+        ctx = expert_group.context()
         pre = ctx.h.get("parallel")
         if pre is not None:
             h = _pad_rows(pre[self.index], hidden_states.shape[0])
         else:
-            h = F.linear(group.drop(hidden_states), ctx.shared["parallel_lora_down"].to(hidden_states.dtype))
+            h = F.linear(
+                expert_group.drop(hidden_states), ctx.shared["parallel_lora_down"].to(hidden_states.dtype)
+            )
         B = grad_allreduce(self.parallel_lora_up, self.base.tp_group)
-        delta = F.linear(h, B.to(h.dtype)) * group.scaling
+        delta = F.linear(h, B.to(h.dtype)) * expert_group.scaling
         if per_token_scale is not None:
             delta = delta * per_token_scale.unsqueeze(-1).to(delta.dtype)
         if self.etp_size > 1:
@@ -613,10 +617,10 @@ class ExpertParallelAdapter(_Wrapper):
 
 
 _SHARED = {  # (proj, layout) -> attribute of the factor shared by the experts
-    ("fc1", "shared-down"): "fc1_lora_down",
-    ("fc1", "shared-up"): "fc1_lora_up",
-    ("fc2", "shared-down"): "fc2_lora_down",
-    ("fc2", "shared-up"): "fc2_lora_up",
+    ("fc1", SHARED_DOWN): "fc1_lora_down",
+    ("fc1", SHARED_UP): "fc1_lora_up",
+    ("fc2", SHARED_DOWN): "fc2_lora_down",
+    ("fc2", SHARED_UP): "fc2_lora_up",
 }
 
 
@@ -634,8 +638,8 @@ class ExpertGroup(_Wrapper):
         rank: int,
         *,
         scaling: float = 1.0,
-        fc1_layout: str | None = "shared-down",
-        fc2_layout: str | None = "shared-up",
+        fc1_layout: str | None = SHARED_DOWN,
+        fc2_layout: str | None = SHARED_UP,
         parallel: bool = False,
         name: str = "",
         dtype: torch.dtype | None = None,
@@ -645,9 +649,10 @@ class ExpertGroup(_Wrapper):
         super().__init__(base)
         self._check_base(base, name, parallel)
         w1, w2 = self._expert_weights(base)  # one local expert's fc1 (2F_l × hidden), fc2 (hidden × F_l)
-        self.adapter_name, self.rank = name, rank
-        # per-projection ranks ("fc1", "fc2", "parallel"): calibration may pick different layouts, and so
-        # different ranks at an equal parameter budget, for fc1 and fc2
+        self.adapter_name = name
+        # the one store of the branch ranks, per projection ("fc1", "fc2", "parallel"; ``rank`` where
+        # ``ranks`` has none): calibration may pick different layouts, and so different ranks at an equal
+        # parameter budget, for fc1 and fc2
         self.ranks = {"fc1": rank, "fc2": rank, "parallel": rank, **(ranks or {})}
         self.scaling, self.dropout_p = float(scaling), float(dropout)
         self.fc1_layout, self.fc2_layout, self.parallel = fc1_layout, fc2_layout, bool(parallel)
@@ -744,7 +749,7 @@ class ExpertGroup(_Wrapper):
         if proj == "parallel":
             if not self.parallel:
                 raise ValueError(f"{self.adapter_name}: no parallel adapter")
-            layout = "shared-down"
+            layout = SHARED_DOWN
         else:
             layout = {"fc1": self.fc1_layout, "fc2": self.fc2_layout}[proj]
             if layout is None:
@@ -815,9 +820,9 @@ class ExpertGroup(_Wrapper):
     def expert_dp_group(self):
         """The expert-data-parallel group (replica ids of expert tensors): ``SequentialMLP.dp_group``;
         ``TEGroupedMLP`` keeps it only in its linears' process-group collection."""
-        group = getattr(self.base, "dp_group", None)
-        if group is not None:
-            return group
+        dp_group = getattr(self.base, "dp_group", None)
+        if dp_group is not None:
+            return dp_group
         pgs = getattr(self.base.linear_fc1, "_pg_collection", None)
         if pgs is not None and getattr(pgs, "expt_dp", None) is not None:
             return pgs.expt_dp
@@ -827,7 +832,7 @@ class ExpertGroup(_Wrapper):
 
     def extra_repr(self) -> str:
         return (
-            f"rank={self.rank}, fc1={self.fc1_layout}, fc2={self.fc2_layout}, parallel={self.parallel}, "
+            f"ranks={self.ranks}, fc1={self.fc1_layout}, fc2={self.fc2_layout}, parallel={self.parallel}, "
             f"experts={self.first_global}..{self.first_global + self.num_local - 1} of {self.num_global}"
         )
 
@@ -880,7 +885,7 @@ class LoraExperts(ExpertGroup):
         if getattr(self.base.config, "moe_apply_probs_on_input", False):
             x = (probs.unsqueeze(-1) * hidden).to(hidden.dtype)
         counts = [int(c) for c in tokens_per_expert.tolist()] if self.num_local > 1 else [hidden.shape[0]]
-        if self.fc1_layout == "shared-down":  # ONE GEMM over all local tokens, split per expert
+        if self.fc1_layout == SHARED_DOWN:  # ONE GEMM over all local tokens, split per expert
             h = F.linear(self.drop(x), ctx.shared["fc1_lora_down"].to(x.dtype))
             ctx.h["fc1"] = torch.split(h, counts)
         if self.parallel:

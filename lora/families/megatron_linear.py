@@ -39,7 +39,7 @@ class MegatronLinear(Family):
     def make_adapter(self, model, name, module, config: LoraConfig) -> LoraLinear:
         return LoraLinear(
             module,
-            config.rank,
+            config.rank_for(name),
             scaling=config.scaling,
             name=name,
             glu=is_glu_fc1(model, name),

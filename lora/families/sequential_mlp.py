@@ -10,6 +10,8 @@ from lora.adapters.layers import LoraExperts
 from lora.config import LoraConfig
 from lora.families.base import Family, adapter_dtype
 
+BRANCHES = (("fc1", "linear_fc1"), ("fc2", "linear_fc2"), ("parallel", "parallel"))  # names in rank_pattern
+
 
 class SequentialExperts(Family):
     name = "sequential-mlp"
@@ -36,7 +38,7 @@ class SequentialExperts(Family):
             name=name,
             dtype=adapter_dtype(config),
             dropout=config.dropout,
-            ranks={"fc1": config.fc1_rank or config.rank, "fc2": config.fc2_rank or config.rank},
+            ranks={proj: config.rank_for(f"{name}.{branch}") for proj, branch in BRANCHES},
         )
 
     def experts_for_quantization(self, model: nn.Module, name: str) -> nn.Module:

@@ -10,6 +10,7 @@ from lora.adapters.grouped import GroupedLoraLinear
 from lora.config import LoraConfig
 from lora.families.base import Family, adapter_dtype
 from lora.framework.te import is_grouped
+from svdq.solvers.shared_basis import SHARED_DOWN
 
 
 class TEGroupedLinear(Family):
@@ -25,8 +26,8 @@ class TEGroupedLinear(Family):
     def make_adapter(self, model, name, module, config: LoraConfig) -> GroupedLoraLinear:
         return GroupedLoraLinear(
             module,
-            config.rank,
-            layout=config.fc1_layout or "shared-down",
+            config.rank_for(name),
+            layout=config.fc1_layout or SHARED_DOWN,
             scaling=config.scaling,
             name=name,
             dtype=adapter_dtype(config),

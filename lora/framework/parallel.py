@@ -24,7 +24,7 @@ def init_parallel(
     tensor_parallel: int = 1,
     expert_parallel: int = 1,
     *,
-    rank: int | None = None,
+    proc_rank: int | None = None,
     world_size: int | None = None,
     backend: str | None = None,
     seed: int = 1234,
@@ -32,18 +32,19 @@ def init_parallel(
 ) -> None:
     """Initialize torch.distributed and Megatron's model-parallel state in this process.
 
-    Rank and world size come from the arguments, else from the ``RANK``/``WORLD_SIZE`` environment
-    (torchrun), else a single-process world on a free local port. The backend defaults to NCCL when
-    CUDA is available and gloo otherwise; on CPU the patches of :mod:`lora.framework.cpu_patches` are
-    applied first. Also seeds torch and Megatron's RNG tracker (``seed``), so model init is reproducible.
+    The process rank (``proc_rank``) and world size come from the arguments, else from the
+    ``RANK``/``WORLD_SIZE`` environment (torchrun), else a single-process world on a free local port. The
+    backend defaults to NCCL when CUDA is available and gloo otherwise; on CPU the patches of
+    :mod:`lora.framework.cpu_patches` are applied first. Also seeds torch and Megatron's RNG tracker
+    (``seed``), so model init is reproducible.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     on_cpu = apply_cpu_patches()
     compat.fix_moe_utils_without_te()
-    if rank is None:
-        rank = int(os.environ.get("RANK", 0))
+    if proc_rank is None:
+        proc_rank = int(os.environ.get("RANK", 0))
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
     if backend is None:
@@ -60,9 +61,9 @@ def init_parallel(
                 raise RuntimeError("MASTER_PORT must be set for a multi-process run")
             os.environ["MASTER_PORT"] = str(free_port())
         if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+            torch.cuda.set_device(proc_rank % torch.cuda.device_count())
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            backend, rank=proc_rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -32,24 +32,24 @@ def group_rank_size(group) -> tuple[int, int]:
     return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
 
-def full_shape(local_shape: tuple[int, ...], dim: int | None, size: int) -> tuple[int, ...]:
-    """Shape of the whole tensor whose shard along ``dim`` (of ``size`` shards) has ``local_shape``."""
+def full_shape(local_shape: tuple[int, ...], dim: int | None, tp_size: int) -> tuple[int, ...]:
+    """Shape of the whole tensor whose shard along ``dim`` (of ``tp_size`` shards) has ``local_shape``."""
     shape = list(local_shape)
     if dim is not None:
-        shape[dim] *= size
+        shape[dim] *= tp_size
     return tuple(shape)
 
 
-def take_shard(full: Tensor, dim: int | None, rank: int, size: int, glu: bool = False) -> Tensor:
-    """Rank ``rank``'s shard of ``full`` (see the module docstring for ``glu``)."""
-    if dim is None or size == 1:
+def take_shard(full: Tensor, dim: int | None, tp_rank: int, tp_size: int, glu: bool = False) -> Tensor:
+    """Shard ``tp_rank`` of ``tp_size`` of ``full`` (see the module docstring for ``glu``)."""
+    if dim is None or tp_size == 1:
         return full
     if glu:
         if dim != 0:
             raise ValueError("a GLU factor is sharded along its output rows (dim 0)")
         gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(size, 0)[rank], up.chunk(size, 0)[rank]], dim=0)
-    return full.chunk(size, dim=dim)[rank]
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
 def split_dim(linear: nn.Module) -> int:

@@ -58,12 +58,12 @@ def unwrap_expert(e: nn.Module) -> nn.Module:
 
 
 def find_sites(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """``(dense, groups)``: quantized dense sites ``{name: LoraLinear | SVDQBase}`` and expert groups
+    """``(dense, expert_groups)``: quantized dense sites ``{name: LoraLinear | SVDQBase}`` and expert groups
     ``{name: LoraExperts | SequentialMLP}`` by module name, recognised by module family
     (:mod:`lora.families`, looking through an adapter to its base). ``ValueError`` naming the module for
     an adapter on an unquantized base (merge it or save it with ``save_adapters``) or a partly quantized
     expert group."""
-    dense, groups = {}, {}
+    dense, expert_groups = {}, {}
     inside: list[str] = []
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
@@ -84,7 +84,7 @@ def find_sites(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Mod
             bases = [unwrap(lin) for p in ("fc1", "fc2") for lin in expert_linears(seq, p)]
             quantized = [isinstance(b, SVDQBase) for b in bases]
             if all(quantized):
-                groups[name] = m
+                expert_groups[name] = m
             elif any(quantized):
                 raise ValueError(f"{name}: only some expert linears are quantized; export needs all or none")
             elif adapted:
@@ -101,7 +101,7 @@ def find_sites(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Mod
                 )
             dense[name] = m
             inside.append(name)
-    return dense, groups
+    return dense, expert_groups
 
 
 def check_no_pipeline() -> None:
@@ -119,7 +119,7 @@ def check_no_pipeline() -> None:
 class OtherTensor:
     """A state-dict entry that is not part of a quantized site.
 
-    ``key``: the model's state-dict key; ``tensor``: this rank's tensor. ``dim`` / ``group`` / ``glu``:
+    ``key``: the model's state-dict key; ``tensor``: this rank's tensor. ``dim`` / ``tp_group`` / ``glu``:
     its tensor-parallel sharding (``dim`` None: replicated). ``expert``: ``(ep_group, local index,
     local expert count)`` for a parameter of a ``SequentialMLP`` expert, whose global name uses the global
     expert index; ``template`` has ``{g}`` where that index goes.
@@ -128,7 +128,7 @@ class OtherTensor:
     key: str
     tensor: Tensor
     dim: int | None
-    group: object
+    tp_group: object
     glu: bool
     expert: tuple | None
     template: str
@@ -140,20 +140,20 @@ class OtherTensor:
 
     @property
     def first_global(self) -> int:
-        group, index, num_local = self.expert
-        return group_rank_size(group)[0] * num_local + index
+        ep_group, index, num_local = self.expert
+        return group_rank_size(ep_group)[0] * num_local + index
 
     @property
     def full_shape(self) -> tuple[int, ...]:
         shape = list(self.tensor.shape)
         if self.dim is not None:
-            shape[self.dim] *= group_rank_size(self.group)[1]
+            shape[self.dim] *= group_rank_size(self.tp_group)[1]
         return tuple(shape)
 
     def local_from(self, full: Tensor) -> Tensor:
         """This rank's shard of the whole tensor ``full``."""
-        rank, size = group_rank_size(self.group)
-        return take_shard(full, self.dim, rank, size, self.glu)
+        tp_rank, tp_size = group_rank_size(self.tp_group)
+        return take_shard(full, self.dim, tp_rank, tp_size, self.glu)
 
 
 _NORM_NAMES = (  # TE fused input norms (and the norm split off them) -> the local spec's norm modules
@@ -215,13 +215,13 @@ def other_tensors(model: nn.Module, skip: list[str]) -> list[OtherTensor]:
             continue
         module_name = key.rpartition(".")[0]
         module = model.get_submodule(module_name) if module_name else model
-        dim, group, glu = None, None, False
+        dim, tp_group, glu = None, None, False
         if getattr(t, "tensor_model_parallel", False):
             dim = int(t.partition_dim)
-            group = tp_group_of(module) or parallel_state.get_tensor_model_parallel_group()
+            tp_group = tp_group_of(module) or parallel_state.get_tensor_model_parallel_group()
             glu = dim == 0 and (is_glu_fc1(model, module_name) or _is_grouped_glu_fc1(model, module_name))
         expert, template = _expert_template(model, key)
-        out.append(OtherTensor(key, t.detach(), dim, group, glu, expert, template))
+        out.append(OtherTensor(key, t.detach(), dim, tp_group, glu, expert, template))
     return out
 
 

@@ -144,23 +144,23 @@ def _check_writable(out: Path, overwrite: bool) -> None:
 def _export_megatron(model, out: Path, max_shard_bytes, metadata, overwrite, progress) -> Path:
     check_no_pipeline()
     rank0_call(_check_writable, out, overwrite)
-    dense, groups = find_sites(model)
-    if not dense and not groups:
+    dense, expert_groups = find_sites(model)
+    if not dense and not expert_groups:
         raise ValueError("the model has no quantized layer (SVDQBase) to export; calibrate it first")
     writer = not dist.is_initialized() or dist.get_rank() == 0
     tensors: dict = {}
     layers, group_meta = {}, {}
-    sites = [("dense", n) for n in dense] + [("experts", n) for n in groups]
+    sites = [("dense", n) for n in dense] + [("experts", n) for n in expert_groups]
     for kind, name in tqdm(sites, desc="svdq export", unit="layer", disable=not (progress and writer)):
         if kind == "dense":
             t, layers[name] = _dense(model, name, dense[name])
         else:
-            t, group_meta[name] = _group(name, groups[name])
+            t, group_meta[name] = _expert_group(name, expert_groups[name])
         if writer:
             tensors.update(t)
     other = []
-    for entry in other_tensors(model, list(dense) + list(groups)):
-        full = gather_dim(entry.tensor, entry.dim, entry.group, entry.glu)
+    for entry in other_tensors(model, list(dense) + list(expert_groups)):
+        full = gather_dim(entry.tensor, entry.dim, entry.tp_group, entry.glu)
         if entry.expert is None:
             named = {entry.global_name(): full}
         else:
@@ -224,17 +224,17 @@ def _dense(model, name: str, site: nn.Module) -> tuple[dict, dict]:
     base = unwrap(site)
     inner = base.inner
     dim = split_dim(inner)
-    group = tp_group_of(inner)
+    tp_group = tp_group_of(inner)
     glu = adapter.glu if adapter is not None else is_glu_fc1(model, name)
-    residual = gather_packed(_packed(base, name), dim, group, glu and dim == 0)
-    smooth = gather_dim(base.smooth, 0, group) if dim == 1 else base.smooth
+    residual = gather_packed(_packed(base, name), dim, tp_group, glu and dim == 0)
+    smooth = gather_dim(base.smooth, 0, tp_group) if dim == 1 else base.smooth
     down = up = None
     dtype = base._dtype
     if adapter is not None:
         _check_active(adapter, name)
         f_down, f_up = adapter.factors()
-        down = gather_dim(f_down.param.detach(), f_down.dim, group, f_down.glu)
-        up = gather_dim(f_up.param.detach(), f_up.dim, group, f_up.glu) * adapter.scaling
+        down = gather_dim(f_down.param.detach(), f_down.dim, tp_group, f_down.glu)
+        up = gather_dim(f_up.param.detach(), f_up.dim, tp_group, f_up.glu) * adapter.scaling
         dtype = f_down.param.dtype
     state = LinearState(residual, smooth, base.act_format, down, up, _bias(inner), base.input_amax, dtype)
     meta = linear_meta(state)
@@ -291,7 +291,7 @@ def _expert_factors(name: str, seq: nn.Module, adapter, local: list[dict]) -> No
                 local[i][f.key[len(expert_key(name, first + i, "")) :]] = _scaled(f, t, adapter.scaling)
 
 
-def _group(name: str, site: nn.Module) -> tuple[dict, dict]:
+def _expert_group(name: str, site: nn.Module) -> tuple[dict, dict]:
     """Tensors (all global experts, gathered over expert-parallel ranks) and metadata of one quantized
     expert group."""
     adapter = site if isinstance(site, LoraExperts) else None

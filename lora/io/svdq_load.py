@@ -52,7 +52,10 @@ class _Dense:
 
 
 @dataclass
-class _ExpertGroupPlan:
+class _StoredExpertGroup:
+    """One expert group of the checkpoint (``name``: the experts module), checked against the model: its
+    metadata, adapter configuration and per-projection parsed fields, ready to install."""
+
     name: str
     meta: dict
     lora: LoraConfig | None
@@ -62,7 +65,7 @@ class _ExpertGroupPlan:
 @dataclass
 class Plan:
     dense: list[_Dense]
-    groups: list[_ExpertGroupPlan]
+    expert_groups: list[_StoredExpertGroup]
     other: list[OtherTensor]
 
 
@@ -125,7 +128,7 @@ def _validate_dense(model, reader: CheckpointReader, name: str, meta: dict) -> t
         ) from None
     _check_linear(m, fields, meta, 0 if mode == "column" else 1, f"layer {name}", fields["input_amax"])
     cfg = _lora(meta, f"layer {name}")
-    if (cfg is None) != (fields["rank"] == 0) or (cfg is not None and cfg.rank != fields["rank"]):
+    if (cfg is None) != (fields["rank"] == 0) or (cfg is not None and cfg.rank_for(name) != fields["rank"]):
         raise ValueError(f"layer {name}: rank {fields['rank']} does not match its adapter configuration")
     if cfg is not None and _factor_dtype(cfg, m) != fields["dtype"]:
         raise ValueError(
@@ -159,7 +162,9 @@ def _group_factor_specs(name: str, gmeta: dict, fields: dict, cfg: LoraConfig, n
     return specs
 
 
-def _validate_group(model, reader: CheckpointReader, name: str, gmeta: dict) -> tuple[_ExpertGroupPlan, dict]:
+def _validate_group(
+    model, reader: CheckpointReader, name: str, gmeta: dict
+) -> tuple[_StoredExpertGroup, dict]:
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     who = f"expert group {name}"
@@ -176,7 +181,7 @@ def _validate_group(model, reader: CheckpointReader, name: str, gmeta: dict) -> 
     if not isinstance(projections, dict) or set(projections) != {"fc1", "fc2"}:
         raise ValueError(f"{who}: metadata field 'projections' must have fc1 and fc2")
     cfg = _lora(gmeta, who)
-    plan = _ExpertGroupPlan(name, gmeta, cfg)
+    plan = _StoredExpertGroup(name, gmeta, cfg)
     specs = {}
     for proj, pm in projections.items():
         amax = pm.get("input_amax")
@@ -187,7 +192,7 @@ def _validate_group(model, reader: CheckpointReader, name: str, gmeta: dict) -> 
         _check_linear(lin, per[0], pm, PROJ_DIM[proj], f"{who} linear_{proj}", any(amax))
         layout = pm.get("layout")
         want = None if cfg is None else {"fc1": cfg.fc1_layout, "fc2": cfg.fc2_layout}[proj]
-        rank = 0 if cfg is None or layout is None else (getattr(cfg, f"{proj}_rank") or cfg.rank)
+        rank = 0 if cfg is None or layout is None else cfg.rank_for(f"{name}.linear_{proj}")
         if layout != want or pm.get("rank") != rank:
             raise ValueError(
                 f"{who}: {proj} layout/rank {layout}/{pm.get('rank')} do not match the adapter config"
@@ -211,16 +216,16 @@ def _validate_group(model, reader: CheckpointReader, name: str, gmeta: dict) -> 
 def _expert_names(e: OtherTensor) -> list[str]:
     if e.expert is None:
         return [e.global_name()]
-    group, index, num_local = e.expert
-    return [e.global_name(r * num_local + index) for r in range(group_rank_size(group)[1])]
+    ep_group, index, num_local = e.expert
+    return [e.global_name(r * num_local + index) for r in range(group_rank_size(ep_group)[1])]
 
 
 def validate(model: nn.Module, reader: CheckpointReader) -> Plan:
     """Check the checkpoint against ``model`` (nothing is changed); returns the install plan."""
     meta = reader.metadata
     check_model_kind(meta, MODEL_KIND, reader.path)
-    layers, groups = meta.get("layers"), meta.get("expert_groups")
-    if not isinstance(layers, dict) or not isinstance(groups, dict) or not (layers or groups):
+    layers, expert_groups = meta.get("layers"), meta.get("expert_groups")
+    if not isinstance(layers, dict) or not isinstance(expert_groups, dict) or not (layers or expert_groups):
         raise ValueError(f"{reader.path}: metadata fields 'layers' / 'expert_groups' are missing or empty")
     if adapter_modules(model) or any(isinstance(m, SVDQBase) for m in model.modules()):
         raise ValueError(
@@ -233,11 +238,11 @@ def validate(model: nn.Module, reader: CheckpointReader) -> Plan:
         dense.append(plan)
         known.update(specs)
     plans = []
-    for name, gm in groups.items():
+    for name, gm in expert_groups.items():
         plan, specs = _validate_group(model, reader, name, gm)
         plans.append(plan)
         known.update(specs)
-    other = other_tensors(model, list(layers) + list(groups))
+    other = other_tensors(model, list(layers) + list(expert_groups))
     listed = meta.get("other_tensors")
     if not isinstance(listed, list):
         raise ValueError(f"{reader.path}: metadata field 'other_tensors' is missing")
@@ -278,7 +283,7 @@ def _install_dense(model, reader: CheckpointReader, p: _Dense, storage: str) -> 
     )
 
 
-def _install_group(model, reader: CheckpointReader, p: _ExpertGroupPlan, storage: str) -> None:
+def _install_group(model, reader: CheckpointReader, p: _StoredExpertGroup, storage: str) -> None:
     seq = model.get_submodule(p.name)
     first = group_rank_size(seq.ep_group)[0] * seq.num_local_experts
     projections = {}
@@ -300,7 +305,7 @@ def _install_group(model, reader: CheckpointReader, p: _ExpertGroupPlan, storage
 
 def install(model: nn.Module, reader: CheckpointReader, plan: Plan, storage: str, progress: bool) -> None:
     """Apply a :func:`validate` plan to ``model``."""
-    work = [("dense", d) for d in plan.dense] + [("group", g) for g in plan.groups]
+    work = [("dense", d) for d in plan.dense] + [("experts", g) for g in plan.expert_groups]
     show = progress and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
     with torch.no_grad():  # first: a fused-norm TE linear takes its norm along when it is split below
         for e in plan.other:
@@ -323,11 +328,11 @@ def load_megatron(
     """Validate, then install (see the module docstring); returns the checkpoint's metadata."""
     check_no_pipeline()
     with CheckpointReader(path) as reader:
-        groups = reader.metadata.get("expert_groups")
+        expert_groups = reader.metadata.get("expert_groups")
         if (
-            isinstance(groups, dict) and groups
+            isinstance(expert_groups, dict) and expert_groups
         ):  # quantized experts run as SequentialMLP (lora.framework.te_convert)
-            ungroup_experts(model, tuple(groups))
+            ungroup_experts(model, tuple(expert_groups))
         plan = validate(model, reader)
         install(model, reader, plan, storage, progress)
         freeze_base(model)

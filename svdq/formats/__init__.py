@@ -2,11 +2,11 @@
 
 Public API::
 
-    from svdq.formats import QuantFormat, fake_quant, quantize, dequantize, PackedTensor
+    from svdq.formats import QuantFormat, fake_quant, quantize_tensor, dequantize, PackedTensor
 
     fmt = QuantFormat("nvfp4")                  # or QuantFormat.from_str("int4-g128"), parse_format(...)
     y = fake_quant(x, fmt, global_amax=None)    # Tensor, same shape/dtype as x; STE gradient
-    p = quantize(w, fmt, global_amax=None)      # PackedTensor (frozen): qdata, scale, global_scale
+    p = quantize_tensor(w, fmt, global_amax=None)  # PackedTensor (frozen): qdata, scale, global_scale
     w_hat = dequantize(p, dtype=torch.float32)  # == fake_quant(w, fmt) (cast to dtype), bit for bit
     tensors, meta = p.to_tensors(), p.meta()    # plain tensors + JSON-friendly meta (for safetensors)
     p2 = PackedTensor.from_tensors(tensors, meta)
@@ -31,7 +31,7 @@ on CUDA, but nvfp4's global scale can differ between CPU and CUDA by one ulp (se
 """
 
 from ._common import trusted_inputs
-from .api import dequantize, fake_quant, quantize
+from .api import dequantize, fake_quant, quantize_tensor
 from .config import FORMAT_NAMES, INT4_GROUP_SIZES, QuantFormat, parse_format
 from .packing import PackedTensor, pack_nibbles, unpack_nibbles
 
@@ -44,7 +44,7 @@ __all__ = [
     "fake_quant",
     "pack_nibbles",
     "parse_format",
-    "quantize",
+    "quantize_tensor",
     "trusted_inputs",
     "unpack_nibbles",
 ]

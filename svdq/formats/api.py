@@ -1,4 +1,4 @@
-"""`fake_quant`, `quantize`, `dequantize`: plain dispatch on ``fmt.name``."""
+"""`fake_quant`, `quantize_tensor`, `dequantize`: plain dispatch on ``fmt.name``."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def fake_quant(x: Tensor, fmt: FormatLike, global_amax: Tensor | float | None = 
     scale is saturated to 6 in the forward pass but still gets the identity gradient). No gradient
     flows to ``global_amax``.
 
-    ``fake_quant(x, fmt)`` equals ``dequantize(quantize(x, fmt), x.dtype)`` exactly. For ``none`` it
+    ``fake_quant(x, fmt)`` equals ``dequantize(quantize_tensor(x, fmt), x.dtype)`` exactly. For ``none`` it
     returns ``x`` itself.
 
     Raises:
@@ -122,7 +122,7 @@ def fake_quant(x: Tensor, fmt: FormatLike, global_amax: Tensor | float | None = 
     return _FakeQuantSTE.apply(x, fmt, _global_amax(global_amax, x, fmt))
 
 
-def quantize(w: Tensor, fmt: FormatLike, global_amax: Tensor | float | None = None) -> PackedTensor:
+def quantize_tensor(w: Tensor, fmt: FormatLike, global_amax: Tensor | float | None = None) -> PackedTensor:
     """Quantize and pack ``w`` ``(..., K)`` (see :class:`PackedTensor` for the stored layout).
 
     Same arguments and errors as :func:`fake_quant`; no gradient. ``none`` stores ``w`` as it is.

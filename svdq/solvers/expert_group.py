@@ -20,7 +20,7 @@ parameter budget**. :func:`decompose_expert_group` does, for the local experts o
 2. **Smoothing** ``s = max|X_:j|^α / max|W_:j|^(1−α)`` (:func:`svdq.solvers.smoothing.smoothing_vector`):
    *fc1* — one vector for all experts (they read the same hidden state): activation absmax pooled
    (max) over all experts' routed tokens, weight absmax over all experts' columns, both all-reduced (MAX)
-   over ``group``; one α for the group, chosen by the group's total output error (error sums all-reduced).
+   over ``ep_group``; one α for the group, chosen by the group's total output error (error sums all-reduced).
    *fc2* — one vector per expert (private input spaces), and **one α per expert**: the branch does not
    depend on ``s``, so expert ``i``'s quantized output depends on ``s_i`` alone and the per-expert argmins
    minimize the total. Each candidate is scored by the output error of the *complete* quantized expert
@@ -42,7 +42,7 @@ total error and refines it; ``layout_figures`` records what it chose from.
 **Errors.** Expert ``i``'s error is ``‖y_i − X_i·W_iᵀ‖ / ‖X_i·W_iᵀ‖`` over its sampled tokens
 (``stats[i].sample``, up to ``sample_tokens``). The total is **activation-weighted**: each expert's squared
 errors count ``n_i / k_i`` times (routed / sampled tokens), so it estimates the relative output error over
-all routed tokens of the group (all-reduced over ``group``). Experts without tokens (``fallback_experts``)
+all routed tokens of the group (all-reduced over ``ep_group``). Experts without tokens (``fallback_experts``)
 report the relative weight error ``‖W_i − Ŵ_i‖_F / ‖W_i‖_F`` and do not enter the total, unless no expert of
 the group saw a token (then the total is the weight error; requires ``config.weight_only_fallback``).
 
@@ -50,7 +50,7 @@ the group saw a token (then the total is the weight error; requires ``config.wei
 tokens (``0 < n_i < in``: rank-deficient ``X_iᵀX_i``) → damped, flagged in ``few_token_experts``. Any float
 weight dtype (bf16, fp16): the branch is computed in float64, residuals and scoring in float32.
 
-**Expert parallelism.** With ``group``, the experts passed are this rank's; everything that must agree
+**Expert parallelism.** With ``ep_group``, the experts passed are this rank's; everything that must agree
 is reduced over the group (fc1 smoothing, every α / layout / refinement decision, the shared factor), so all
 ranks return the identical smoothing and shared factor and take the same decisions. Every rank must call
 with the same ``config``, ``projection``, ``layout`` and ``budget``.
@@ -78,18 +78,28 @@ from svdq.formats import (
     fake_quant,
     fp8,
     nvfp4,
-    quantize,
+    quantize_tensor,
     trusted_inputs,
 )
 from svdq.solvers.lowrank import relative_error
-from svdq.solvers.shared_basis import LAYOUTS, _fit, _prepare, param_count, rank_for_budget
+from svdq.solvers.shared_basis import (
+    AUTO,
+    LAYOUT_CHOICES,
+    LAYOUTS,
+    PER_EXPERT,
+    SHARED_DOWN,
+    SHARED_UP,
+    _fit,
+    _prepare,
+    param_count,
+    rank_for_budget,
+)
 from svdq.solvers.smoothing import smoothing_vector
 from svdq.stats import InputStats
 
 __all__ = ["LAYOUT_CHOICES", "PROJECTIONS", "MoEGroupResult", "decompose_expert_group", "fake_quant_experts"]
 
 PROJECTIONS: tuple[str, ...] = ("fc1", "fc2")
-LAYOUT_CHOICES: tuple[str, ...] = ("auto", *LAYOUTS)
 _F64 = torch.float64
 _MIN_SCORE_ROWS = 256  # default rows per expert scoring the α candidates (at least)
 
@@ -123,7 +133,6 @@ class MoEGroupResult:
     name: str
     projection: str
     layout: str
-    rank: int
     budget: int
     num_params: int
     weight_format: str
@@ -151,6 +160,11 @@ class MoEGroupResult:
     @property
     def num_experts(self) -> int:
         return len(self.expert_indices)
+
+    @property
+    def rank(self) -> int:
+        """Rank ``r`` of the branch, read from its factors (the one store)."""
+        return self.expert_branch(0)[0].shape[0]
 
     @property
     def alpha(self) -> float | None:
@@ -226,9 +240,9 @@ def decompose_expert_group(
     config: SVDQConfig,
     *,
     projection: str = "fc1",
-    layout: str = "auto",
+    layout: str = AUTO,
     budget: int | None = None,
-    group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
     name: str = "layer0.fc1",
     expert_offset: int | None = None,
     score_rows: int | None = None,
@@ -253,7 +267,7 @@ def decompose_expert_group(
         group: expert-parallel process group (experts spread over its ranks).
         name: layer name used in error messages and the result.
         expert_offset: global index of the first local expert (default: from the ranks before this one in
-            ``group``, 0 without a group).
+            ``ep_group``, 0 without a group).
         score_rows: output rows per expert on which α candidates are scored (a fixed random subset, the
             same for every expert and candidate). Default: ``config.score_rows`` spread over the group's
             experts, at least 256 per expert (all rows of smaller experts).
@@ -270,10 +284,10 @@ def decompose_expert_group(
     if layout not in LAYOUT_CHOICES:
         raise ValueError(f"{name}: layout must be one of {LAYOUT_CHOICES}, got {layout!r}")
     W = _stack(weights, name)
-    offset = _expert_offset(W.shape[0], group, W.device) if expert_offset is None else int(expert_offset)
-    _validate_everywhere(W, stats, config, name, offset, group)
+    offset = _expert_offset(W.shape[0], ep_group, W.device) if expert_offset is None else int(expert_offset)
+    _validate_everywhere(W, stats, config, name, offset, ep_group)
     with trusted_inputs():  # weights and statistics are validated: no per-call NaN syncs
-        g = _Group(W, list(stats), config, projection, layout, group, name, offset, score_rows)
+        g = _ExpertProjection(W, list(stats), config, projection, layout, ep_group, name, offset, score_rows)
         del W
         state, steps, figures, budget = _search(g, layout, budget, alternations, cg_iters)
         state, steps = _refine(g, state, steps, refine_alternations, cg_iters)
@@ -284,17 +298,17 @@ def _fit_options(config: SVDQConfig) -> dict:
     return dict(oversample=config.oversample, power_iters=config.power_iters, seed=config.seed)
 
 
-def _search(g: _Group, layout: str, budget: int | None, alternations: int, cg_iters: int):
+def _search(g: _ExpertProjection, layout: str, budget: int | None, alternations: int, cg_iters: int):
     """Fit, α-search and evaluate every candidate layout at the budget; the best ``_State`` wins."""
     E, out, n_in = g.shape
     if budget is None:
-        budget = param_count("per-expert", min(g.cfg.rank, out, n_in), g.num_global, out, n_in)
+        budget = param_count(PER_EXPERT, min(g.cfg.rank, out, n_in), g.num_global, out, n_in)
     best, figures = None, {}
-    for lay in LAYOUTS if layout == "auto" else (layout,):
+    for lay in LAYOUTS if layout == AUTO else (layout,):
         try:
             rank = rank_for_budget(lay, budget, g.num_global, out, n_in)
         except ValueError as exc:
-            if layout != "auto":
+            if layout != AUTO:
                 raise ValueError(f"{g.name}: {exc}") from None
             figures[lay] = {"rank": None, "skipped": str(exc)}
             continue
@@ -302,7 +316,7 @@ def _search(g: _Group, layout: str, budget: int | None, alternations: int, cg_it
             lay,
             g.ex,
             rank,
-            group=g.group,
+            ep_group=g.ep_group,
             max_iters=alternations,
             cg_iters=cg_iters,
             cache=g.fit_cache,
@@ -323,7 +337,7 @@ def _search(g: _Group, layout: str, budget: int | None, alternations: int, cg_it
     return best, [best.error], figures, budget
 
 
-def _refine(g: _Group, state: _State, steps: list[float], alternations: int, cg_iters: int):
+def _refine(g: _ExpertProjection, state: _State, steps: list[float], alternations: int, cg_iters: int):
     """Refit the branch to ``W_i − Q_w(R_i)·diag(1/s_i)`` and re-quantize while the total error falls."""
     opts = {**_fit_options(g.cfg), "power_iters": 0}  # warm start: one orthogonalization + Rayleigh–Ritz
     for _ in range(g.cfg.refine_steps):
@@ -333,7 +347,7 @@ def _refine(g: _Group, state: _State, steps: list[float], alternations: int, cg_
             target,
             state.rank,
             init=(state.B, state.A),
-            group=g.group,
+            ep_group=g.ep_group,
             max_iters=alternations,
             cg_iters=cg_iters,
             cache=g.fit_cache,
@@ -357,7 +371,7 @@ def fake_quant_experts(
     """Fake-quantize every ``x[i]`` of ``x (E × … × K)`` float32 **as its own tensor**, batched.
 
     Equals ``torch.stack([fake_quant(x[i], fmt) for i in range(E)])`` bit for bit (and
-    ``dequantize(quantize(x[i], fmt))``): the per-tensor scales of NVFP4 (global FP32 scale) and FP8
+    ``dequantize(quantize_tensor(x[i], fmt))``): the per-tensor scales of NVFP4 (global FP32 scale) and FP8
     (per-tensor scale) are taken per expert, grouped formats work on any leading shape anyway. ``amax (E,)``
     replaces the per-expert ``max|x[i]|`` (e.g. the amax of the full tensor when ``x`` holds a subset of its
     rows). Runs in chunks of experts of at most ``max_elements`` elements.
@@ -429,27 +443,27 @@ def _stack(weights, name: str) -> Tensor:
     return W
 
 
-def _expert_offset(E: int, group, device: torch.device) -> int:
-    """Global index of this rank's first expert: local counts of the lower ranks of ``group``."""
-    if group is None:
+def _expert_offset(E: int, ep_group, device: torch.device) -> int:
+    """Global index of this rank's first expert: local counts of the lower ranks of ``ep_group``."""
+    if ep_group is None:
         return 0
     t = torch.tensor([E], dtype=torch.int64, device=device)
-    counts = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, t, group=group)
-    return int(sum(int(c.item()) for c in counts[: dist.get_rank(group)]))
+    counts = [torch.zeros_like(t) for _ in range(dist.get_world_size(ep_group))]
+    dist.all_gather(counts, t, group=ep_group)
+    return int(sum(int(c.item()) for c in counts[: dist.get_rank(ep_group)]))
 
 
-def _validate_everywhere(W: Tensor, stats, config: SVDQConfig, name: str, offset: int, group) -> None:
-    """:func:`_validate` on every rank of ``group``; if any rank's input is invalid, all ranks raise (the
+def _validate_everywhere(W: Tensor, stats, config: SVDQConfig, name: str, offset: int, ep_group) -> None:
+    """:func:`_validate` on every rank of ``ep_group``; if any rank's input is invalid, all ranks raise (the
     others would otherwise wait in the next collective)."""
     try:
         _validate(W, stats, config, name, offset)
         error = None
     except ValueError as exc:
         error = exc
-    if group is not None:
+    if ep_group is not None:
         failed = torch.tensor([error is not None], dtype=torch.int64, device=W.device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=ep_group)
         if error is None and failed.item():
             raise ValueError(f"{name}: invalid expert inputs on another expert-parallel rank")
     if error is not None:
@@ -500,17 +514,18 @@ def _smoothing_rows(x_absmax: Tensor, w_absmax: Tensor, alpha: float, eps: float
     return s.float()
 
 
-class _Group:
-    """Per-call data of :func:`decompose_expert_group`: weights, scoring tokens, smoothing candidates, the
-    prepared experts of :mod:`svdq.solvers.shared_basis`, and the scoring / evaluation steps."""
+class _ExpertProjection:
+    """The local experts of one projection under :func:`decompose_expert_group` (per-call data):
+    weights, scoring tokens, smoothing candidates, the prepared experts of
+    :mod:`svdq.solvers.shared_basis`, and the scoring / evaluation steps."""
 
-    def __init__(self, W, stats, config: SVDQConfig, projection, layout, group, name, offset, score_rows):
+    def __init__(self, W, stats, config: SVDQConfig, projection, layout, ep_group, name, offset, score_rows):
         dev = W.device
         E, out, n_in = W.shape
-        self.cfg, self.projection, self.group, self.name, self.offset = (
+        self.cfg, self.projection, self.ep_group, self.name, self.offset = (
             config,
             projection,
-            group,
+            ep_group,
             name,
             offset,
         )
@@ -550,7 +565,7 @@ class _Group:
         # Q_a(X_i/s_i) per smoothing tensor (by identity); candidates' entries are kept for later layouts
         self._xq: dict[int, tuple[Tensor, Tensor]] = {}
         self.fit_cache: dict = {}  # shared-down A-step preconditioner, reused by every fit of the group
-        self._keep_candidates = layout == "auto"
+        self._keep_candidates = layout == AUTO
 
         # smoothing candidates
         w_absmax = W32.abs().amax(dim=1)  # (E × in)
@@ -570,12 +585,12 @@ class _Group:
             st.covariance.to(dev) if n > 0 else torch.zeros((), dtype=_F64, device=dev).expand(n_in, n_in)
             for st, n in zip(stats, self.counts)
         ]
-        self.ex = _prepare(self.W64, covs, self.counts, config.damp, group)
+        self.ex = _prepare(self.W64, covs, self.counts, config.damp, ep_group)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
-        if self.group is not None:
-            dist.all_reduce(t, op=op, group=self.group)
+        if self.ep_group is not None:
+            dist.all_reduce(t, op=op, group=self.ep_group)
         return t
 
     def _s3(self, s: Tensor) -> Tensor:
@@ -724,15 +739,15 @@ class _Group:
         E, out, n_in = self.shape
         R = self.raw_residual(st.B, st.A)
         R *= self._s3(st.s)
-        residuals = tuple(quantize(R[i], self.wq) for i in range(E))
+        residuals = tuple(quantize_tensor(R[i], self.wq) for i in range(E))
         del R
         dens = self.dens(None)
         errs = [relative_error(n, d) for n, d in zip(st.nums.tolist(), dens.tolist())]
         rtn = [relative_error(n, d) for n, d in zip(self.rtn_nums.tolist(), dens.tolist())]
         rtn_total = self.totals(self.rtn_nums.unsqueeze(0), dens)[0]
         B32, A32 = st.B.float(), st.A.float()
-        down = A32.contiguous() if st.layout == "shared-down" else None
-        up = B32.contiguous() if st.layout == "shared-up" else None
+        down = A32.contiguous() if st.layout == SHARED_DOWN else None
+        up = B32.contiguous() if st.layout == SHARED_UP else None
         downs = () if down is not None else tuple(a.clone() for a in A32)
         ups = () if up is not None else tuple(b.clone() for b in B32)
         idx = tuple(self.offset + i for i in range(E))
@@ -740,7 +755,6 @@ class _Group:
             name=self.name,
             projection=self.projection,
             layout=st.layout,
-            rank=st.rank,
             budget=budget,
             num_params=param_count(st.layout, st.rank, self.num_global, out, n_in),
             weight_format=str(self.wq),

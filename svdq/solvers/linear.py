@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from svdq.config import SVDQConfig
-from svdq.formats import PackedTensor, QuantFormat, fake_quant, quantize, trusted_inputs
+from svdq.formats import PackedTensor, QuantFormat, fake_quant, quantize_tensor, trusted_inputs
 from svdq.metrics import relative_norm
 from svdq.solvers.gptq import gptq_quantize
 from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd, randomized_svd_product
@@ -265,7 +265,7 @@ class _Solver:
             step_errors.append(err)
             if improved < self.cfg.refine_tol:
                 break
-        packed, residual_quant = quantize(R, self.wq), "rtn"
+        packed, residual_quant = quantize_tensor(R, self.wq), "rtn"
         # GPTQ fits the calibration tokens; with fewer than ~4·in of them it over-fits (its error on
         # held-out tokens rises above RTN's even while the calibration error falls), so it is skipped.
         if self.cfg.residual_quant == "gptq" and self.n_tokens >= GPTQ_MIN_TOKENS_PER_INPUT * self.W.shape[1]:

@@ -40,7 +40,7 @@ weights' device so every process draws the same start. Errors use
 arguments of every layout function. On CUDA, orthonormalization is Cholesky-QR and small eigen-problems
 run on the CPU.
 
-**Expert parallelism.** With ``group`` (a ``torch.distributed`` process group) the experts passed are this
+**Expert parallelism.** With ``ep_group`` (a ``torch.distributed`` process group) the experts passed are this
 rank's local ones; sums over experts are all-reduced, so every rank gets the identical shared factor.
 ``expert_errors`` and ``fallback_experts`` are then local (local indices); ``total_error``,
 ``objective_history`` and ``num_params`` are global. Every rank must hold at least one expert.
@@ -59,7 +59,12 @@ from torch import Tensor
 from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, relative_error
 
 __all__ = [
+    "AUTO",
     "LAYOUTS",
+    "LAYOUT_CHOICES",
+    "PER_EXPERT",
+    "SHARED_DOWN",
+    "SHARED_UP",
     "Layout",
     "MoELowRank",
     "max_rank",
@@ -70,8 +75,14 @@ __all__ = [
     "shared_up",
 ]
 
-Layout = Literal["per-expert", "shared-down", "shared-up"]
-LAYOUTS: tuple[str, ...] = ("per-expert", "shared-down", "shared-up")
+# The expert layouts: the one definition of their names (svdq, lora and calib use these constants).
+PER_EXPERT = "per-expert"  # every expert its own lora_down and lora_up
+SHARED_DOWN = "shared-down"  # one lora_down shared by the experts, a lora_up per expert
+SHARED_UP = "shared-up"  # one lora_up shared by the experts, a lora_down per expert
+LAYOUTS: tuple[str, ...] = (PER_EXPERT, SHARED_DOWN, SHARED_UP)
+AUTO = "auto"  # calibration: the layout of lowest error at an equal parameter budget
+LAYOUT_CHOICES: tuple[str, ...] = (AUTO, *LAYOUTS)
+Layout = Literal["per-expert", "shared-down", "shared-up"]  # LAYOUTS as a type
 
 _F64 = torch.float64
 
@@ -102,8 +113,8 @@ class MoELowRank:
 
     def factors(self, i: int) -> tuple[Tensor, Tensor]:
         """``(B_i (out × r), A_i (r × in))`` of (local) expert ``i``."""
-        B = self.B if self.layout == "shared-up" else self.B[i]
-        A = self.A if self.layout == "shared-down" else self.A[i]
+        B = self.B if self.layout == SHARED_UP else self.B[i]
+        A = self.A if self.layout == SHARED_DOWN else self.A[i]
         return B, A
 
     def approx(self, i: int) -> Tensor:
@@ -121,7 +132,7 @@ def param_count(layout: str, rank: int, num_experts: int, out_features: int, in_
     per-expert ``E·r·(in+out)``, shared-down ``r·(in+E·out)``, shared-up ``r·(out+E·in)``.
     """
     E, o, i = num_experts, out_features, in_features
-    per_rank = {"per-expert": E * (i + o), "shared-down": i + E * o, "shared-up": o + E * i}
+    per_rank = {PER_EXPERT: E * (i + o), SHARED_DOWN: i + E * o, SHARED_UP: o + E * i}
     if layout not in per_rank:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     return rank * per_rank[layout]
@@ -131,7 +142,7 @@ def max_rank(layout: str, num_experts: int, out_features: int, in_features: int)
     """Largest meaningful rank: per-expert ``min(out, in)``, shared-down ``min(in, E·out)``,
     shared-up ``min(out, E·in)`` (beyond it the approximation is already exact)."""
     E, o, i = num_experts, out_features, in_features
-    limits = {"per-expert": min(o, i), "shared-down": min(i, E * o), "shared-up": min(o, E * i)}
+    limits = {PER_EXPERT: min(o, i), SHARED_DOWN: min(i, E * o), SHARED_UP: min(o, E * i)}
     if layout not in limits:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     return limits[layout]
@@ -164,7 +175,7 @@ def per_expert(
     *,
     token_counts: Sequence[int] | Tensor | None = None,
     damp: float = 0.01,
-    group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
     **svd_kwargs,
 ) -> MoELowRank:
     """Independent whitened branch per expert (the baseline), exactly optimal for every expert separately.
@@ -173,13 +184,13 @@ def per_expert(
     ``W_i·S_i`` with ``Ĉ_i = S_i·S_iᵀ``), ``A_i = B_iᵀ·W_i``, then re-gauged so that ``A_i`` has orthonormal
     rows: the branch of :func:`svdq.solvers.lowrank.lowrank_branch` with ``cov=C_i``, without any Cholesky
     factor. ``svd_kwargs``: ``oversample``, ``power_iters``, ``seed``, ``exact_below`` (module docstring,
-    *Scale*). ``group`` only makes ``total_error`` and ``num_params`` global.
+    *Scale*). ``ep_group`` only makes ``total_error`` and ``num_params`` global.
     """
-    ex = _prepare(weights, covs, token_counts, damp, group)
-    _check_rank("per-expert", rank, ex)
-    energy, const = _energy(ex, group)
-    B, A, history = _fit("per-expert", ex, rank, const=const, group=group, **svd_kwargs)
-    return _finish("per-expert", ex, B, A, history, energy, group)
+    ex = _prepare(weights, covs, token_counts, damp, ep_group)
+    _check_rank(PER_EXPERT, rank, ex)
+    energy, const = _energy(ex, ep_group)
+    B, A, history = _fit(PER_EXPERT, ex, rank, const=const, ep_group=ep_group, **svd_kwargs)
+    return _finish(PER_EXPERT, ex, B, A, history, energy, ep_group)
 
 
 def shared_down(
@@ -193,7 +204,7 @@ def shared_down(
     tol: float = 1e-6,
     cg_iters: int = 50,
     cg_tol: float = 1e-8,
-    group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
     **svd_kwargs,
 ) -> MoELowRank:
     """One shared ``A (r × in)`` (lora_down), one ``B_i (out × r)`` per expert.
@@ -210,25 +221,26 @@ def shared_down(
        then re-orthonormalize ``A`` and refit the ``B_i``. Stops when the relative improvement is below
        ``tol`` or a step would not improve; the best solution is kept, so the objective never increases.
 
-    With ``group``, ``C``, the Gram products and every sum of the A-step are all-reduced: the single-process
-    path computes exactly the same quantities, so ``A`` agrees up to floating-point summation order.
+    With ``ep_group``, ``C``, the Gram products and every sum of the A-step are all-reduced: the
+    single-process path computes exactly the same quantities, so ``A`` agrees up to floating-point
+    summation order.
     """
-    ex = _prepare(weights, covs, token_counts, damp, group)
-    _check_rank("shared-down", rank, ex)
-    energy, const = _energy(ex, group)
+    ex = _prepare(weights, covs, token_counts, damp, ep_group)
+    _check_rank(SHARED_DOWN, rank, ex)
+    energy, const = _energy(ex, ep_group)
     B, A, history = _fit(
-        "shared-down",
+        SHARED_DOWN,
         ex,
         rank,
         const=const,
-        group=group,
+        ep_group=ep_group,
         max_iters=max_iters,
         tol=tol,
         cg_iters=cg_iters,
         cg_tol=cg_tol,
         **svd_kwargs,
     )
-    return _finish("shared-down", ex, B, A, history, energy, group)
+    return _finish(SHARED_DOWN, ex, B, A, history, energy, ep_group)
 
 
 def shared_up(
@@ -238,7 +250,7 @@ def shared_up(
     *,
     token_counts: Sequence[int] | Tensor | None = None,
     damp: float = 0.01,
-    group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
     **svd_kwargs,
 ) -> MoELowRank:
     """One shared ``B (out × r)`` (lora_up) with orthonormal columns, one ``A_i (r × in)`` per expert.
@@ -246,14 +258,14 @@ def shared_up(
     ``B`` = top-``r`` left singular vectors of ``[W_1·S_1, …, W_E·S_E]`` (``Ĉ_i = S_i·S_iᵀ``), computed as
     the top-``r`` eigenvectors of its ``out × out`` Gram ``Σ_i W_i·Ĉ_i·W_iᵀ`` (no Cholesky needed; formed
     densely for small ``out``, else applied implicitly; sign-fixed as in :func:`shared_down`);
-    ``A_i = Bᵀ·W_i``. Exactly optimal even with per-expert covariances. With ``group`` the Gram (or its
+    ``A_i = Bᵀ·W_i``. Exactly optimal even with per-expert covariances. With ``ep_group`` the Gram (or its
     products) is all-reduced.
     """
-    ex = _prepare(weights, covs, token_counts, damp, group)
-    _check_rank("shared-up", rank, ex)
-    energy, const = _energy(ex, group)
-    B, A, history = _fit("shared-up", ex, rank, const=const, group=group, **svd_kwargs)
-    return _finish("shared-up", ex, B, A, history, energy, group)
+    ex = _prepare(weights, covs, token_counts, damp, ep_group)
+    _check_rank(SHARED_UP, rank, ex)
+    energy, const = _energy(ex, ep_group)
+    B, A, history = _fit(SHARED_UP, ex, rank, const=const, ep_group=ep_group, **svd_kwargs)
+    return _finish(SHARED_UP, ex, B, A, history, energy, ep_group)
 
 
 # ----------------------------------------------------------------------------------------------- internals
@@ -343,22 +355,22 @@ def _svd_opts(kwargs: dict) -> _SvdOpts:
     return _SvdOpts(**kwargs)
 
 
-def _reduce(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """Sum ``t`` over ``group`` in place (no-op without a group)."""
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+def _reduce(t: Tensor, ep_group: dist.ProcessGroup | None) -> Tensor:
+    """Sum ``t`` over ``ep_group`` in place (no-op without a group)."""
+    if ep_group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=ep_group)
     return t
 
 
-def _sum(t: Tensor, group: dist.ProcessGroup | None) -> float:
-    """``float`` of a 0-dim tensor summed over ``group``."""
-    return float(_reduce(t.reshape(1).clone(), group).item())
+def _sum(t: Tensor, ep_group: dist.ProcessGroup | None) -> float:
+    """``float`` of a 0-dim tensor summed over ``ep_group``."""
+    return float(_reduce(t.reshape(1).clone(), ep_group).item())
 
 
-def _prepare(weights, covs, token_counts, damp: float, group) -> _Experts:
+def _prepare(weights, covs, token_counts, damp: float, ep_group) -> _Experts:
     W = _stack_weights(weights)
     E, _, n_in = W.shape
-    num_global = int(_reduce(torch.tensor([E], dtype=torch.int64, device=W.device), group).item())
+    num_global = int(_reduce(torch.tensor([E], dtype=torch.int64, device=W.device), ep_group).item())
     if covs is None:
         ident = (_Cov(None, 1.0),) * E
         return _Experts(W, ident, ident, (), num_global)
@@ -381,7 +393,7 @@ def _prepare(weights, covs, token_counts, damp: float, group) -> _Experts:
     for i in valid:
         stats[0] += C[i].diagonal().mean()
     stats[1] = len(valid)
-    stats = _reduce(stats, group)
+    stats = _reduce(stats, ep_group)
     c_fb = float(stats[0] / stats[1]) if stats[1] > 0 else 1.0
 
     opt, ev = [], []
@@ -563,7 +575,7 @@ def _fit(
     *,
     init: tuple[Tensor, Tensor] | None = None,
     const: float = 0.0,
-    group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
     max_iters: int = 10,
     tol: float = 1e-6,
     cg_iters: int = 50,
@@ -584,17 +596,17 @@ def _fit(
     preconditioner instead of recomputing it (an ``in³`` factorization) per fit.
     """
     opts = _svd_opts(svd_kwargs)
-    if layout == "per-expert":
+    if layout == PER_EXPERT:
         B, A = _solve_per_expert(ex, rank, None if init is None else init[0], opts)
         return B, A, []
-    if layout == "shared-up":
-        B, A = _solve_shared_up(ex, rank, None if init is None else init[0], opts, group)
+    if layout == SHARED_UP:
+        B, A = _solve_shared_up(ex, rank, None if init is None else init[0], opts, ep_group)
         return B, A, []
-    if layout == "shared-down":
+    if layout == SHARED_DOWN:
         init_A = None if init is None else init[1]
         cache = {} if cache is None else cache
         return _solve_shared_down(
-            ex, rank, init_A, const, group, max_iters, tol, cg_iters, cg_tol, opts, cache
+            ex, rank, init_A, const, ep_group, max_iters, tol, cg_iters, cg_tol, opts, cache
         )
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
@@ -609,54 +621,54 @@ def _solve_per_expert(ex: _Experts, rank: int, init: Tensor | None, opts: _SvdOp
     return _orthonormalize_rows(U, U.mT @ W)
 
 
-def _solve_shared_up(ex: _Experts, rank: int, init: Tensor | None, opts: _SvdOpts, group):
+def _solve_shared_up(ex: _Experts, rank: int, init: Tensor | None, opts: _SvdOpts, ep_group):
     W = ex.W
     out = W.shape[1]
     if _dense(out, rank, opts):
-        B = _top_eigvecs(_reduce((W @ ex.cov_left(W.mT)).sum(0), group), rank)
+        B = _top_eigvecs(_reduce((W @ ex.cov_left(W.mT)).sum(0), ep_group), rank)
     else:
 
         def apply(Z: Tensor) -> Tensor:  # Σ_i W_i·Ĉ_i·W_iᵀ·Z, all-reduced
-            return _reduce((W @ ex.cov_left(W.mT @ Z)).sum(0), group)
+            return _reduce((W @ ex.cov_left(W.mT @ Z)).sum(0), ep_group)
 
         B = _subspace(apply, out, rank, (), W, opts, init)
     return B, B.mT @ W
 
 
-def _solve_shared_down(ex, rank, init_A, const, group, max_iters, tol, cg_iters, cg_tol, opts, cache):
+def _solve_shared_down(ex, rank, init_A, const, ep_group, max_iters, tol, cg_iters, cg_tol, opts, cache):
     W = ex.W
     n_in = W.shape[-1]
     history: list[float] = []
     if init_A is None:
-        C_pool = _reduce(_cov_sum(ex.opt, [1.0] * len(ex.opt), n_in, W), group)
+        C_pool = _reduce(_cov_sum(ex.opt, [1.0] * len(ex.opt), n_in, W), ep_group)
         S, _ = damped_cholesky(C_pool, 0.0)
         if _dense(n_in, rank, opts):
-            H = _reduce(torch.einsum("eoi,eoj->ij", W, W), group)
+            H = _reduce(torch.einsum("eoi,eoj->ij", W, W), ep_group)
             V = _top_eigvecs(S.mT @ H @ S, rank)
         else:
 
             def apply(Z: Tensor) -> Tensor:  # Sᵀ·Σ_i W_iᵀ·W_i·S·Z, all-reduced
-                return S.mT @ _reduce((W.mT @ (W @ (S @ Z))).sum(0), group)
+                return S.mT @ _reduce((W.mT @ (W @ (S @ Z))).sum(0), ep_group)
 
             V = _subspace(apply, n_in, rank, (), W, opts)
         A0 = torch.linalg.solve_triangular(S, V.mT, upper=False, left=False)
         B0 = W @ (S @ V)
         P, G = _normal_terms(ex, A0)
-        history.append(const + _sum(_delta(B0, P, G), group))
+        history.append(const + _sum(_delta(B0, P, G), ep_group))
         B, A = orthonormalize_rows(B0, A0)
         B_refit, delta = _b_step(ex, A)
-        obj = const + _sum(delta, group)
+        obj = const + _sum(delta, ep_group)
         if obj <= history[0]:  # exact minimizer given A: only rounding could make it worse
             B = B_refit
         history.append(min(obj, history[0]))
     else:
         _, A = _orthonormalize_rows(init_A.new_zeros(1, init_A.shape[0]), init_A.to(W.dtype))
         B, delta = _b_step(ex, A)
-        history.append(const + _sum(delta, group))
+        history.append(const + _sum(delta, ep_group))
     for _ in range(max_iters):  # the A-steps share one preconditioner (kept in ``cache``)
-        _, A_new = orthonormalize_rows(B, _a_step(ex, B, A, group, cg_iters, cg_tol, cache))
+        _, A_new = orthonormalize_rows(B, _a_step(ex, B, A, ep_group, cg_iters, cg_tol, cache))
         B_new, delta = _b_step(ex, A_new)
-        obj = const + _sum(delta, group)
+        obj = const + _sum(delta, ep_group)
         if not obj < history[-1]:
             break
         A, B = A_new, B_new
@@ -697,7 +709,7 @@ def _cov_sum(covs: Sequence[_Cov], weights: Sequence[float], n: int, like: Tenso
     return out
 
 
-def _a_step(ex: _Experts, B: Tensor, A: Tensor, group, iters: int, tol: float, cache: dict | None = None):
+def _a_step(ex: _Experts, B: Tensor, A: Tensor, ep_group, iters: int, tol: float, cache: dict | None = None):
     """Approximately solve ``Σ_i G_i·X·Ĉ_i = Σ_i B_iᵀ·W_i·Ĉ_i`` (``G_i = B_iᵀB_i``) for ``X (r × in)`` by PCG
     from ``X = A``. The operator is symmetric positive (semi)definite in the Frobenius inner product, so
     every iterate lowers the objective. Preconditioner ``X ↦ Ḡ⁻¹·X·C̄⁻¹`` (``Ḡ = Σ G_i``,
@@ -707,16 +719,16 @@ def _a_step(ex: _Experts, B: Tensor, A: Tensor, group, iters: int, tol: float, c
     all-reduced; all scalars derive from reduced tensors, hence every rank runs the identical iteration."""
     n_in = ex.W.shape[-1]
     G = B.mT @ B
-    rhs = _reduce(ex.cov_right(B.mT @ ex.W).sum(0), group)
+    rhs = _reduce(ex.cov_right(B.mT @ ex.W).sum(0), ep_group)
 
     def apply(X: Tensor) -> Tensor:
-        return _reduce(ex.cov_right(G @ X).sum(0), group)
+        return _reduce(ex.cov_right(G @ X).sum(0), ep_group)
 
-    L_G, _ = damped_cholesky(_reduce(G.sum(0), group), 0.0)
+    L_G, _ = damped_cholesky(_reduce(G.sum(0), ep_group), 0.0)
     C_inv = None if cache is None else cache.get("C_inv")
     if C_inv is None:
         tau = G.diagonal(dim1=-2, dim2=-1).sum(-1).tolist()
-        L_C, _ = damped_cholesky(_reduce(_cov_sum(ex.opt, tau, n_in, A), group), 0.0)
+        L_C, _ = damped_cholesky(_reduce(_cov_sum(ex.opt, tau, n_in, A), ep_group), 0.0)
         C_inv = torch.cholesky_inverse(L_C)
         if cache is not None:
             cache["C_inv"] = C_inv
@@ -755,7 +767,7 @@ def _shifts(covs: Sequence[_Cov], like: Tensor) -> Tensor:
     return torch.tensor([c.shift for c in covs], dtype=_F64, device=like.device)
 
 
-def _energy(ex: _Experts, group) -> tuple[_Energy, float]:
+def _energy(ex: _Experts, ep_group) -> tuple[_Energy, float]:
     """Per-expert energies (one ``out × in²`` product per expert) and the all-reduced
     ``Σ_i tr(W_i·Ĉ_i·W_iᵀ)`` (the damped objective of a zero branch)."""
     W = ex.W
@@ -763,7 +775,7 @@ def _energy(ex: _Experts, group) -> tuple[_Energy, float]:
         [((w @ c.mat) * w).sum() if c.mat is not None else w.new_zeros(()) for w, c in zip(W, ex.opt)]
     )
     energy = _Energy(cov, W.square().sum((1, 2)))
-    return energy, _sum((cov + _shifts(ex.opt, W) * energy.frob).sum(), group)
+    return energy, _sum((cov + _shifts(ex.opt, W) * energy.frob).sum(), ep_group)
 
 
 def _cross_terms(ex: _Experts, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -785,7 +797,7 @@ def _cross_terms(ex: _Experts, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _finish(
-    layout: str, ex: _Experts, B: Tensor, A: Tensor, history: list[float], energy: _Energy, group
+    layout: str, ex: _Experts, B: Tensor, A: Tensor, history: list[float], energy: _Energy, ep_group
 ) -> MoELowRank:
     E, out, n_in = ex.W.shape
     t_mat, t_frob = _cross_terms(ex, B, A)
@@ -794,7 +806,7 @@ def _finish(
     dens = energy.cov + ev_shift * energy.frob
     obj = (energy.cov + t_mat + op_shift * (energy.frob + t_frob)).sum()
     den_opt = (energy.cov + op_shift * energy.frob).sum()
-    totals = _reduce(torch.stack([nums.sum(), dens.sum(), obj, den_opt]), group).tolist()
+    totals = _reduce(torch.stack([nums.sum(), dens.sum(), obj, den_opt]), ep_group).tolist()
     history = list(history) or [totals[2]]
     errors = torch.tensor([relative_error(n, d) for n, d in zip(nums.tolist(), dens.tolist())], dtype=_F64)
     return MoELowRank(

@@ -53,7 +53,7 @@ def _worker(rank, world, tp, ep):
         dist.all_gather(parts, logits.contiguous())
         logits = torch.cat(parts, dim=-1)
     factors = {
-        k: (f.param.detach().cpu().clone(), f.dim, f.glu, f.rank, f.size)
+        k: (f.param.detach().cpu().clone(), f.dim, f.glu, f.tp_rank, f.tp_size)
         for k, f in adapter_factors(model).items()
     }
     return {"rows": report.rows, "logits": logits.cpu(), "factors": factors}

@@ -195,7 +195,7 @@ def _tp2_worker(rank, world, ckpt_dir):
     freeze_base(model)
     losses = model(**_lm_inputs())
     losses.float().mean().backward()
-    shards = {k: (f.dim, f.glu, f.rank, f.size) for k, f in adapter_factors(model).items()}
+    shards = {k: (f.dim, f.glu, f.tp_rank, f.tp_size) for k, f in adapter_factors(model).items()}
     return {
         "losses": losses.detach(),
         "init": init,

@@ -12,7 +12,7 @@ from lora.base import SVDQBase
 from lora.families import FAMILIES, Family, family_named, family_of, is_megatron_model, register_family
 from lora.install import ExpertProjection, install_experts, install_linear
 from svdq import SVDQConfig, decompose_linear
-from svdq.formats import quantize as quantize_tensor
+from svdq.formats import quantize_tensor
 from svdq.stats import InputStats
 
 pytestmark = pytest.mark.usefixtures("megatron_world")

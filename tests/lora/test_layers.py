@@ -89,7 +89,7 @@ def test_expert_adapters_match_float64_reference(fc1, fc2, parallel):
     config = LoraConfig(
         rank=4, alpha=6, targets=("*.mlp.experts",), fc1_layout=fc1, fc2_layout=fc2, parallel_expert=parallel
     )
-    add_adapters(model, config.__class__(**{**config.to_dict(), "init": "random"}))
+    add_adapters(model, config.replace(init="random"))
     freeze_base(model)
     group = model.decoder.layers[0].mlp.experts
     assert isinstance(group, LoraExperts)

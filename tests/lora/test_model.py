@@ -42,6 +42,26 @@ def _random(config):
     return LoraConfig.from_dict({**config.to_dict(), "init": "random"})
 
 
+def test_ranks_from_rank_pattern_and_from_an_old_fc1_rank_fc2_rank_dict():
+    old = {**MOE_ALL.to_dict(), "fc1_rank": 2, "fc2_rank": 6}  # a dict written before rank_pattern
+    del old["version"], old["rank_pattern"]
+    model = tiny_model()
+    add_adapters(model, LoraConfig.from_dict(old))
+    for layer in model.decoder.layers:
+        # as before: expert fc1 / fc2 their ranks, the parallel adapter and the dense layers `rank`
+        assert layer.mlp.experts.ranks == {"fc1": 2, "fc2": 6, "parallel": 4}
+        assert layer.mlp.experts.fc1_lora_down.shape[0] == 2 and layer.mlp.experts.fc2_lora_up.shape[1] == 6
+        assert layer.self_attention.linear_qkv.rank == layer.self_attention.linear_proj.rank == 4
+    pattern = {"decoder.layers.1.*": 3, "*.linear_qkv": 5}
+    model = tiny_model()
+    add_adapters(model, LoraConfig.preset("moe", rank=4, parallel_expert=True, rank_pattern=pattern))
+    first, second = model.decoder.layers[0], model.decoder.layers[1]
+    assert first.self_attention.linear_qkv.rank == 5 and first.self_attention.linear_proj.rank == 4
+    assert first.mlp.experts.ranks == {"fc1": 4, "fc2": 4, "parallel": 4}
+    assert second.self_attention.linear_qkv.rank == 3  # the first matching pattern wins
+    assert second.mlp.experts.ranks == {"fc1": 3, "fc2": 3, "parallel": 3}
+
+
 def test_add_adapters_wraps_the_targets_and_kaiming_init_keeps_the_model():
     model = tiny_model()
     ref = _logits(model)

@@ -26,9 +26,14 @@ from lora import (
     merge_adapters,
 )
 from lora.adapters.layers import ExpertLoraLinear, LoraLinear
-from lora.modelopt_quant import exclude_adapters, fold_adapters, fold_weight, quantize, unwrapped_adapters
-from svdq.formats import dequantize, fake_quant
-from svdq.formats import quantize as quantize_tensor
+from lora.modelopt_quant import (
+    exclude_adapters,
+    fold_adapters,
+    fold_weight,
+    modelopt_quantize,
+    unwrapped_adapters,
+)
+from svdq.formats import dequantize, fake_quant, quantize_tensor
 from tests.helpers.lora import CFG, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
@@ -74,7 +79,7 @@ def _factors(w):
     if isinstance(w, LoraLinear):
         return w.lora_down, w.lora_up, w.scaling
     A, B = w.local_factors()
-    return A, B, w._group.scaling
+    return A, B, w._expert_group.scaling
 
 
 def _col_scale(base):
@@ -148,7 +153,7 @@ def test_both_orders_agree_and_match_float64(qname):
     add_adapters(a, LORA, seed=3)
     # (b) add adapters, then plain mtq.quantize; B = 0 while calibrating, so calibration sees the base
     b = tiny_model()
-    add_adapters(b, LoraConfig(**{**LORA.to_dict(), "init": "kaiming"}), seed=3)
+    add_adapters(b, LORA.replace(init="kaiming"), seed=3)
     mtq.quantize(b, cfg, _loop)
     _copy_adapters(a, b)
     # same quantizers and, state-dict keys being the base's own, the same quantizer state
@@ -166,8 +171,8 @@ def test_both_orders_agree_and_match_float64(qname):
 
 
 def test_quantize_helper_matches_order_a_with_trained_adapters():
-    """``lora.modelopt_quant.quantize`` on a model whose adapters are non-zero: calibration runs on the
-    unwrapped model, so the quantizers equal order (a)'s, and the expert linears get the expert-parallel
+    """``lora.modelopt_quant.modelopt_quantize`` on a model whose adapters are non-zero: calibration runs on
+    the unwrapped model, so the quantizers equal order (a)'s, and the expert linears get the expert-parallel
     groups (plain ``mtq.quantize`` leaves them on the dense groups: the finding of the module docstring)."""
     cfg = QCFGS["int8"]
     a = tiny_model()
@@ -175,7 +180,7 @@ def test_quantize_helper_matches_order_a_with_trained_adapters():
     add_adapters(a, LORA_MIXED, seed=5)
     b = tiny_model()
     add_adapters(b, LORA_MIXED, seed=5)
-    quantize(b, cfg, _loop)
+    modelopt_quantize(b, cfg, _loop)
     sa, sb = _tensors(a.state_dict()), _tensors(b.state_dict())
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -198,7 +203,7 @@ def test_quantize_helper_matches_order_a_with_trained_adapters():
     # calibrate_with_adapters: the calibration forward sees the adapters, as plain mtq.quantize does
     c = tiny_model()
     add_adapters(c, LORA_MIXED, seed=5)
-    quantize(c, cfg, _loop, calibrate_with_adapters=True)
+    modelopt_quantize(c, cfg, _loop, calibrate_with_adapters=True)
     sraw, sc = _tensors(raw.state_dict()), _tensors(c.state_dict())
     amax = [k for k in sc if k.endswith("input_quantizer._amax")]
     assert amax and all(torch.equal(sraw[k], sc[k]) for k in amax)
@@ -220,7 +225,7 @@ def test_quant_cfg_patterns_see_unwrapped_names():
     assert qkv_weight_quantizer(raw).is_enabled
     helped = tiny_model()
     add_adapters(helped, LORA)
-    quantize(helped, cfg, _loop)
+    modelopt_quantize(helped, cfg, _loop)
     assert not qkv_weight_quantizer(helped).is_enabled
     assert helped.decoder.layers[0].self_attention.linear_proj.base.weight_quantizer.is_enabled
 
@@ -244,7 +249,7 @@ def test_modelopt_state_restores_inside_unwrapped_adapters():
 
     a = tiny_model()
     add_adapters(a, LORA, seed=1)
-    quantize(a, QCFGS["int8"], _loop)
+    modelopt_quantize(a, QCFGS["int8"], _loop)
     with unwrapped_adapters(a):
         state = mto.modelopt_state(a)
     c = tiny_model(seed=2)
@@ -343,7 +348,7 @@ def test_fold_modelopt_base(qname):
         key = (
             w.adapter_name
             if isinstance(w, LoraLinear)
-            else (f"{w._group.adapter_name}.experts.{w.global_index}.linear_{w.proj}")
+            else (f"{w._expert_group.adapter_name}.experts.{w.global_index}.linear_{w.proj}")
         )
         xs = [x.reshape(-1, x.shape[-1]) for m, x, _ in recs if m is w]
         ys = [y.reshape(-1, y.shape[-1]) for m, _, y in recs if m is w]
@@ -462,7 +467,9 @@ def test_fold_svdq_base(storage):
     x = torch.randn(5, 2, s.shape[0], generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         y_svdq = w(x)[0]
-    quantize(model, QCFGS["int8"], _loop)  # modelopt around it: the SVDQuant base's own linear stays as is
+    modelopt_quantize(
+        model, QCFGS["int8"], _loop
+    )  # modelopt around it: the SVDQuant base's own linear stays as is
     assert not w.base.inner.weight_quantizer.is_enabled and not w.base.inner.input_quantizer.is_enabled
     assert model.decoder.layers[0].self_attention.linear_proj.weight_quantizer.is_enabled
     with torch.no_grad():
@@ -497,7 +504,7 @@ def test_nvfp4_both_orders_and_fold_cuda():
     add_adapters(a, LORA, seed=3)
     b = tiny_model()
     add_adapters(b, LORA, seed=3)
-    quantize(b, cfg, _loop)
+    modelopt_quantize(b, cfg, _loop)
     _copy_adapters(a, b)
     sa, sb = _tensors(a.state_dict()), _tensors(b.state_dict())
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

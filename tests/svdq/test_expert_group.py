@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from svdq import InputStats, SVDQConfig
-from svdq.formats import PackedTensor, dequantize, quantize
+from svdq.formats import PackedTensor, dequantize, quantize_tensor
 from svdq.solvers.expert_group import (
     MoEGroupResult,
     _smoothing_rows,
@@ -296,7 +296,7 @@ def test_invalid_inputs_name_the_layer_and_expert():
 def test_fake_quant_experts_equals_per_expert_quantize(fmt):
     g = _gen(5)
     x = torch.randn(5, 24, 64, generator=g) * torch.tensor([1.0, 10.0, 0.01, 3.0, 0.0]).view(5, 1, 1)
-    ref = torch.stack([dequantize(quantize(x[i], fmt)) for i in range(5)])
+    ref = torch.stack([dequantize(quantize_tensor(x[i], fmt)) for i in range(5)])
     assert torch.equal(fake_quant_experts(x, fmt), ref)
     assert torch.equal(fake_quant_experts(x, fmt, max_elements=24 * 64 * 2), ref)  # chunked
     rows = torch.tensor([1, 5, 6, 20])  # a row subset quantized with the full tensors' amax
@@ -326,14 +326,14 @@ def _dist_group():
 
 
 def _on_rank(rank: int, world_size: int) -> dict:
-    """Each rank decomposes its contiguous slice of the 8 experts with group=WORLD."""
+    """Each rank decomposes its contiguous slice of the 8 experts with ep_group=WORLD."""
     W, stats, _ = _dist_group()
     bounds = _DIST_SPLITS[world_size]
     local = slice(bounds[rank], bounds[rank + 1])
     out = {}
     for projection, layout in (("fc1", "shared-down"), ("fc2", "shared-up"), ("fc1", "auto")):
         res = decompose_expert_group(
-            W[local], stats[local], CFG, projection=projection, layout=layout, group=dist.group.WORLD
+            W[local], stats[local], CFG, projection=projection, layout=layout, ep_group=dist.group.WORLD
         )
         out[f"{projection}-{layout}"] = _figures(res)
     bad = W[local].clone()
@@ -341,7 +341,7 @@ def _on_rank(rank: int, world_size: int) -> dict:
         bad[0, 0, 0] = float("nan")
     try:  # invalid input on one rank: every rank raises instead of waiting in a collective
         decompose_expert_group(
-            bad, stats[local], CFG, layout="shared-down", group=dist.group.WORLD, name="x.fc1"
+            bad, stats[local], CFG, layout="shared-down", ep_group=dist.group.WORLD, name="x.fc1"
         )
     except ValueError as exc:
         out["error"] = str(exc)

@@ -29,7 +29,7 @@ from svdq.formats import (
     fake_quant,
     pack_nibbles,
     parse_format,
-    quantize,
+    quantize_tensor,
     unpack_nibbles,
 )
 
@@ -211,7 +211,7 @@ def test_format_parse_errors():
 )
 def test_shape_not_divisible(spec, shape, group):
     x = torch.randn(shape)
-    for fn in (fake_quant, quantize):
+    for fn in (fake_quant, quantize_tensor):
         with pytest.raises(ValueError) as err:
             fn(x, spec)
         msg = str(err.value)
@@ -224,7 +224,7 @@ def test_nonfinite_input_rejected(spec, bad):
     x = torch.randn(4, 128)
     x[2, 77] = bad
     for dtype in DTYPES:
-        for fn in (fake_quant, quantize):
+        for fn in (fake_quant, quantize_tensor):
             with pytest.raises(ValueError, match="NaN or Inf"):
                 fn(x.to(dtype), spec)
 
@@ -233,7 +233,7 @@ def test_other_input_errors():
     with pytest.raises(TypeError, match="unsupported dtype"):
         fake_quant(torch.ones(2, 16, dtype=torch.int32), "nvfp4")
     with pytest.raises(TypeError, match="unsupported dtype"):
-        quantize(torch.ones(2, 16, dtype=torch.float64), "fp8")
+        quantize_tensor(torch.ones(2, 16, dtype=torch.float64), "fp8")
     with pytest.raises(ValueError, match="at least one dimension"):
         fake_quant(torch.tensor(1.0), "nvfp4")
     with pytest.raises(ValueError, match="global_amax is not supported"):
@@ -263,7 +263,7 @@ def test_packed_tensor_roundtrip(spec, dtype, tmp_path):
     from safetensors.torch import load_file, save_file
 
     w = torch.randn(6, 256, generator=_gen(1)).to(dtype)
-    p = quantize(w, spec)
+    p = quantize_tensor(w, spec)
     assert p.shape == (6, 256) and p.dtype == dtype and p.fmt == QuantFormat.from_str(spec)
     tensors, meta = p.to_tensors(), p.meta()
     assert all(isinstance(t, torch.Tensor) for t in tensors.values())
@@ -279,22 +279,22 @@ def test_packed_tensor_roundtrip(spec, dtype, tmp_path):
 
 def test_packed_tensor_layout_and_validation():
     w = torch.randn(8, 128, dtype=torch.bfloat16)
-    p = quantize(w, "nvfp4")
+    p = quantize_tensor(w, "nvfp4")
     assert (p.qdata.dtype, p.qdata.shape) == (torch.uint8, (8, 64))
     assert (p.scale.dtype, p.scale.shape) == (torch.float8_e4m3fn, (8, 8))
     assert (p.global_scale.dtype, p.global_scale.shape) == (torch.float32, ())
     assert p.nbytes == 8 * 64 + 8 * 8 + 4
-    p = quantize(w, "int4-g32")
+    p = quantize_tensor(w, "int4-g32")
     assert (p.qdata.shape, p.scale.dtype, p.scale.shape) == ((8, 64), torch.bfloat16, (8, 4))
     assert p.global_scale is None
-    p = quantize(w, "fp8-channel")
+    p = quantize_tensor(w, "fp8-channel")
     assert (p.qdata.dtype, p.scale.dtype, p.scale.shape) == (torch.float8_e4m3fn, torch.float32, (8, 1))
-    assert quantize(w, "fp8").scale.shape == ()
-    p = quantize(w, "none")
+    assert quantize_tensor(w, "fp8").scale.shape == ()
+    p = quantize_tensor(w, "none")
     assert p.qdata.dtype == torch.bfloat16 and p.scale is None and torch.equal(dequantize(p, w.dtype), w)
     assert p.to("cpu").shape == p.shape
 
-    tensors, meta = quantize(w, "nvfp4").to_tensors(), quantize(w, "nvfp4").meta()
+    tensors, meta = quantize_tensor(w, "nvfp4").to_tensors(), quantize_tensor(w, "nvfp4").meta()
     with pytest.raises(ValueError, match="PackedTensor.scale"):
         PackedTensor.from_tensors({**tensors, "scale": tensors["scale"][:, :4]}, meta)
     with pytest.raises(ValueError, match="PackedTensor.global_scale"):
@@ -312,7 +312,7 @@ def test_nvfp4_bitexact_vs_modelopt(dtype):
     x = _nvfp4_input(512, 1024, dtype, seed=10)
     q_ref, s_ref, s2_ref, deq_ref = _nvfp4_ref(x)
     assert _tie_count_nvfp4(x, s_ref, s2_ref) > 2_000  # ties are really exercised
-    p = quantize(x, "nvfp4")
+    p = quantize_tensor(x, "nvfp4")
     _assert_bytes_equal(p.qdata, q_ref)
     _assert_bytes_equal(p.scale, s_ref)
     _assert_bytes_equal(p.global_scale, s2_ref)
@@ -327,7 +327,7 @@ def test_nvfp4_exact_ties_vs_modelopt(dtype):
     q_ref, s_ref, s2_ref, deq_ref = _nvfp4_ref(x)
     assert s2_ref.item() == 2.0**-4
     assert _tie_count_nvfp4(x, s_ref, s2_ref) >= 7 * x.shape[0]
-    p = quantize(x, "nvfp4")
+    p = quantize_tensor(x, "nvfp4")
     _assert_bytes_equal(p.qdata, q_ref)
     _assert_bytes_equal(p.scale, s_ref)
     assert torch.equal(dequantize(p), deq_ref)
@@ -344,7 +344,7 @@ def test_nvfp4_global_amax_vs_modelopt(dtype):
     amax = x.float().abs().amax()
     for ga in (amax, amax * 0.01, amax * 3.0, torch.tensor(1.0)):
         q_ref, s_ref, s2_ref, deq_ref = _nvfp4_ref(x, ga)
-        p = quantize(x, "nvfp4", global_amax=ga)
+        p = quantize_tensor(x, "nvfp4", global_amax=ga)
         _assert_bytes_equal(p.qdata, q_ref)
         _assert_bytes_equal(p.scale, s_ref)
         _assert_bytes_equal(p.global_scale, s2_ref)
@@ -357,7 +357,7 @@ def test_nvfp4_tiny_tensors(dtype):
     """Tensor max ~1e-36: g is a subnormal float32 and block scales hit the 2**-9 clamp."""
     x = (_skeleton(64, 256, 16, torch.float32, seed=30) * 1e-39).to(dtype)
     q_ref, s_ref, s2_ref, deq_ref = _nvfp4_ref(x)
-    p = quantize(x, "nvfp4")
+    p = quantize_tensor(x, "nvfp4")
     _assert_bytes_equal(p.qdata, q_ref)
     _assert_bytes_equal(p.scale, s_ref)
     assert torch.equal(dequantize(p), deq_ref)
@@ -368,7 +368,7 @@ def test_nvfp4_degenerate_global_scale():
     for x in (torch.zeros(4, 32), torch.full((2, 32), 1e-44) * torch.tensor([0.0, 1.0]).repeat(16)):
         _, _, s2_ref, deq_ref = _nvfp4_ref(x)
         assert s2_ref.item() == 0.0
-        p = quantize(x, "nvfp4")
+        p = quantize_tensor(x, "nvfp4")
         assert p.global_scale.item() == 1.0
         out = dequantize(p)
         assert torch.equal(out, torch.zeros_like(x))
@@ -401,7 +401,7 @@ def test_int4_bitexact_vs_modelopt(dtype, group):
     q_ref, m_ref, deq_ref = _int4_ref(x, group)
     y = (x.float().reshape(256, -1, group) * m_ref.float().reshape(256, -1, 1)).to(dtype).float()
     assert int((y - y.floor() == 0.5).sum()) > 10_000  # ties are really exercised
-    p = quantize(x, QuantFormat("int4", group))
+    p = quantize_tensor(x, QuantFormat("int4", group))
     assert torch.isinf(m_ref).any()  # all-zero groups are present
     _assert_bytes_equal(p.qdata, _expected_int4_codes(x, q_ref, m_ref, group))
     _assert_bytes_equal(p.scale.reshape(-1, 1), m_ref)
@@ -413,7 +413,7 @@ def test_int4_bitexact_vs_modelopt(dtype, group):
 def test_int4_zero_groups_and_rounding():
     x = torch.zeros(2, 64)
     x[1] = torch.arange(64) - 32.0  # amax 32, multiplier 7/32: exact in float32
-    p = quantize(x, "int4")
+    p = quantize_tensor(x, "int4")
     assert p.qdata[0].unique().tolist() == [0x88]  # all-zero group -> value 0 (modelopt: NaN cast)
     assert torch.isinf(p.scale[0]).all()
     out = dequantize(p)
@@ -434,7 +434,7 @@ def test_fp8_bitexact_vs_modelopt(dtype, per_channel):
     amax = x.float().abs().amax(-1, keepdim=True) if per_channel else x.float().abs().amax()
     ref = scaled_e4m3(x, amax, None, 4, 3)
     assert torch.equal(fake_quant(x, fmt), ref)
-    p = quantize(x, fmt)
+    p = quantize_tensor(x, fmt)
     assert p.qdata.dtype == torch.float8_e4m3fn
     assert torch.equal(dequantize(p, dtype), ref)
     assert torch.equal(dequantize(p), fp8_eager(x.float(), amax))
@@ -509,14 +509,14 @@ def test_leading_dims_noncontiguous_and_empty(spec):
     # an expert that received no tokens
     empty = torch.zeros(0, 256, dtype=torch.bfloat16)
     assert fake_quant(empty, spec).shape == (0, 256)
-    assert dequantize(quantize(empty, spec)).shape == (0, 256)
+    assert dequantize(quantize_tensor(empty, spec)).shape == (0, 256)
 
 
 def test_none_is_identity():
     x = torch.randn(3, 10, requires_grad=True)  # no grouping constraints
     assert fake_quant(x, "none") is x
     assert fake_quant(x, "none", global_amax=5.0) is x
-    assert torch.equal(dequantize(quantize(x, "none"), x.dtype), x)
+    assert torch.equal(dequantize(quantize_tensor(x, "none"), x.dtype), x)
 
 
 def test_error_magnitude_sanity():
@@ -542,7 +542,7 @@ def test_fake_quant_equals_dequantize_property(spec, dtype, lead, k, log_scale, 
     x = (torch.randn(*lead, k, generator=_gen(seed)) * 2.0**log_scale).to(dtype)
     x[torch.rand(x.shape, generator=_gen(seed + 1)) < 0.1] = 0
     y = fake_quant(x, spec)
-    p = quantize(x, spec)
+    p = quantize_tensor(x, spec)
     assert y.shape == x.shape and y.dtype == dtype
     _assert_bytes_equal(y, dequantize(p, dtype))
     assert torch.equal(dequantize(p), dequantize(PackedTensor.from_tensors(p.to_tensors(), p.meta())))
@@ -561,7 +561,7 @@ def test_cuda_bitexact_vs_modelopt(dtype):
     dev = torch.device("cuda")
     x = _nvfp4_input(256, 1024, dtype, seed=60).to(dev)
     q_ref, s_ref, s2_ref, deq_ref = _nvfp4_ref(x)
-    p = quantize(x, "nvfp4")
+    p = quantize_tensor(x, "nvfp4")
     assert p.qdata.is_cuda
     _assert_bytes_equal(p.qdata, q_ref)
     _assert_bytes_equal(p.scale, s_ref)
@@ -575,7 +575,7 @@ def test_cuda_bitexact_vs_modelopt(dtype):
     for spec in ALL_FORMATS:
         xr = x.clone().requires_grad_(True)
         y = fake_quant(xr, spec)
-        assert torch.equal(y, dequantize(quantize(x, spec), dtype))
+        assert torch.equal(y, dequantize(quantize_tensor(x, spec), dtype))
         y.backward(torch.ones_like(y))
         assert torch.equal(xr.grad, torch.ones_like(x))
 

@@ -275,12 +275,12 @@ def _dist_problem():
 
 
 def _fit_on_rank(rank: int, world_size: int) -> dict:
-    """Each rank fits its contiguous slice of experts with group=WORLD (runs in a spawned process)."""
+    """Each rank fits its contiguous slice of experts with ep_group=WORLD (runs in a spawned process)."""
     W, C = _dist_problem()
     per = _DIST_E // world_size
     local = slice(rank * per, (rank + 1) * per)
-    down = shared_down(W[local], C[local], 6, max_iters=3, group=dist.group.WORLD)
-    up = shared_up(W[local], C[local], 6, group=dist.group.WORLD)
+    down = shared_down(W[local], C[local], 6, max_iters=3, ep_group=dist.group.WORLD)
+    up = shared_up(W[local], C[local], 6, ep_group=dist.group.WORLD)
     return {
         "A": down.A,
         "B": down.B,

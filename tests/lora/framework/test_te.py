@@ -192,11 +192,12 @@ def test_grouped_merge_and_remove():
 
 def test_modelopt_on_te_both_orders():
     """``mtq.quantize`` on a TE-spec model (modelopt's TE plugins convert the TE linears, grouped experts
-    included) with adapters added after it (a) or before it (b, :func:`lora.modelopt_quant.quantize`):
-    the same quantized model, the adapters on top and unquantized."""
+    included) with adapters added after it (a) or before it (b,
+    :func:`lora.modelopt_quant.modelopt_quantize`): the same quantized model, the adapters on top and
+    unquantized."""
     import modelopt.torch.quantization as mtq
 
-    from lora.modelopt_quant import quantize
+    from lora.modelopt_quant import modelopt_quantize
 
     _no_tf32()
     batch = tiny_moe_batch(TinyMoEConfig(), batch=2)
@@ -211,7 +212,7 @@ def test_modelopt_on_te_both_orders():
     quantized = _logits(model_a, batch).detach()
     add_adapters(model_a, lora, seed=3)
     add_adapters(model_b, lora, seed=3)
-    quantize(model_b, mtq.INT8_DEFAULT_CFG, loop)
+    modelopt_quantize(model_b, mtq.INT8_DEFAULT_CFG, loop)
     qkv = model_b.decoder.layers[0].self_attention.linear_qkv.base
     fc1 = model_b.decoder.layers[0].mlp.experts.base.linear_fc1.base
     assert hasattr(qkv, "weight_quantizer") and hasattr(fc1, "weight_quantizer")
@@ -449,7 +450,7 @@ def _tp_worker(rank: int, world_size: int, spec: str, ckpt_dir: str | None):
         "losses": losses.detach().cpu(),
         "values": {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()},
         "grads": {k: f.param.grad.detach().cpu().clone() for k, f in factors.items()},
-        "shards": {k: (f.dim, f.glu, f.rank, f.size) for k, f in factors.items()},
+        "shards": {k: (f.dim, f.glu, f.tp_rank, f.tp_size) for k, f in factors.items()},
     }
 
 
@@ -559,8 +560,7 @@ def test_svdq_base_on_te_linears_vs_float64():
     (TENorm + TEColumnParallelLinear): ``y = Q_a(norm(x)/s)·Q_w(R)ᵀ``."""
     from lora.base import SVDQBase
     from lora.framework.te_convert import split_fused_norm
-    from svdq.formats import dequantize, fake_quant
-    from svdq.formats import quantize as quantize_tensor
+    from svdq.formats import dequantize, fake_quant, quantize_tensor
 
     _no_tf32()
     model = _model("te")

@@ -5,7 +5,7 @@ float8 and bool tensors, 0-d tensors and tensors without elements (an expert tha
 import torch
 
 from lora.framework.tp import all_gather, gather_dim, gather_packed, shard_packed, take_shard
-from svdq.formats import quantize
+from svdq.formats import quantize_tensor as quantize
 from tests.helpers.dist import run_distributed
 
 

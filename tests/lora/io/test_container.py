@@ -13,7 +13,7 @@ import svdq
 from lora.io import container as fmt_mod
 from lora.io.container import INDEX_FILE, SINGLE_FILE, CheckpointReader, write_checkpoint
 from lora.io.svdq_export import export_quantized, load_quantized, read_export_metadata
-from svdq.formats import quantize as quantize_tensor
+from svdq.formats import quantize_tensor
 
 
 def _model(seed: int, hidden: int = 64) -> torch.nn.Sequential:

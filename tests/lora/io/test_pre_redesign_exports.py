@@ -1,6 +1,8 @@
 """Exports written by svdq 0.1.0 before the redesign (commit 149b006; ``tests/fixtures/pre_redesign``)
 load bit for bit: the loaded model reproduces the logits stored next to the export exactly, and exporting
-it again writes the same tensors (``torch.equal``) and the same layer metadata."""
+it again writes the same tensors (``torch.equal``) and the same layer metadata (adapter configurations
+compared as :class:`lora.config.LoraConfig`: the files of today write its schema version and
+``rank_pattern``)."""
 
 from pathlib import Path
 
@@ -27,7 +29,19 @@ def _same_export(a: Path, b: Path):
     assert sorted(ta) == sorted(tb)
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
-    assert ma.get("layers") == mb.get("layers")
+    assert _configs_loaded(ma.get("layers")) == _configs_loaded(mb.get("layers"))
+    assert _configs_loaded(ma.get("expert_groups", {})) == _configs_loaded(mb.get("expert_groups", {}))
+
+
+def _configs_loaded(layers: dict) -> dict:
+    """Layer (or expert group) metadata with each adapter configuration dict (``"lora"``) read as a
+    ``LoraConfig``."""
+    from lora.config import LoraConfig
+
+    return {
+        name: {k: LoraConfig.from_dict(v) if k == "lora" and v is not None else v for k, v in meta.items()}
+        for name, meta in layers.items()
+    }
 
 
 def test_torch_export_loads_bit_for_bit(tmp_path):

@@ -231,7 +231,10 @@ def test_expert_group_stores_shared_factors_once_and_uses_global_indices(single)
     assert keys == want
     assert any(not k.startswith("experts.") for k in keys)  # at least one shared factor
     fc1 = group["projections"]["fc1"]
-    assert fc1["shape"] == [2 * CFG.ffn_hidden, CFG.hidden] and fc1["rank"] == group["lora"]["fc1_rank"]
+    assert (
+        fc1["shape"] == [2 * CFG.ffn_hidden, CFG.hidden]
+        and fc1["rank"] == group["lora"]["rank_pattern"][f"{GROUP}.linear_fc1"]
+    )
 
 
 def test_sharded_export_loads_identically(single):

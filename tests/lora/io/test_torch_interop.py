@@ -39,7 +39,7 @@ from lora.io.atomic import atomic_output_dir
 from lora.io.folded_hf import export_folded_hf, fold_branches, fold_layer
 from lora.io.modelopt_hf import export_modelopt_hf, hf_quantization_config
 from lora.io.peft import export_peft, residual_base_state_dict
-from svdq.formats import dequantize, quantize
+from svdq.formats import dequantize, quantize_tensor
 from svdq.layer import SVDQLinear
 
 CFG = svdq.SVDQConfig(rank=8, exclude=("head",), alphas=(0.0, 0.5), sample_tokens=256)
@@ -80,7 +80,7 @@ def _pow2_layer(bias: bool = False, rank: int = 4, seed: int = 0) -> SVDQLinear:
     a = torch.randn(rank, 64, generator=g) * 0.2
     b = torch.randn(48, rank, generator=g) * 0.2
     bias_t = torch.randn(48, generator=g) if bias else None
-    return SVDQLinear(quantize(r, "nvfp4"), s, a, b, bias_t, "nvfp4", "packed", torch.float32)
+    return SVDQLinear(quantize_tensor(r, "nvfp4"), s, a, b, bias_t, "nvfp4", "packed", torch.float32)
 
 
 def _read(path) -> dict[str, torch.Tensor]:
@@ -323,10 +323,10 @@ def _fold_reference(layer: SVDQLinear, smoothing: str):
     delta = layer.lora_up.detach().double() @ layer.lora_down.detach().double()
     target = q / s + delta
     if smoothing == "keep":
-        packed = quantize((q + delta * s).float(), "nvfp4")
+        packed = quantize_tensor((q + delta * s).float(), "nvfp4")
         w_fold = dequantize(packed, torch.float32).double() / s
     else:
-        packed = quantize(target.float(), "nvfp4")
+        packed = quantize_tensor(target.float(), "nvfp4")
         w_fold = dequantize(packed, torch.float32).double()
     return target, w_fold, packed, delta
 
@@ -620,7 +620,7 @@ def test_key_layout_matches_modelopt_hf_export(tmp_path):
     ref_cfg = json.loads((tmp_path / "ref" / "hf_quant_config.json").read_text())
 
     layer = SVDQLinear(
-        quantize(torch.randn(64, 128), "nvfp4"),
+        quantize_tensor(torch.randn(64, 128), "nvfp4"),
         torch.rand(128) + 0.5,
         torch.randn(8, 128),
         torch.randn(64, 8),
