@@ -32,7 +32,7 @@ from lora.io.svdq_export import export_quantized
 from lora.model import branch_parameters
 from svdq.formats import quantize_tensor
 from tests.helpers.cli import no_temporaries
-from tests.helpers.lora import CFG, megatron_world, tiny_model  # noqa: F401
+from tests.helpers.lora import CFG, tiny_model
 from tests.lora.io.test_torch_interop import TinyMLP, _data, _loop, _quantized
 
 
