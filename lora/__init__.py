@@ -19,7 +19,9 @@
 * :mod:`lora.io.svdq_export` — the quantized checkpoint format: ``export_quantized`` / ``load_quantized``.
 * :mod:`lora.io.folded` — folded export (adapters merged into the 4-bit residuals).
 * :mod:`lora.fold` — the fold itself (``fold_adapters``; one implementation for torch and Megatron).
-* :mod:`lora.harness` — Megatron-on-CPU test harness.
+* :mod:`lora.families` — module families (one file each) and :func:`~lora.families.register_family`,
+  the extension point for a new kind of module; :mod:`lora.install` — the one installer of a quantized site.
+* :mod:`lora.framework` — megatron-core / TE version differences, parallel init, CPU patches.
 """
 
 from lora.adapters.grouped import GroupedLoraLinear, LoraGroupedExperts

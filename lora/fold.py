@@ -176,7 +176,7 @@ def fold_adapters(model: nn.Module, pattern: str = "*", **options) -> dict[str, 
     ``recalibrate``). A torch model (the branches of its :class:`svdq.SVDQLinear` layers):
     :func:`lora.io.folded_hf.fold_branches` (``smoothing``, ``forward_loop``, ``inputs``, ``max_tokens``).
     """
-    from lora.io.sites import is_megatron_model
+    from lora.families import is_megatron_model
 
     if is_megatron_model(model):
         from lora.modelopt_quant import fold_adapters as fold_megatron

@@ -102,7 +102,7 @@ def register_exporter(
 
 def model_kind(model: nn.Module) -> str:
     """``"megatron"`` for a model with Megatron linears / experts or adapters on them, else ``"torch"``."""
-    from lora.io.sites import is_megatron_model
+    from lora.families import is_megatron_model
 
     return "megatron" if is_megatron_model(model) else "torch"
 
