@@ -187,3 +187,18 @@ def test_calibrate_plain_torch_model_goes_through_svdq_quantize(tmp_path):
     assert all(r["final_error"] < r["rtn_error"] for r in report.rows)
     report.write_json(tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["tokens"] == 512
+
+
+def test_calib_config_round_trips_through_json_with_its_nested_svdq_config():
+    from calib.calibrate import CalibConfig
+    from svdq import SVDQConfig
+
+    cfg = CalibConfig(svdq=SVDQConfig(rank=8, alphas=(0.0, 0.5)), layout="per-expert", mode="layerwise")
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["version"] == 1 and d["svdq"]["version"] == 1 and d["svdq"]["rank"] == 8
+    back = CalibConfig.from_dict(d)
+    assert back == cfg and isinstance(back.svdq, SVDQConfig)
+    del d["version"], d["svdq"]["version"]  # dicts from before the version field
+    assert CalibConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match=r"SVDQConfig: unknown field\(s\) \['rnak'\]"):
+        CalibConfig.from_dict({"svdq": {"rnak": 8}})

@@ -85,8 +85,17 @@ def test_resume_check_reads_checkpoints_from_before_a_config_field_existed(tmp_p
     from calib.train import check_resumable
 
     old = TrainConfig(steps=5).to_dict()
-    del old["dropout"]
+    del old["dropout"], old["version"]  # nor had it a schema version
     (tmp_path / "state.json").write_text(json.dumps({"config": old}))
     check_resumable(tmp_path, TrainConfig(steps=5))
     with pytest.raises(ValueError, match="dropout"):
         check_resumable(tmp_path, TrainConfig(steps=5, dropout=0.1))
+
+
+def test_train_config_dict_round_trip_and_unknown_fields():
+    cfg = TrainConfig(steps=7, lr=2e-3, dropout=0.1)
+    d = cfg.to_dict()
+    assert d["version"] == TrainConfig.VERSION and TrainConfig.from_dict(d) == cfg
+    assert cfg.replace(steps=9) == TrainConfig(steps=9, lr=2e-3, dropout=0.1)
+    with pytest.raises(ValueError, match=r"^TrainConfig: unknown field\(s\) \['stpes'\]"):
+        TrainConfig.from_dict({"steps": 3, "stpes": 4})
