@@ -16,8 +16,8 @@ Same calling convention as ``svdq.quantize`` and nvidia-modelopt's ``mtq.quantiz
    router probability is applied after the activation, so it is part of fc2's input).
 3. **Decompose**: dense layers with :func:`svdq.decompose_linear` on the full weight; each expert group
    with :func:`svdq.solvers.expert_group.decompose_expert_group` on the full expert weights (fc1 shared
-   smoothing, fc2 per expert, layout per projection at an equal parameter budget, shared factor agreed over
-   the expert-parallel group).
+   smoothing, fc2 per expert, layout per projection at an equal parameter budget — by default a shared
+   lora_down for fc1 and the best layout for fc2 —, shared factor agreed over the expert-parallel group).
 4. **Install**: every target gets adapters initialized from its branch (``lora_down``/``lora_up``) and
    an :class:`~lora.base.SVDQBase` holding its quantized residual (this rank's tensor-parallel
    shard); the base is frozen.
@@ -69,7 +69,7 @@ from svdq.config_base import ConfigBase
 from svdq.residual import ACT_RANGES
 from svdq.solvers.expert_group import decompose_expert_group
 from svdq.solvers.linear import validate_layer
-from svdq.solvers.shared_basis import AUTO
+from svdq.solvers.shared_basis import DEFAULT_EXPERT_LAYOUT, expert_layouts
 from svdq.stats import InputStats, collect_input_stats
 
 DENSE_TARGETS = ("*.self_attention.linear_qkv", "*.self_attention.linear_proj")
@@ -83,7 +83,9 @@ class CalibConfig(ConfigBase):
     """What :func:`calibrate` targets and how.
 
     ``svdq``: formats, rank, smoothing grid, refinement (see :class:`svdq.SVDQConfig`). ``layout``: expert
-    layout per projection, ``"auto"`` (best at equal budget) or one of ``shared-down``, ``shared-up``,
+    layout per projection, ``{"fc1": ..., "fc2": ...}`` (a single string sets both; see
+    :func:`svdq.solvers.shared_basis.expert_layouts`), default shared-down for fc1 and ``"auto"`` for fc2;
+    each ``"auto"`` (best at equal budget) or one of ``shared-down``, ``shared-up``,
     ``per-expert``. ``storage``: ``"packed"`` or ``"fake"`` residuals. ``mode``: ``"all"`` (one statistics
     pass for every target) or ``"layerwise"`` (one transformer layer at a time, bounded memory; see the
     module docstring). ``act_range``: ``"static"`` (calibrated per-tensor activation ranges) or
@@ -91,7 +93,7 @@ class CalibConfig(ConfigBase):
     """
 
     svdq: SVDQConfig = field(default_factory=SVDQConfig)
-    layout: str = AUTO
+    layout: str | dict = field(default_factory=lambda: dict(DEFAULT_EXPERT_LAYOUT))
     dense_targets: tuple[str, ...] = DENSE_TARGETS
     expert_targets: tuple[str, ...] = EXPERT_TARGETS
     storage: str = "packed"
@@ -100,6 +102,7 @@ class CalibConfig(ConfigBase):
     act_range: str = "static"
 
     def normalize(self) -> None:
+        object.__setattr__(self, "layout", expert_layouts(self.layout))
         for name in ("dense_targets", "expert_targets"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
@@ -351,7 +354,7 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
             group_stats,
             cfg,
             projection=proj,
-            layout=config.layout,
+            layout=config.layout[proj],
             ep_group=ep_group,
             name=f"{name}.linear_{proj}",
         )

@@ -106,7 +106,7 @@ class CalibReport:
 
     rows: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
-    layout: str = AUTO
+    layout: str | dict = AUTO
     seconds: float = 0.0
     # layer name → SVDQResult / MoEGroupResult (tensors; not written to JSON)
     results: dict = field(default_factory=dict, repr=False)

@@ -2,7 +2,8 @@
 
     svdq calibrate --out DIR [--model tiny | megatron:DIR | module:function] [--model-config FILE]
                    [--data builtin | FILE | DIR | ids.npy] [--tokenizer tokenizer.json]
-                   [--rank 16] [--layout auto] [--format nvfp4] [--tokens 16384] [--storage packed]
+                   [--rank 16] [--layout fc1=shared-down,fc2=auto] [--format nvfp4] [--tokens 16384]
+                   [--storage packed]
                    [--mode all | layerwise] [--act-range static | dynamic]
 
 Writes ``DIR/model`` (the calibrated model, :func:`lora.io.svdq_export.export_quantized`, recording the model
@@ -19,7 +20,14 @@ from pathlib import Path
 
 from calib.cli.common import MODEL_KEY, add_data_args
 from calib.models import build_model, resolve_source
-from svdq.solvers.shared_basis import AUTO, PER_EXPERT, SHARED_DOWN, SHARED_UP
+from svdq.solvers.shared_basis import (
+    AUTO,
+    DEFAULT_EXPERT_LAYOUT,
+    PER_EXPERT,
+    SHARED_DOWN,
+    SHARED_UP,
+    expert_layouts,
+)
 
 
 def add_parser(sub) -> None:
@@ -33,8 +41,10 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument(
         "--layout",
-        default=AUTO,
-        help=f"expert layout: {AUTO}, {SHARED_DOWN}, {SHARED_UP}, {PER_EXPERT}",
+        default=None,
+        help=f"expert layout, one for both projections or 'fc1=L,fc2=L' with L in {AUTO}, {SHARED_DOWN}, "
+        f"{SHARED_UP}, {PER_EXPERT} "
+        f"(default: fc1={DEFAULT_EXPERT_LAYOUT['fc1']},fc2={DEFAULT_EXPERT_LAYOUT['fc2']})",
     )
     p.add_argument("--format", default="nvfp4", help="weight and activation format (nvfp4, int4, fp8, none)")
     p.add_argument("--storage", default="packed", choices=["packed", "fake"])
@@ -63,6 +73,7 @@ def run(args) -> int:
     from lora.io.svdq_export import export_quantized
     from svdq import SVDQConfig
 
+    layout = expert_layouts(args.layout)  # a bad --layout fails here, before any work
     svdq_cfg = SVDQConfig(rank=args.rank, weight_format=args.format, act_format=args.format, seed=args.seed)
     source = resolve_source(args.model, args.model_config, args.seed)
     model_dir = args.out / "model"
@@ -79,7 +90,7 @@ def run(args) -> int:
             lm.forward_loop(batches),
             CalibConfig(
                 svdq=svdq_cfg,
-                layout=args.layout,
+                layout=layout,
                 storage=args.storage,
                 mode=args.mode,
                 act_range=args.act_range,
@@ -90,7 +101,7 @@ def run(args) -> int:
             MODEL_KEY: source.to_dict(),
             "calibration": {
                 "svdq": svdq_cfg.to_dict(),
-                "layout": args.layout,
+                "layout": layout,
                 "storage": args.storage,
                 "mode": args.mode,
                 "act_range": args.act_range,

@@ -84,6 +84,7 @@ from svdq.formats import (
 from svdq.solvers.lowrank import relative_error
 from svdq.solvers.shared_basis import (
     AUTO,
+    EXPERT_PROJECTIONS,
     LAYOUT_CHOICES,
     LAYOUTS,
     PER_EXPERT,
@@ -99,7 +100,7 @@ from svdq.stats import InputStats
 
 __all__ = ["LAYOUT_CHOICES", "PROJECTIONS", "MoEGroupResult", "decompose_expert_group", "fake_quant_experts"]
 
-PROJECTIONS: tuple[str, ...] = ("fc1", "fc2")
+PROJECTIONS = EXPERT_PROJECTIONS
 _F64 = torch.float64
 _MIN_SCORE_ROWS = 256  # default rows per expert scoring the α candidates (at least)
 

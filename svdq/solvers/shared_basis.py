@@ -48,7 +48,7 @@ rank's local ones; sums over experts are all-reduced, so every rank gets the ide
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -60,6 +60,8 @@ from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, relative_
 
 __all__ = [
     "AUTO",
+    "DEFAULT_EXPERT_LAYOUT",
+    "EXPERT_PROJECTIONS",
     "LAYOUTS",
     "LAYOUT_CHOICES",
     "PER_EXPERT",
@@ -70,6 +72,7 @@ __all__ = [
     "max_rank",
     "param_count",
     "per_expert",
+    "expert_layouts",
     "rank_for_budget",
     "shared_down",
     "shared_up",
@@ -83,6 +86,44 @@ LAYOUTS: tuple[str, ...] = (PER_EXPERT, SHARED_DOWN, SHARED_UP)
 AUTO = "auto"  # calibration: the layout of lowest error at an equal parameter budget
 LAYOUT_CHOICES: tuple[str, ...] = (AUTO, *LAYOUTS)
 Layout = Literal["per-expert", "shared-down", "shared-up"]  # LAYOUTS as a type
+EXPERT_PROJECTIONS: tuple[str, ...] = ("fc1", "fc2")  # fc1: gate/up (GLU) or up; fc2: down
+# The mission's default (svdq/DESIGN.md §4): one shared lora_down per MoE layer for fc1 (its experts read the
+# same hidden state), the layout the data prefers at equal budget for fc2 (private input spaces).
+DEFAULT_EXPERT_LAYOUT: dict[str, str] = {"fc1": SHARED_DOWN, "fc2": AUTO}
+
+
+def expert_layouts(layout: str | Mapping[str, str] | None = None) -> dict[str, str]:
+    """The layout of each expert projection, ``{"fc1": ..., "fc2": ...}``.
+
+    ``None``: :data:`DEFAULT_EXPERT_LAYOUT`; a string (one of :data:`LAYOUT_CHOICES`): both projections; a
+    mapping: per projection, a missing one takes its default. Also accepts the command-line form
+    ``"fc1=shared-down,fc2=auto"``. Raises ``ValueError`` naming the bad projection or layout.
+    """
+    if layout is None:
+        return dict(DEFAULT_EXPERT_LAYOUT)
+    if isinstance(layout, str) and "=" in layout:
+        pairs = [p.split("=", 1) for p in layout.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"layout {layout!r}: write 'fc1=LAYOUT,fc2=LAYOUT'")
+        layout = {k.strip(): v.strip() for k, v in pairs}
+    if isinstance(layout, str):
+        if layout not in LAYOUT_CHOICES:
+            raise ValueError(
+                f"layout must be one of {LAYOUT_CHOICES} or a per-projection map, got {layout!r}"
+            )
+        return dict.fromkeys(EXPERT_PROJECTIONS, layout)
+    if not isinstance(layout, Mapping):
+        raise ValueError(f"layout must be a string or a mapping, got {type(layout).__name__}")
+    unknown = sorted(set(layout) - set(EXPERT_PROJECTIONS))
+    if unknown:
+        raise ValueError(f"layout: unknown projection(s) {unknown}; known: {list(EXPERT_PROJECTIONS)}")
+    out = dict(DEFAULT_EXPERT_LAYOUT)
+    for proj, value in layout.items():
+        if value not in LAYOUT_CHOICES:
+            raise ValueError(f"layout[{proj!r}] must be one of {LAYOUT_CHOICES}, got {value!r}")
+        out[proj] = value
+    return out
+
 
 _F64 = torch.float64
 

@@ -317,3 +317,15 @@ def test_distributed_shared_basis_matches_single_process(world_size):
     per = _DIST_E // world_size
     fallback = [rank * per + i for rank, r in enumerate(results) for i in r["fallback"]]
     assert fallback == list(single.fallback_experts) == [5]
+
+
+def test_expert_layouts_default_string_map_and_errors():
+    from svdq.solvers.shared_basis import DEFAULT_EXPERT_LAYOUT, expert_layouts
+
+    assert expert_layouts(None) == DEFAULT_EXPERT_LAYOUT == {"fc1": "shared-down", "fc2": "auto"}
+    assert expert_layouts("per-expert") == {"fc1": "per-expert", "fc2": "per-expert"}
+    assert expert_layouts({"fc2": "shared-up"}) == {"fc1": "shared-down", "fc2": "shared-up"}
+    assert expert_layouts("fc1=auto, fc2=per-expert") == {"fc1": "auto", "fc2": "per-expert"}
+    for bad, needle in [("diagonal", "diagonal"), ({"fc3": "auto"}, "fc3"), ({"fc1": "x"}, "fc1"), (3, "int")]:
+        with pytest.raises(ValueError, match=needle):
+            expert_layouts(bad)
