@@ -18,11 +18,12 @@ it and the supported ones otherwise), builds the Megatron model under the curren
 * ``"auto"``: modelopt where it applies, ours otherwise.
 
 The Megatron model: every layer a MoE layer (SwiGLU experts, ``allgather`` dispatcher, no load-balancing
-loss), RMSNorm with the HF ``rms_norm_eps``, RoPE (``rope_theta``, ``partial_rotary_factor``), GQA, no
-biases, the router in float32 (softmax; top-k renormalized or not as the HF router), tied embeddings as in
-HF. Spec ``"local"`` (Megatron's modules, SequentialMLP experts; runs on CPU), ``"te"`` (Transformer
-Engine, TEGroupedMLP experts) or ``"te-sequential"``; ``"auto"``: ``"te"`` where TE and CUDA exist.
-OLMoE's full-width q/k norm replaces Megatron's per-head ``qk_layernorm`` with
+loss; a gated shared expert where HF has one), RMSNorm with the HF ``rms_norm_eps``, RoPE (``rope_theta``,
+``partial_rotary_factor``), GQA, no biases but q / k / v ones where HF has them, the router in float32
+(softmax; top-k renormalized or not as the HF router), tied embeddings as in HF. Spec ``"local"``
+(Megatron's modules, SequentialMLP experts; runs on CPU), ``"te"`` (Transformer Engine, TEGroupedMLP
+experts) or ``"te-sequential"``; ``"auto"``: ``"te"`` where TE and CUDA exist. OLMoE's full-width q/k norm
+replaces Megatron's per-head ``qk_layernorm`` with
 :class:`~calib.hf.arch.full_width_norm.FullWidthRMSNorm` (tensor parallelism 1 only).
 
 Vocabulary: the Megatron vocabulary is the HF one rounded up to a multiple of
@@ -208,7 +209,9 @@ def transformer_config(shape: MoEShape, spec: str, dtype, tp: int, ep: int, sequ
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=shape.qkv_bias,
+        moe_shared_expert_intermediate_size=shape.shared_ffn,
+        moe_shared_expert_gate=shape.shared_ffn is not None,
         normalization="RMSNorm",
         layernorm_epsilon=shape.norm_eps,
         qk_layernorm=shape.qk_norm != "none",

@@ -4,10 +4,12 @@ the HF config's ``model_type``: one small module each (config mapping, HF tensor
 
 from __future__ import annotations
 
-from calib.hf.arch import mixtral, olmoe, qwen3_moe
+from calib.hf.arch import mixtral, olmoe, qwen2_moe, qwen3_moe
 from calib.hf.arch.base import HFArch, MoEShape
 
-ARCHS: dict[str, HFArch] = {a.model_type: a for a in (mixtral.ARCH, qwen3_moe.ARCH, olmoe.ARCH)}
+ARCHS: dict[str, HFArch] = {
+    a.model_type: a for a in (mixtral.ARCH, qwen2_moe.ARCH, qwen3_moe.ARCH, olmoe.ARCH)
+}
 
 
 def get_arch(model_type: str) -> HFArch:

@@ -18,6 +18,10 @@ HF tensors (transformers 5, fused experts), all ``dtype`` of the HF model:
 * ``self_attn.{q,k}_norm.weight``: per head (d,) or over the whole projection (nh·d,) / (ng·d,)
 * ``mlp.gate.weight`` (E, H); ``mlp.experts.gate_up_proj`` (E, 2I, H), gate rows first;
   ``mlp.experts.down_proj`` (E, H, I)
+* optional: ``self_attn.{q,k,v}_proj.bias`` (nh·d,) / (ng·d,); a shared expert
+  ``mlp.shared_expert.{gate,up}_proj.weight`` (Is, H), ``down_proj.weight`` (H, Is) and its gate
+  ``mlp.shared_expert_gate.weight`` (1, H) (output scaled by ``sigmoid(gate · x)``: Megatron's
+  ``moe_shared_expert_gate``, ``shared_experts.gate_weight``)
 
 Megatron's fused ``linear_qkv.weight`` is ``(ng·(nh/ng + 2)·d, H)``: per query group its query heads, then
 its key head, then its value head; an expert's ``linear_fc1.weight`` is ``[gate; up]`` (2I, H).
@@ -49,6 +53,14 @@ HF_NAMES = {
     "router": "model.layers.{}.mlp.gate.weight",
     "gate_up": "model.layers.{}.mlp.experts.gate_up_proj",
     "down": "model.layers.{}.mlp.experts.down_proj",
+    # optional parts (biases of q / k / v; a shared expert with a sigmoid gate)
+    "q_bias": "model.layers.{}.self_attn.q_proj.bias",
+    "k_bias": "model.layers.{}.self_attn.k_proj.bias",
+    "v_bias": "model.layers.{}.self_attn.v_proj.bias",
+    "shared_gate": "model.layers.{}.mlp.shared_expert.gate_proj.weight",
+    "shared_up": "model.layers.{}.mlp.shared_expert.up_proj.weight",
+    "shared_down": "model.layers.{}.mlp.shared_expert.down_proj.weight",
+    "shared_expert_gate": "model.layers.{}.mlp.shared_expert_gate.weight",
 }
 
 
@@ -59,7 +71,9 @@ class MoEShape:
     ``renormalize_topk``: the top-k routing weights are renormalized to sum to one (Megatron's softmax over
     the top-k logits); otherwise they are the softmax over all experts (``moe_router_pre_softmax``).
     ``qk_norm``: ``"none"``, ``"per_head"`` (RMSNorm over each head, Megatron's ``qk_layernorm``) or
-    ``"full_width"`` (RMSNorm over the whole q / k projection, across heads).
+    ``"full_width"`` (RMSNorm over the whole q / k projection, across heads). ``qkv_bias``: biases on the
+    q / k / v projections (not on the output projection). ``shared_ffn``: intermediate size of a shared
+    expert with a sigmoid gate (``None``: none).
     """
 
     model_type: str
@@ -80,6 +94,8 @@ class MoEShape:
     renormalize_topk: bool
     qk_norm: str
     init_std: float = 0.02
+    qkv_bias: bool = False
+    shared_ffn: int | None = None
 
     def __post_init__(self) -> None:
         if self.qk_norm not in QK_NORMS:
@@ -149,6 +165,8 @@ _PLAIN = {  # canonical layer suffix -> HF name key
     "self_attention.k_layernorm.weight": "k_norm",
     "pre_mlp_layernorm.weight": "pre_mlp_norm",
     "mlp.router.weight": "router",
+    "mlp.shared_experts.linear_fc2.weight": "shared_down",
+    "mlp.shared_experts.gate_weight": "shared_expert_gate",
 }
 
 
@@ -184,6 +202,14 @@ def megatron_tensor(
         k = get("k", layer).reshape(ng, d, h)  # (ng, d, H)
         v = get("v", layer).reshape(ng, d, h)  # (ng, d, H)
         return torch.cat([q, k, v], dim=1).reshape(-1, h)  # (ng·(nh/ng + 2)·d, H)
+    if rest == "self_attention.linear_qkv.bias":
+        ng, d = shape.kv_heads, shape.head_dim
+        q = get("q_bias", layer).reshape(ng, -1)  # (ng, nh/ng·d)
+        k = get("k_bias", layer).reshape(ng, d)  # (ng, d)
+        v = get("v_bias", layer).reshape(ng, d)  # (ng, d)
+        return torch.cat([q, k, v], dim=1).reshape(-1)  # (ng·(nh/ng + 2)·d,)
+    if rest == "mlp.shared_experts.linear_fc1.weight":
+        return torch.cat([get("shared_gate", layer), get("shared_up", layer)], dim=0)  # (2Is, H)
     e = _EXPERT.fullmatch(rest)
     if e is not None:
         g = int(e.group(1))

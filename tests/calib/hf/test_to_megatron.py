@@ -1,6 +1,6 @@
 """calib.hf.to_megatron: the Megatron GPT-MoE built from a Hugging Face MoE model gives the HF logits.
 
-Tiny random transformers models (Mixtral, Qwen3-MoE, OLMoE; hidden 64, 4 experts, top-2, 2 layers,
+Tiny random transformers models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; hidden 64, 4 experts, top-2, 2 layers,
 vocabulary 96) with every weight redrawn (norm weights 1 + noise, so that swapped norms show), in
 float32. The reference is the HF model's own forward. Tolerance: 1e-4 relative, both ‖Δ‖/‖ref‖ and
 max|Δ| / max|ref| (float32 round-off of two implementations of the same sums: ~4e-7 seen).
@@ -31,7 +31,7 @@ COMMON = dict(
     num_experts_per_tok=2,
     max_position_embeddings=128,
 )
-ARCHS = ("mixtral", "qwen3_moe", "olmoe")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def hf_config(model_type: str, **overrides):
@@ -42,6 +42,11 @@ def hf_config(model_type: str, **overrides):
     if model_type == "qwen3_moe":  # head_dim 24 ≠ hidden / heads; renormalized top-k as Qwen3-30B-A3B
         fields = dict(intermediate_size=128, moe_intermediate_size=32, head_dim=24, num_experts=4)
         return Qwen3MoeConfig(**COMMON, **{**fields, "norm_topk_prob": True, **overrides})
+    if model_type == "qwen2_moe":  # q/k/v biases, a gated shared expert
+        from transformers import Qwen2MoeConfig
+
+        fields = dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+        return Qwen2MoeConfig(**COMMON, **{**fields, "num_experts": 4, **overrides})
     if model_type == "olmoe":  # norm_topk_prob False (its default): softmax over all experts
         fields = dict(intermediate_size=32, num_experts=4, pad_token_id=None, eos_token_id=None)
         return OlmoeConfig(**COMMON, **{**fields, **overrides})
@@ -146,7 +151,7 @@ def test_unsupported_model_type(megatron_world):
     from transformers import AutoModelForCausalLM
 
     llama = AutoModelForCausalLM.from_config(hf_config("llama"))
-    with pytest.raises(ValueError, match=r"'llama' is not supported.*mixtral, olmoe, qwen3_moe"):
+    with pytest.raises(ValueError, match=r"'llama' is not supported.*mixtral, olmoe, qwen2_moe, qwen3_moe"):
         megatron_from_hf(llama)
 
 
@@ -195,7 +200,7 @@ def _parallel_worker(rank, world, ckpt_dir):
             "fc1": fc1,
         }
     init_parallel(tensor_parallel=2)
-    for model_type in ("mixtral", "qwen3_moe"):  # ours in memory, modelopt's from the directory
+    for model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):  # ours in memory, modelopt's from the dir
         src = ckpt_dir if model_type == "qwen3_moe" else tiny_hf(model_type, seed=11)
         model = megatron_from_hf(src, spec="local", sequence_parallel=False)
         logits = mcore_logits(model, tokens, pos)  # (b, s, V / 2): this rank's vocabulary half
