@@ -1,9 +1,10 @@
 """calib.hf.to_megatron: the Megatron GPT-MoE built from a Hugging Face MoE model gives the HF logits.
 
-Tiny random transformers models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; hidden 64, 4 experts, top-2, 2 layers,
-vocabulary 96) with every weight redrawn (norm weights 1 + noise, so that swapped norms show), in
-float32. The reference is the HF model's own forward. Tolerance: 1e-4 relative, both ‖Δ‖/‖ref‖ and
-max|Δ| / max|ref| (float32 round-off of two implementations of the same sums: ~4e-7 seen).
+Tiny random transformers models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; hidden 64, 4 experts, top-2,
+2 layers, vocabulary 96) with every weight redrawn (norm weights 1 + noise, so that swapped norms show;
+RMSNorm eps 1e-2, so that a lost eps shows), in float32. The reference is the HF model's own forward.
+Tolerance: 1e-4 relative, both ‖Δ‖/‖ref‖ and max|Δ| / max|ref| (float32 round-off of two
+implementations of the same sums: at most 4.8e-7 seen).
 
 Covered: in-memory models and checkpoint directories (``save_pretrained``; Qwen3-MoE through
 nvidia-modelopt's importer and through ours, identical weights), tied embeddings, vocabulary padding, a
@@ -30,6 +31,7 @@ COMMON = dict(
     num_key_value_heads=2,
     num_experts_per_tok=2,
     max_position_embeddings=128,
+    rms_norm_eps=1e-2,  # large enough that a lost eps shows in the logits
 )
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
