@@ -17,25 +17,31 @@ def megatron_version() -> Version:
     return Version(package_info.__version__)
 
 
-def local_moe_layer_spec(num_experts: int):
-    """GPT layer spec with local (non-TE) modules and SequentialMLP experts.
+def local_moe_layer_spec(num_experts: int, qk_layernorm: bool = False):
+    """GPT layer spec with local (non-TE) modules and SequentialMLP experts; ``qk_layernorm``: per-head
+    RMSNorm of queries and keys (``q_layernorm`` / ``k_layernorm``).
 
     0.16 returns a ``ModuleSpec`` from keyword arguments; 0.17+ builds it from
     ``get_gpt_layer_local_submodules`` (same keywords) and may wrap submodules in functools.partial.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+    return get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm, normalization="RMSNorm"
+    )
 
 
-def moe_layer_spec(num_experts: int, spec: str = "local"):
+def moe_layer_spec(num_experts: int, spec: str = "local", qk_layernorm: bool = False):
     """The GPT-MoE layer spec: ``"local"`` (:func:`local_moe_layer_spec`), ``"te"`` (Transformer Engine
-    modules, TEGroupedMLP experts) or ``"te-sequential"`` (TE modules, SequentialMLP of TE linears)."""
+    modules, TEGroupedMLP experts) or ``"te-sequential"`` (TE modules, SequentialMLP of TE linears);
+    ``qk_layernorm`` as in :func:`local_moe_layer_spec`."""
     if spec == "local":
-        return local_moe_layer_spec(num_experts)
+        return local_moe_layer_spec(num_experts, qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=spec == "te")
+    return get_gpt_layer_with_transformer_engine_spec(
+        num_experts=num_experts, moe_grouped_gemm=spec == "te", qk_layernorm=qk_layernorm
+    )
 
 
 def ensure_dp_cp_group(metadata: dict | None) -> dict:
