@@ -1,13 +1,15 @@
 """``svdq calibrate``: calibrate a model on a token stream, write the quantized model and its report.
 
-    svdq calibrate --out DIR [--model tiny | megatron:DIR | module:function] [--model-config FILE]
+    svdq calibrate --out DIR [--model tiny | megatron:DIR | hf:DIR | module:function] [--model-config FILE]
+                   [--seq-len 256] [--backend torch | megatron]
                    [--data builtin | FILE | DIR | ids.npy] [--tokenizer tokenizer.json]
                    [--rank 16] [--layout fc1=shared-down,fc2=auto] [--format nvfp4] [--tokens 16384]
                    [--storage packed]
                    [--mode all | layerwise] [--act-range static | dynamic]
 
 Writes ``DIR/model`` (the calibrated model, :func:`lora.io.svdq_export.export_quantized`, recording the model
-source so that ``svdq eval/finetune/export --checkpoint DIR/model`` rebuild it), ``DIR/report.json`` and
+source so that ``svdq eval/finetune/export --checkpoint DIR/model`` rebuild it; for a Hugging Face model also
+its ``config.json``), ``DIR/report.json`` and
 ``DIR/report.png`` (with matplotlib), each through a temporary name renamed at the end: an interrupted run
 leaves no partial file. Every input problem (missing or empty data, token ids outside the vocabulary, a
 factory that does not return a module, a model config that does not match its checkpoint, targets that
@@ -18,8 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calib.cli.common import MODEL_KEY, add_data_args
-from calib.models import build_model, resolve_source
+from calib.cli.common import MODEL_HELP, MODEL_KEY, add_data_args, add_hf_args
+from calib.models import build_model, resolve_source, write_hf_config
 from svdq.solvers.shared_basis import (
     AUTO,
     DEFAULT_EXPERT_LAYOUT,
@@ -33,10 +35,9 @@ from svdq.solvers.shared_basis import (
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="SVDQuant-calibrate a model; write it and its report")
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
-    p.add_argument(
-        "--model", default="tiny", help="'tiny' (built-in GPT-MoE), 'megatron:DIR' or module:function factory"
-    )
+    p.add_argument("--model", default="tiny", help=MODEL_HELP + " (default: tiny)")
     p.add_argument("--model-config", type=Path, default=None, help="TinyMoEConfig fields (JSON file)")
+    add_hf_args(p)
     add_data_args(p, tokens_default=16384)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument(
@@ -75,7 +76,9 @@ def run(args) -> int:
 
     layout = expert_layouts(args.layout)  # a bad --layout fails here, before any work
     svdq_cfg = SVDQConfig(rank=args.rank, weight_format=args.format, act_format=args.format, seed=args.seed)
-    source = resolve_source(args.model, args.model_config, args.seed)
+    source = resolve_source(
+        args.model, args.model_config, args.seed, seq_len=args.seq_len, backend=args.backend
+    )
     model_dir = args.out / "model"
     if model_dir.exists() and not args.overwrite:
         raise FileExistsError(f"{model_dir} exists; choose another --out or pass --overwrite")
@@ -111,6 +114,7 @@ def run(args) -> int:
             },
         }
         export_quantized(lm.model, model_dir, metadata=metadata, overwrite=args.overwrite)
+        write_hf_config(lm, model_dir)  # a Hugging Face model's config.json travels with it
     finally:
         destroy_parallel()
     report.print()

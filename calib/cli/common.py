@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 
-from calib.models import ModelSource, build_model, resolve_source
+from calib.models import (
+    BACKENDS,
+    DEFAULT_HF_SEQ_LEN,
+    ModelSource,
+    build_model,
+    resolve_source,
+    with_options,
+)
 
 MODEL_KEY = "model"
 
@@ -28,11 +35,36 @@ def add_model_args(p, *, checkpoint: bool, model: bool = True) -> None:
         p.add_argument(
             "--model",
             default=None,
-            help="'tiny' (built-in GPT-MoE), 'megatron:DIR' (config.json + dist_checkpointing files) "
-            "or module:function factory"
-            + (" (default: the checkpoint's recorded model)" if checkpoint else ""),
+            help=MODEL_HELP + (" (default: the checkpoint's recorded model)" if checkpoint else ""),
         )
         p.add_argument("--model-config", type=Path, default=None, help="TinyMoEConfig fields (JSON file)")
+        add_hf_args(p, checkpoint=checkpoint)
+
+
+MODEL_HELP = (
+    "'tiny' (built-in GPT-MoE), 'megatron:DIR' (config.json + dist_checkpointing files), 'hf:DIR' (a local "
+    "Hugging Face checkpoint: config.json + *.safetensors, read offline, no code from it runs) or a "
+    "module:function factory (an nn.Module returning logits or an object with .logits)"
+)
+
+
+def add_hf_args(p, *, checkpoint: bool = False) -> None:
+    """``--seq-len`` and ``--backend`` (``hf:DIR`` models)."""
+    recorded = "; default: the checkpoint's" if checkpoint else ""
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"hf:DIR models: tokens per sequence (default {DEFAULT_HF_SEQ_LEN}, at most the config's "
+        f"max_position_embeddings{recorded}); the vocabulary is the config's vocab_size",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="hf:DIR models: 'torch' (the transformers model, default) or 'megatron' (its Megatron twin)"
+        + (recorded and "; default: the checkpoint's"),
+    )
 
 
 def add_data_args(p, tokens_default: int | None) -> None:
@@ -61,13 +93,14 @@ def checkpoint_source(path: str | os.PathLike) -> ModelSource:
 def model_source(args) -> ModelSource:
     """The source the arguments name: ``--model`` (with ``--model-config``), else the one recorded in
     ``--checkpoint``'s metadata. Nothing is built."""
+    options = {"seq_len": getattr(args, "seq_len", None), "backend": getattr(args, "backend", None)}
     if args.model is not None:
-        return resolve_source(args.model, args.model_config, getattr(args, "seed", 0))
+        return resolve_source(args.model, args.model_config, getattr(args, "seed", 0), **options)
     if args.model_config is not None:
         raise ValueError("--model-config needs --model")
     if getattr(args, "checkpoint", None) is None:
         raise ValueError("pass --checkpoint DIR or --model SRC")
-    return checkpoint_source(args.checkpoint)
+    return with_options(checkpoint_source(args.checkpoint), **options)
 
 
 def load_data(args, vocab_size: int, seq_len: int, batch: int, device=None):
@@ -84,7 +117,7 @@ def open_model_and_data(args, batch: int | None, *, trainable: bool = False):
     no data (``ids``, ``batches`` are ``None``).
 
     The data is read and validated *before* the model's weights are loaded whenever the source's config
-    tells the vocabulary (``tiny``, ``megatron:DIR``); a factory model is built first to learn it.
+    tells the vocabulary (``tiny``, ``megatron:DIR``, ``hf:DIR``); a factory model is built first to learn it.
     Then: the architecture of the source, the quantized state of ``--checkpoint`` (a checkpoint that does
     not fit the model raises naming the layer or tensor), and ``--adapters FILE`` if given.
     """
@@ -99,9 +132,9 @@ def open_model_and_data(args, batch: int | None, *, trainable: bool = False):
     if adapters is not None:
         adapter_file_format(adapters)
     ids = batches = None
-    if source.config is not None and batch is not None:  # tiny / megatron: the config knows the vocabulary
+    if source.data_dims is not None and batch is not None:  # the config knows the vocabulary
         device = "cuda" if torch.cuda.is_available() else None
-        ids, batches = load_data(args, source.config["vocab_size"], source.config["seq_len"], batch, device)
+        ids, batches = load_data(args, *source.data_dims, batch, device)
     lm = build_model(source, load_weights=ckpt is None)  # the checkpoint holds every tensor
     if ids is None and batch is not None:
         ids, batches = load_data(args, lm.vocab_size, lm.seq_len, batch, device_of(lm.model))

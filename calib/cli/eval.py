@@ -1,6 +1,7 @@
 """``svdq eval``: perplexity of a model on a token stream.
 
     svdq eval (--checkpoint DIR | --model SRC [--model-config FILE]) [--adapters FILE]
+              [--seq-len N] [--backend torch | megatron]   (hf:DIR models)
               [--data builtin | FILE | DIR | ids.npy] [--tokenizer tokenizer.json] [--tokens 65536]
               [--batch 8] [--json FILE]
 

@@ -2,6 +2,7 @@
 
     svdq export --checkpoint DIR [--adapters FTDIR/adapters.safetensors] --out EXP
                 [--format svdq|folded|modelopt-hf|peft] [--max-shard-size 2GB] [--overwrite]
+                [--model SRC] [--seq-len N] [--backend torch|megatron]
                 [--data builtin|FILE|DIR|ids.npy] [--tokenizer tokenizer.json] [--tokens 4096] [--batch 8]
 
 The command parses its arguments and calls :func:`lora.export` (:mod:`lora.io.api`: which format applies to
@@ -32,6 +33,11 @@ every output is written to a temporary directory renamed into place, so a failed
 * ``peft`` — the branches as a PEFT LoRA adapter (:func:`lora.io.peft.export_peft`:
   ``adapter_model.safetensors`` + ``adapter_config.json``; see :mod:`lora.io.peft` for which base
   it applies to). Plain torch models only.
+
+A Hugging Face model (``hf:DIR``, or a factory returning a transformers model) keeps its module names in every
+format, and ``EXP/config.json`` is its ``config.json`` (for ``modelopt-hf`` / torch ``folded`` the model's
+config with ``quantization_config`` added). ``hf:DIR`` models of ``--backend torch`` are plain torch models,
+of ``--backend megatron`` Megatron models.
 
 ``--data`` applies to ``folded`` and ``modelopt-hf`` only. Wrong combinations (a Megatron model with
 ``modelopt-hf`` / ``peft``, ``--max-shard-size`` or ``--data`` where unused) exit with status 2 before any
@@ -112,13 +118,14 @@ def run(args) -> int:
     import torch
 
     from calib.cli.common import model_source, open_model_and_data
+    from calib.models import base_model_name, write_hf_config
     from lora.fold import fold_summary, format_report
     from lora.framework.parallel import destroy_parallel, init_parallel
     from lora.io import api
     from lora.io.svdq_export import read_export_metadata
 
     _check_args(args)
-    kind = "torch" if model_source(args).kind == "factory" else "megatron"  # tiny / megatron:DIR: Megatron
+    kind = model_source(args).backend  # tiny / megatron:DIR / hf:DIR --backend megatron: Megatron models
     api.check_format(args.format, kind, spell=lambda name: f"--format {name}")
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size else None
     previous = read_export_metadata(args.checkpoint).get("user") or {}
@@ -138,13 +145,14 @@ def run(args) -> int:
             "max_shard_bytes": max_shard,
             "forward_loop": None if batches is None else lm.forward_loop(batches),
             "smoothing": args.fold_smoothing,
-            "base_model_name_or_path": lm.source.spec,
+            "base_model_name_or_path": base_model_name(lm.source),
             "overwrite": args.overwrite,
             "verbose": False,
         }
         options = api.supported_options(args.format, api.model_kind(lm.model), settings)
         with torch.no_grad():
             exported = api.export(lm.model, args.out, args.format, **options)
+        write_hf_config(lm, args.out)  # a Hugging Face model's config.json (modelopt-hf writes its own)
     finally:
         destroy_parallel()
     if exported.report is not None:

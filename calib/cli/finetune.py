@@ -3,7 +3,7 @@
     svdq finetune --checkpoint DIR --out FTDIR --steps N [--data builtin | FILE | DIR | ids.npy]
                   [--tokenizer tokenizer.json] [--tokens N] [--lr 1e-3] [--warmup 10] [--min-lr-ratio 0.1]
                   [--grad-clip 1.0] [--weight-decay 0] [--dropout 0] [--batch 8] [--save-every 5] [--keep 3]
-                  [--seed 0] [--resume] [--stop-at K]
+                  [--seed 0] [--resume] [--stop-at K] [--seq-len N] (hf:DIR models)
 
 AdamW on the adapter parameters, linear warmup + cosine decay, gradient-norm clipping, bf16 autocast on
 CUDA (see :mod:`calib.train`). Checkpoints ``FTDIR/checkpoints/step-000005/`` every ``--save-every``

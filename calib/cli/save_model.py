@@ -26,7 +26,7 @@ def run(args) -> int:
     from lora.framework.parallel import destroy_parallel, init_parallel
 
     source = resolve_source(args.model, args.model_config, args.seed)
-    if source.kind == "factory":
+    if source.kind not in ("tiny", "megatron"):
         raise ValueError(f"save-model writes Megatron models ('tiny' or 'megatron:DIR'), not {args.model}")
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite or choose another --out")
