@@ -202,3 +202,20 @@ def rtn_quantize(model: nn.Module, weight_format: str, act_format: str, include_
             m.weight.copy_(fake_quant(m.weight.float(), weight_format))
             m.register_forward_pre_hook(lambda mod, args: (fake_quant(args[0], act_format),))
     return model
+
+
+def relative_logit_error(model: nn.Module, ref: nn.Module, batches) -> float:
+    """``‖logits − logits_ref‖ / ‖logits_ref‖`` over ``batches``, in float64."""
+    num = den = 0.0
+    with torch.no_grad():
+        for ids in batches:
+            r, y = ref(ids).logits.double(), model(ids).logits.double()
+            num += float((y - r).square().sum())
+            den += float(r.square().sum())
+    return (num / den) ** 0.5
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy of ``ids (B, T)``."""
+    logits = model(ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
