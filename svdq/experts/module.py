@@ -30,11 +30,12 @@ shared layouts. Shapes: ``E`` experts, ``H`` hidden, ``I`` intermediate, ``out1`
 ``act`` (no tensors) maps fc1's output ``(S, out1)`` to ``(S, I)`` (e.g. ``act(gate) · up``). Forward:
 the ``S`` routed (token, slot) pairs are sorted by expert; a shared ``lora_down`` of fc1 is one GEMM over
 the ``T`` tokens *before* the gather (so is fc1's smoothing); the per-expert products run through one
-``torch._grouped_mm`` each where it applies (CUDA, bf16, dims multiple of 8: :func:`svdq.experts.ops.
-grouped_mm_applies`; ``grouped_mm=True/False`` forces it) and a loop over the experts hit elsewhere. The
-routing weight multiplies fc2's output (as Hugging Face does), so fc2's input excludes it. Activation
-quantization has straight-through gradients; residuals, scales, smoothing, bias and ranges are frozen
-buffers, ``lora_down`` / ``lora_up`` the trainable parameters.
+``torch._grouped_mm`` each where it applies (CUDA, bf16, dims multiple of 8:
+:func:`svdq.experts.ops.grouped_mm_applies`; ``grouped_mm=True`` takes it wherever it fits, on any
+device, ``False`` never) and a loop over the experts hit elsewhere. The routing weight multiplies fc2's
+output (as Hugging Face does), so fc2's input excludes it. Activation quantization has straight-through
+gradients; residuals, scales, smoothing, bias and ranges are frozen buffers, ``lora_down`` / ``lora_up``
+the trainable parameters.
 """
 
 from __future__ import annotations

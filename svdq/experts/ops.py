@@ -22,7 +22,7 @@ from svdq.formats import fp8 as _fp8
 from svdq.formats import nvfp4 as _nvfp4
 from svdq.residual import static_range_supported
 
-__all__ = ["expert_mm", "grouped_mm_applies", "quant_rows", "row_amax_per_expert"]
+__all__ = ["expert_mm", "grouped_mm_applies", "grouped_mm_fits", "quant_rows", "row_amax_per_expert"]
 
 
 def row_amax_per_expert(x: Tensor, ids: Tensor, num_experts: int) -> Tensor:
@@ -96,17 +96,21 @@ def _aligned(*dims: int) -> bool:
     return all(d > 0 and d % 8 == 0 for d in dims)  # bf16 rows of 16-byte multiples
 
 
-def grouped_mm_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` runs ``x (S, K) · weight (E, N, K)ᵀ``: it exists, CUDA with compute
-    capability ≥ 8.0, both bf16, ``K`` and ``N`` multiples of 8."""
+def grouped_mm_fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` can run ``x (S, K) · weight (E, N, K)ᵀ`` on this device: it exists,
+    both bf16, ``K`` and ``N`` multiples of 8 (16-byte strides)."""
     return (
         hasattr(torch, "_grouped_mm")
-        and x.is_cuda
         and x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and _aligned(x.shape[-1], weight.shape[1])
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
     )
+
+
+def grouped_mm_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether the automatic choice takes ``torch._grouped_mm``: :func:`grouped_mm_fits` on CUDA with
+    compute capability ≥ 8.0."""
+    return x.is_cuda and grouped_mm_fits(x, weight) and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 def expert_mm(
@@ -114,8 +118,9 @@ def expert_mm(
 ) -> Tensor:
     """``y[rows of i] = x[rows of i] · weight[i]ᵀ``: ``x (S, K)`` sorted by expert, ``weight (E, N, K)``;
     returns ``(S, N)`` in ``x``'s dtype. ``grouped``: ``None`` uses ``torch._grouped_mm`` where
-    :func:`grouped_mm_applies`, ``True`` requires it, ``False`` loops."""
-    use = grouped_mm_applies(x, weight) if grouped is None else grouped
+    :func:`grouped_mm_applies`, ``True`` wherever it :func:`grouped_mm_fits` (any device, e.g. a CPU
+    kernel), ``False`` loops over the experts."""
+    use = grouped_mm_applies(x, weight) if grouped is None else grouped and grouped_mm_fits(x, weight)
     if use:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
     pieces, start = [], 0
