@@ -7,6 +7,7 @@ No framework glue lives here (Megatron / adapters are in ``lora``, the pipeline 
 """
 
 from svdq.config import PRESETS, SVDQConfig
+from svdq.experts import SVDQExperts
 from svdq.layer import SVDQLinear
 from svdq.quantize import quantize
 from svdq.solvers.expert_group import MoEGroupResult, decompose_expert_group
@@ -18,6 +19,7 @@ __all__ = [
     "InputStats",
     "MoEGroupResult",
     "SVDQConfig",
+    "SVDQExperts",
     "SVDQLinear",
     "SVDQResult",
     "decompose_expert_group",

@@ -1,40 +1,58 @@
-"""``svdq.quantize(model, config, forward_loop)``: replace targeted ``nn.Linear`` modules with SVDQLinear.
+"""``svdq.quantize(model, config, forward_loop)``: replace targeted ``nn.Linear`` modules with SVDQLinear and
+fused experts modules (Hugging Face style, 3-D expert weights) with :class:`svdq.experts.SVDQExperts`.
 
 Same calling convention as nvidia-modelopt's ``mtq.quantize``: ``forward_loop(model)`` runs the
-calibration batches. Input statistics are gathered by forward hooks (no change to model code).
+calibration batches. Input statistics are gathered by forward hooks (no change to model code): one pass
+feeds the linears' hooks and the experts' routed per-expert hooks (:mod:`svdq.experts.stats`).
+
+Targets and what stays in 16 bits (routers, embeddings, norms, excluded modules) follow
+:mod:`svdq.experts.coverage`; the account is attached as ``model.svdq_coverage`` and printed once. Each
+experts module's two projections are decomposed as expert groups (svdq/DESIGN.md §4) in the layouts of
+``layout`` (:func:`svdq.solvers.shared_basis.expert_layouts`; default fc1 shared-down, fc2 auto).
 
 With ``act_range="static"`` (the default) ``forward_loop`` runs a second time after the layers are
 replaced (with dynamic activation ranges) and each layer's per-tensor range ``input_amax = max|x/s|`` over
-all calibration batches is recorded (:func:`svdq.stats.record_input_amax`) and fixed (see
-:mod:`svdq.residual`).
+all calibration batches is recorded (:func:`svdq.stats.record_input_amax`; per expert for experts,
+:func:`svdq.experts.stats.record_experts_amax`) and fixed (see :mod:`svdq.residual`).
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
 from svdq.config import SVDQConfig
+from svdq.experts.coverage import Coverage, scan_model
+from svdq.experts.module import ProjectionState, install_svdq_experts
+from svdq.experts.stats import register_experts_hooks, start_recording, stop_recording
 from svdq.layer import install_svdq_linear
 from svdq.residual import ACT_RANGES, static_range_supported
+from svdq.solvers.expert_group import decompose_expert_group
 from svdq.solvers.linear import SVDQResult, decompose_linear, validate_layer
-from svdq.stats import collect_input_stats, record_input_amax
+from svdq.solvers.shared_basis import expert_layouts
+from svdq.stats import InputStats, record_input_amax, register_input_hooks, run_with_hooks
 
 
 def find_targets(model: nn.Module, config: SVDQConfig) -> dict[str, nn.Linear]:
-    """``nn.Linear`` modules whose qualified name matches an ``include`` pattern and no ``exclude`` one."""
-    targets = {}
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
-            fnmatch.fnmatchcase(name, p) for p in config.exclude
-        ):
-            targets[name] = module
-    return targets
+    """``nn.Linear`` modules whose qualified name matches an ``include`` pattern and no ``exclude`` one
+    (routers excluded, :mod:`svdq.experts.coverage`)."""
+    return scan_model(model, config.include, config.exclude, allow_unsupported=True).linears
+
+
+def _validate_experts(name: str, module: nn.Module, handler, config: SVDQConfig) -> None:
+    """One-line ``ValueError`` naming the module for weights the formats cannot group or not finite."""
+    W1, W2, _, _ = handler.weights(module)
+    for proj, W in (("fc1", W1), ("fc2", W2)):
+        try:
+            config.weight_quant.check_shape(tuple(W.shape[1:]))
+            config.act_quant.check_shape((1, W.shape[2]))
+        except ValueError as exc:
+            raise ValueError(f"{name}.{proj} ({type(module).__name__}, {tuple(W.shape)}): {exc}") from None
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError(f"{name}.{proj}: the expert weights contain NaN or Inf")
 
 
 def quantize(
@@ -45,17 +63,24 @@ def quantize(
     storage: str = "packed",
     progress: bool = True,
     act_range: str = "static",
+    layout: str | Mapping[str, str] | None = None,
+    allow_unsupported: bool = False,
+    report: bool = True,
 ) -> nn.Module:
-    """Calibrate and replace the targeted ``nn.Linear`` modules of ``model`` in place; returns ``model``.
+    """Calibrate and replace the targeted modules of ``model`` in place; returns ``model``.
 
-    ``config``: an :class:`SVDQConfig`, a dict of its fields, or a preset name. Each replaced layer keeps
+    ``config``: an :class:`SVDQConfig`, a dict of its fields, or a preset name. Each replaced linear keeps
     its :class:`~svdq.solvers.linear.SVDQResult` figures in ``layer.svdq_summary`` (plus ``act_range`` and
-    ``input_amax``). Every targeted layer is validated (weight finite, rank, group divisibility) before any
-    calibration work, and nothing is replaced unless all layers decompose.
+    ``input_amax``), each experts module ``{"fc1": …, "fc2": …}`` of
+    :meth:`~svdq.solvers.expert_group.MoEGroupResult.summary`. Every target is validated (weights finite,
+    rank, group divisibility) and unsupported fused modules are refused (``ValueError`` naming them,
+    unless ``allow_unsupported``) before any calibration work; nothing is replaced unless all decompose.
 
     ``act_range``: ``"static"`` runs ``forward_loop`` once more after the replacement and fixes each
     layer's per-tensor activation range to the calibrated ``max|x/s|`` (formats with a per-tensor range:
-    nvfp4, fp8; layers that see no data in that pass stay dynamic); ``"dynamic"`` keeps per-call ranges.
+    nvfp4, fp8; layers / experts that see no data in that pass stay dynamic); ``"dynamic"`` keeps per-call
+    ranges. ``layout``: expert layouts (a layout for both projections, ``{"fc1": …, "fc2": …}`` or
+    ``"fc1=…,fc2=…"``). ``report``: print the coverage summary (``model.svdq_coverage``).
     """
     if act_range not in ACT_RANGES:
         raise ValueError(f"act_range must be one of {ACT_RANGES}, got {act_range!r}")
@@ -63,24 +88,52 @@ def quantize(
         config = SVDQConfig.preset(config)
     elif isinstance(config, dict):
         config = SVDQConfig.from_dict(config)
-    targets = find_targets(model, config)
-    if not targets:
+    layouts = expert_layouts(layout)
+    scan = scan_model(model, config.include, config.exclude, allow_unsupported)
+    targets, experts = scan.linears, scan.experts
+    if not targets and not experts:
         raise ValueError(
-            f"no nn.Linear matched include={config.include} exclude={config.exclude}; "
+            f"no nn.Linear matched include={config.include} exclude={config.exclude} "
+            "(nor any experts module); "
             f"linear modules: {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:20]}"
         )
     for name, module in targets.items():
         validate_layer(name, module.weight, config)
+    for name, (module, handler) in experts.items():
+        _validate_experts(name, module, handler, config)
     if forward_loop is None and not config.weight_only_fallback:
         raise ValueError("forward_loop is required (or set weight_only_fallback=True for weight-only)")
-    stats = (
-        collect_input_stats(model, targets, forward_loop, config.sample_tokens, config.seed)
-        if forward_loop
-        else {}
-    )
+
+    stats: dict[str, InputStats] = {}
+    expert_stats: dict = {}
+    if forward_loop is not None:
+        stats = {n: InputStats(m.in_features, config.sample_tokens, config.seed) for n, m in targets.items()}
+        handles = register_input_hooks(targets, lambda n, x: stats[n].update(x))
+        expert_stats, more = register_experts_hooks(experts, config.sample_tokens, config.seed)
+        run_with_hooks(model, forward_loop, handles + more)
+
     results: dict[str, SVDQResult] = {}
     for name, module in tqdm(targets.items(), desc="svdq decompose", unit="layer", disable=not progress):
         results[name] = decompose_linear(module.weight, stats.get(name), config, name=name)
+    expert_results = {}
+    for name, (module, handler) in tqdm(
+        experts.items(), desc="svdq experts", unit="module", disable=not progress or not experts
+    ):
+        W1, W2, b1, b2 = handler.weights(module)
+        st = expert_stats.get(name, {})
+        E = W1.shape[0]
+        expert_results[name] = {
+            proj: decompose_expert_group(
+                W.detach(),
+                st.get(proj, [None] * E),
+                config,
+                projection=proj,
+                layout=layouts[proj],
+                name=f"{name}.{proj}",
+            )
+            for proj, W in (("fc1", W1), ("fc2", W2))
+        }
+
     for name, module in targets.items():
         res = results[name]
         layer = install_svdq_linear(
@@ -96,13 +149,48 @@ def quantize(
             dtype=module.weight.dtype,
         )
         layer.svdq_summary = res.summary()
+    for name, (module, handler) in experts.items():
+        W1, W2, b1, b2 = handler.weights(module)
+        r = expert_results[name]
+        layer = install_svdq_experts(
+            model,
+            name,
+            handler,
+            ProjectionState.from_result(r["fc1"], bias=b1, dtype=W1.dtype),
+            ProjectionState.from_result(r["fc2"], bias=b2, dtype=W2.dtype),
+            storage=storage,
+        )
+        layer.svdq_summary = {p: res.summary() for p, res in r.items()}
+
     layers = {name: model.get_submodule(name) for name in targets}
-    ranges = {}
+    expert_layers = {name: model.get_submodule(name) for name in experts}
+    ranges, expert_ranges = {}, {}
     if act_range == "static" and forward_loop is not None and static_range_supported(config.act_format):
-        ranges = record_input_amax(model, layers, forward_loop)
+        start_recording(expert_layers)
+        try:
+            if layers:
+                ranges = record_input_amax(model, layers, forward_loop)
+            else:
+                run_with_hooks(model, forward_loop, [])
+        finally:
+            expert_ranges = stop_recording(expert_layers)
     for name, layer in layers.items():
         amax = ranges.get(name)
         layer.set_input_amax(amax if amax is not None and float(amax) > 0 else None)
         layer.svdq_summary["act_range"] = layer.act_range
         layer.svdq_summary["input_amax"] = None if layer.input_amax is None else float(layer.input_amax)
+    for name, layer in expert_layers.items():
+        for proj_name, proj in layer.projections().items():
+            amax = expert_ranges.get(name, {}).get(proj_name)
+            proj.set_input_amax(amax if amax is not None and float(amax.max()) > 0 else None)
+            summary = layer.svdq_summary[proj_name]
+            summary["act_range"] = proj.act_range
+            summary["input_amax"] = None if proj.input_amax is None else proj.input_amax.tolist()
+
+    model.svdq_coverage = scan.coverage
+    if report:
+        tqdm.write(scan.coverage.summary())
     return model
+
+
+__all__ = ["Coverage", "find_targets", "quantize"]
