@@ -56,7 +56,10 @@ def batches_of(seq_len: int, calib_tokens: int, eval_tokens: int, batch: int, de
 
     split = stdlib_split()
     gen = torch.Generator().manual_seed(1234)
-    calib = [random_windows(split.base_train, batch, seq_len, gen, device) for _ in range(calib_tokens // (batch * seq_len))]
+    calib = [
+        random_windows(split.base_train, batch, seq_len, gen, device)
+        for _ in range(calib_tokens // (batch * seq_len))
+    ]
     held = eval_windows(split.base_heldout, seq_len, batch, eval_tokens, device)
     return calib, held
 
@@ -75,14 +78,16 @@ def perplexity(model: nn.Module, batches) -> float:
     total, n = 0.0, 0
     for b in batches:
         logits = model(input_ids=b["tokens"], position_ids=b["position_ids"], use_cache=False).logits
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), b["labels"].flatten(), reduction="sum")
+        loss = nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), b["labels"].flatten(), reduction="sum"
+        )
         total, n = total + loss.item(), n + b["labels"].numel()
     return math.exp(total / n)
 
 
 def quantized_share(model: nn.Module) -> float | None:
     cov = getattr(model, "svdq_coverage", None)
-    return None if cov is None else getattr(cov, "quantized_share", None)
+    return None if cov is None else cov.share
 
 
 @torch.no_grad()
@@ -112,7 +117,9 @@ def rtn(model: nn.Module, fmt: str, config: SVDQConfig) -> nn.Module:
     for name, lin in find_targets(model, config).items():
         w = lin.weight.detach()
         ones = torch.ones(w.shape[1], device=w.device)
-        install_svdq_linear(model, name, residual=quantize_tensor(w.float(), fmt), smooth=ones, act_format=fmt, bias=lin.bias)
+        install_svdq_linear(
+            model, name, residual=quantize_tensor(w.float(), fmt), smooth=ones, act_format=fmt, bias=lin.bias
+        )
     return model
 
 
@@ -177,7 +184,10 @@ def main(argv=None) -> int:
     row("bf16" if gpu else "fp32", lambda m: m)
     row("RTN", lambda m: rtn(m, args.format, config))
     for name, layout in LAYOUTS.items():
-        row(name, lambda m, lay=layout: svdq.quantize(m, config, forward_loop(calib), layout=lay, progress=False))
+        row(
+            name,
+            lambda m, lay=layout: svdq.quantize(m, config, forward_loop(calib), layout=lay, progress=False),
+        )
     if not args.no_modelopt:
         for cfg_name in ("NVFP4_DEFAULT_CFG", "NVFP4_SVDQUANT_DEFAULT_CFG"):
             row(f"modelopt {cfg_name}", lambda m, c=cfg_name: modelopt_row(m, c, forward_loop(calib)))

@@ -326,6 +326,11 @@ def test_expert_layouts_default_string_map_and_errors():
     assert expert_layouts("per-expert") == {"fc1": "per-expert", "fc2": "per-expert"}
     assert expert_layouts({"fc2": "shared-up"}) == {"fc1": "shared-down", "fc2": "shared-up"}
     assert expert_layouts("fc1=auto, fc2=per-expert") == {"fc1": "auto", "fc2": "per-expert"}
-    for bad, needle in [("diagonal", "diagonal"), ({"fc3": "auto"}, "fc3"), ({"fc1": "x"}, "fc1"), (3, "int")]:
+    for bad, needle in [
+        ("diagonal", "diagonal"),
+        ({"fc3": "auto"}, "fc3"),
+        ({"fc1": "x"}, "fc1"),
+        (3, "int"),
+    ]:
         with pytest.raises(ValueError, match=needle):
             expert_layouts(bad)
