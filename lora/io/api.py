@@ -55,6 +55,7 @@ class Exporter:
     fn: Callable[..., Any]
     layout: str | None = None
     returns_report: bool = False
+    fused_experts: bool = False  # writes svdq.SVDQExperts (fused Hugging Face experts) too
 
     def takes(self, option: str) -> bool:
         """Whether ``fn`` has a keyword argument ``option``."""
@@ -87,15 +88,18 @@ def register_exporter(
     layout: str | None = None,
     returns_report: bool = False,
     not_for: str | None = None,
+    fused_experts: bool = False,
 ) -> None:
     """Register ``fn(model, out_dir, **options)`` as format ``name`` for the model ``kinds``. ``not_for``:
     the message for the other kinds, with ``{format}`` placeholders for format names (spelled by the
-    caller of :func:`check_format`)."""
+    caller of :func:`check_format`). ``fused_experts``: ``fn`` writes :class:`svdq.SVDQExperts` modules
+    (a torch model holding one is refused by the other formats, instead of losing its experts)."""
     unknown = sorted(set(kinds) - set(MODEL_KINDS))
     if unknown:
         raise ValueError(f"unknown model kinds {unknown}; expected some of {list(MODEL_KINDS)}")
     for kind in kinds:
-        EXPORTERS.setdefault(name, {})[kind] = Exporter(name, kind, fn, layout, returns_report)
+        exporter = Exporter(name, kind, fn, layout, returns_report, fused_experts)
+        EXPORTERS.setdefault(name, {})[kind] = exporter
     if not_for is not None:
         _NOT_FOR[name] = not_for
 
@@ -155,6 +159,16 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "svdq", *
             f"format {format!r} ({kind} models) takes no option {', '.join(map(repr, unknown))}; "
             f"its options: {', '.join(takes)}"
         )
+    if not exporter.fused_experts:
+        from svdq.experts import SVDQExperts
+
+        fused = [n for n, m in model.named_modules() if isinstance(m, SVDQExperts)]
+        if fused:
+            takes = sorted(f for f, by_kind in EXPORTERS.items() if by_kind[kind].fused_experts)
+            raise ValueError(
+                f"format {format!r} does not write fused experts (svdq.SVDQExperts at {fused[0]}"
+                f"{f' and {len(fused) - 1} more' if len(fused) > 1 else ''}); formats that do: {takes}"
+            )
     result = exporter.fn(model, out_dir, **options)
     report = result if exporter.returns_report else None
     return Exported(Path(out_dir), format, kind, exporter.layout, result, report)
@@ -231,7 +245,7 @@ def _register_builtin() -> None:
     from lora.io.peft import export_peft
     from lora.io.svdq_export import export_quantized
 
-    register_exporter("svdq", export_quantized)
+    register_exporter("svdq", export_quantized, fused_experts=True)
     register_exporter("folded", export_folded, kinds=("megatron",), layout="svdq format", returns_report=True)
     register_exporter(
         "folded", export_folded_hf, kinds=("torch",), layout="modelopt HF NVFP4 layout", returns_report=True
