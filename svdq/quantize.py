@@ -190,7 +190,18 @@ def quantize(
     model.svdq_coverage = scan.coverage
     if report:
         tqdm.write(scan.coverage.summary())
+        for name, layer in expert_layers.items():
+            tqdm.write(f"  {name}: {_layouts_line(layer.svdq_summary)}")
     return model
+
+
+def _layouts_line(summary: dict) -> str:
+    """``fc1 shared-down r=35 (error 0.081 vs RTN 0.153), fc2 …`` of an experts module's summary."""
+    return ", ".join(
+        f"{p} {s['layout']} r={s['rank']} (error {s['final_error']:.3g} vs RTN {s['rtn_error']:.3g})"
+        for p, s in summary.items()
+        if isinstance(s, dict) and "layout" in s
+    )
 
 
 __all__ = ["Coverage", "find_targets", "quantize"]

@@ -50,6 +50,9 @@ def test_quantize_hf_moe(family, capsys):
         layer = model.get_submodule(n)
         assert (layer.fc1.layout, layer.svdq_summary["fc1"]["layout"]) == ("shared-down", "shared-down")
         assert layer.svdq_summary["fc2"]["layout"] in ("per-expert", "shared-down", "shared-up")
+        fc2 = layer.svdq_summary["fc2"]
+        assert f"{n}: fc1 shared-down r={layer.fc1.rank} " in printed  # the layout of every projection
+        assert f"fc2 {fc2['layout']} r={fc2['rank']} " in printed
         for proj in (layer.fc1, layer.fc2):
             assert proj.input_amax is not None and proj.input_amax.shape == (layer.num_experts,)
             assert bool((proj.input_amax > 0).any())
