@@ -247,6 +247,7 @@ def test_expert_and_tensor_parallel_2_match_hf(tmp_path):
 @pytest.mark.parametrize("spec", ["te", "te-sequential"])
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_te_spec_matches_hf(megatron_world, model_type, spec, tmp_path):
+    pytest.importorskip("transformer_engine.pytorch")
     hf = tiny_hf(model_type, seed=6)
     hf.save_pretrained(tmp_path)
     tokens, pos = batch()
