@@ -257,6 +257,7 @@ def _register_builtin() -> None:
         not_for="{modelopt-hf}: the modelopt HF layout and PEFT adapters are for dense torch models "
         "(svdq.SVDQLinear layers, NVFP4 W4A4), not Megatron models; use {svdq} (adapters kept) "
         "or {folded} (adapters merged into the 4-bit weights)",
+        fused_experts=True,
     )
     register_exporter(
         "peft",
