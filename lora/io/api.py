@@ -248,7 +248,12 @@ def _register_builtin() -> None:
     register_exporter("svdq", export_quantized, fused_experts=True)
     register_exporter("folded", export_folded, kinds=("megatron",), layout="svdq format", returns_report=True)
     register_exporter(
-        "folded", export_folded_hf, kinds=("torch",), layout="modelopt HF NVFP4 layout", returns_report=True
+        "folded",
+        export_folded_hf,
+        kinds=("torch",),
+        layout="modelopt HF NVFP4 layout",
+        returns_report=True,
+        fused_experts=True,
     )
     register_exporter(
         "modelopt-hf",
