@@ -248,7 +248,12 @@ def _register_builtin() -> None:
     register_exporter("svdq", export_quantized, fused_experts=True)
     register_exporter("folded", export_folded, kinds=("megatron",), layout="svdq format", returns_report=True)
     register_exporter(
-        "folded", export_folded_hf, kinds=("torch",), layout="modelopt HF NVFP4 layout", returns_report=True
+        "folded",
+        export_folded_hf,
+        kinds=("torch",),
+        layout="modelopt HF NVFP4 layout",
+        returns_report=True,
+        fused_experts=True,
     )
     register_exporter(
         "modelopt-hf",
@@ -257,6 +262,7 @@ def _register_builtin() -> None:
         not_for="{modelopt-hf}: the modelopt HF layout and PEFT adapters are for dense torch models "
         "(svdq.SVDQLinear layers, NVFP4 W4A4), not Megatron models; use {svdq} (adapters kept) "
         "or {folded} (adapters merged into the 4-bit weights)",
+        fused_experts=True,
     )
     register_exporter(
         "peft",

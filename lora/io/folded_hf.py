@@ -16,6 +16,11 @@ the layer by a branch-less (rank 0) one of the same formats:
   Exported as plain modelopt ``NVFP4`` (no ``pre_quant_scale``: the layout vLLM, SGLang and TensorRT-LLM
   read). ``W_fold = Q_w(T)``. Usually less accurate (the smoothing protected the activation quantization).
 
+Fused experts (:class:`svdq.experts.SVDQExperts`) are folded per expert in the same two modes
+(:mod:`lora.io.folded_hf_experts`; with ``"fold"`` each expert's static range becomes ``max|x|`` of its routed
+inputs) and written per expert (:mod:`lora.io.modelopt_hf_experts`): ``smoothing="fold"`` gives a plain
+``NVFP4`` checkpoint throughout — the layout vLLM's modelopt loader reads.
+
 The per-layer report gives the error the fold adds (float64):
 
 * ``weight_err = ‖W_fold − T‖ / ‖T‖`` and ``delta_rel = ‖B·A'‖ / ‖T‖`` (the error of dropping the branch
@@ -38,8 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from lora.fold import SMOOTHING_MODES, fold_residual, format_report, squared_sum
-from lora.io.modelopt_hf import export_modelopt_hf
-from lora.io.torch_common import ForwardLoop, capture_inputs, svdq_layers
+from lora.io.folded_hf_experts import fold_experts
+from lora.io.modelopt_hf import write_torch_modelopt_hf
+from lora.io.modelopt_hf_experts import capture_expert_inputs, experts_meta, svdq_experts
+from lora.io.torch_common import ForwardLoop, capture_inputs
 from svdq.formats import dequantize
 from svdq.layer import SVDQLinear
 from svdq.metrics import relative_error
@@ -114,9 +121,11 @@ def fold_branches(
     inputs: Mapping[str, Tensor] | None = None,
     max_tokens: int = 4096,
 ) -> dict[str, dict]:
-    """Fold the branch of every SVDQuant layer whose name matches ``pattern`` (fnmatch), in place.
+    """Fold the branch of every SVDQuant layer and experts module whose name matches ``pattern`` (fnmatch),
+    in place.
 
-    Returns ``{layer: errors}`` (module docstring). Inputs for the input-based errors come from ``inputs``
+    Returns ``{layer: errors}`` (module docstring; experts: one entry per expert and projection,
+    ``<experts>.<e>.gate_up_proj`` / ``.down_proj``). Inputs for the input-based errors come from ``inputs``
     (``{layer: raw inputs (..., in)}``) or are captured over ``forward_loop`` (run once, before folding).
     Layers of rank 0 are skipped. Every layer is folded before any is replaced: on an error the model is
     unchanged. ``model`` must contain the layers (a bare ``SVDQLinear`` cannot be replaced in place: use
@@ -124,11 +133,20 @@ def fold_branches(
     """
     if smoothing not in SMOOTHING_MODES:
         raise ValueError(f"smoothing must be one of {SMOOTHING_MODES}, got {smoothing!r}")
-    layers = {n: m for n, m in svdq_layers(model).items() if fnmatch.fnmatchcase(n, pattern) and m.rank > 0}
-    if "" in layers:
+    if isinstance(model, SVDQLinear):
         raise ValueError("model is itself an SVDQLinear: fold it with lora.io.folded_hf.fold_layer")
-    if not layers:
-        raise ValueError(f"no SVDQLinear layer with a branch matches {pattern!r}")
+    layers = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, SVDQLinear) and fnmatch.fnmatchcase(n, pattern) and m.rank > 0
+    }
+    experts = {
+        n: m
+        for n, m in svdq_experts(model).items()
+        if fnmatch.fnmatchcase(n, pattern) and any(p.rank > 0 for p in m.projections().values())
+    }
+    if not layers and not experts:
+        raise ValueError(f"no SVDQLinear layer or SVDQExperts module with a branch matches {pattern!r}")
     xs: dict[str, Tensor] = {}
     amax: dict[str, Tensor] = {}
     if inputs is not None:
@@ -143,17 +161,42 @@ def fold_branches(
             xs[n] = x.detach().reshape(-1, x.shape[-1])[:max_tokens]
             if x.numel():
                 amax[n] = x.detach().float().abs().amax()
-    elif forward_loop is not None:
+    elif forward_loop is not None and layers:
         xs, amax = capture_inputs(model, layers, forward_loop, max_tokens)
+    cap = None
+    if experts and forward_loop is not None:
+        cap = capture_expert_inputs(model, experts, forward_loop, max_tokens)
     folded, report = {}, {}
     for name, layer in layers.items():
         a = amax.get(name)
         folded[name], report[name] = fold_layer(
             layer, smoothing, xs.get(name), a if a is not None and a > 0 else None
         )
+    for name, layer in experts.items():
+        inputs_e = raw = None
+        if cap is not None:
+            inputs_e = {p: cap.inputs((name, p)) for p in ("fc1", "fc2")}
+            raw = {p: cap.amax[(name, p)] for p in ("fc1", "fc2")}
+        folded[name], rep = fold_experts(layer, smoothing, inputs_e, raw, name)
+        report.update(rep)
     for name, new in folded.items():
         model.set_submodule(name, new)
     return report
+
+
+def fold_summary_meta(report: dict[str, dict]) -> dict:
+    """The fold report in short for the configs: how many were folded, the mean / max of the added error
+    (``output_err`` where every entry has one, else ``weight_err``) and where the max is."""
+    key = "output_err" if report and all("output_err" in r for r in report.values()) else "weight_err"
+    vals = {n: float(r[key]) for n, r in report.items()}
+    worst = max(vals, key=vals.get) if vals else None
+    return {
+        "folded": len(vals),
+        "error": key,
+        "mean": sum(vals.values()) / len(vals) if vals else 0.0,
+        "max": vals[worst] if worst else 0.0,
+        "max_at": worst,
+    }
 
 
 def export_folded_hf(
@@ -165,19 +208,35 @@ def export_folded_hf(
     inputs: Mapping[str, Tensor] | None = None,
     max_tokens: int = 4096,
     config: dict | None = None,
+    metadata: dict | None = None,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> dict[str, dict]:
     """Fold a deep copy of ``model`` (:func:`fold_branches`) and write it with
     :func:`~lora.io.modelopt_hf.export_modelopt_hf` (``NVFP4_AWQ`` for ``smoothing="keep"``, ``NVFP4`` for
-    ``"fold"``); returns the fold report (also printed with ``verbose``). ``model`` is not changed;
+    ``"fold"``); returns the fold report (also printed with ``verbose``; its summary — the largest errors —
+    is in the configs' ``svdq`` entry with the unfolded model's ranks and layouts as ``source``, ``metadata``
+    its ``user`` field). ``model`` is not changed;
     ``forward_loop`` also supplies static ranges that the folded layers lack. Nothing is written on error.
     """
+    source = {
+        "layers": {n: {"rank": m.rank} for n, m in model.named_modules() if isinstance(m, SVDQLinear)},
+        "experts": {n: experts_meta(m) for n, m in svdq_experts(model).items()},
+    }
     folded = copy.deepcopy(model)
     report = fold_branches(
         folded, smoothing=smoothing, forward_loop=forward_loop, inputs=inputs, max_tokens=max_tokens
     )
-    export_modelopt_hf(folded, out_dir, forward_loop=forward_loop, config=config, overwrite=overwrite)
+    write_torch_modelopt_hf(
+        folded,
+        out_dir,
+        forward_loop=forward_loop,
+        config=config,
+        metadata=metadata,
+        overwrite=overwrite,
+        export_format="folded",
+        extra_meta={"smoothing": smoothing, "fold": fold_summary_meta(report), "source": source},
+    )
     if verbose:
         print(f"svdq folded export to {out_dir} (smoothing={smoothing}); error added by the fold:")
         print(format_report(report))

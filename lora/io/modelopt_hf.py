@@ -29,8 +29,19 @@ Per layer, the ``quant_algo`` is the one modelopt's ``get_quantization_format`` 
 :func:`lora.io.folded_hf.fold_branches`) ``NVFP4_AWQ`` (NVFP4 with ``pre_quant_scale``) or, when the smoothing
 is all ones, ``NVFP4`` without ``pre_quant_scale`` (the layout vLLM / SGLang / TensorRT-LLM read for plain
 NVFP4). Layers of different algorithms give ``MIXED_PRECISION`` with ``quantized_layers``, as in modelopt.
-Every other ``nn.Linear`` and ``nn.Embedding`` is written unquantized and listed (by exact name, where
-modelopt may summarize with prefix wildcards) in ``exclude_modules``.
+Every other ``nn.Linear`` and ``nn.Embedding`` is written unquantized and excluded, and so are the MoE
+routers (``mlp.gate``, ``shared_expert_gate``: found by modelopt's own rule), through modelopt's
+``process_layer_quant_config`` (:mod:`lora.io.modelopt_hf_layout`, the one writer of this layout).
+
+**Fused experts** (:class:`svdq.experts.SVDQExperts`) are written per expert and projection as modelopt
+splits them (``<experts>.<e>.gate_proj / up_proj / down_proj``, :mod:`lora.io.modelopt_hf_experts`).
+**Names**: a transformers model's in-memory names are mapped back to its checkpoint names with
+modelopt's quant-aware reverse of the load-time conversion (``revert_weight_conversion_quant_aware``,
+``build_reverse_name_mapper``), so the tensors are named as ``save_pretrained`` and modelopt's
+``export_hf_checkpoint`` name them (Mixtral: ``block_sparse_moe.experts.<e>.w1 / w3 / w2``); tensors
+sharing storage (tied embeddings) are written once, as modelopt does. ``config.json`` is the model's
+``config.save_pretrained`` output plus ``quantization_config``; both configs carry an ``svdq`` entry
+(export format, per layer / experts module the rank, layout and algorithm, ``metadata``).
 
 ``input_scale`` needs a static activation range: each layer's ``input_amax`` (``svdq.quantize(...,
 act_range="static")``); for layers without one, pass ``forward_loop`` to measure ``max|x/s|`` over it (the
@@ -41,45 +52,49 @@ exported layer then quantizes activations with that fixed range, unlike the dyna
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from lora.io.atomic import atomic_output_dir
-from lora.io.torch_common import (
-    ForwardLoop,
-    qualified,
-    require_packed,
-    svdq_layers,
-    write_json,
+from lora.io.modelopt_hf_experts import (
+    check_experts,
+    experts_layout_tensors,
+    experts_meta,
+    experts_static_ranges,
+    quantized_layer_names,
+    svdq_experts,
 )
+from lora.io.modelopt_hf_layout import (
+    FACTOR_KEYS,
+    NVFP4_GROUP,
+    build_hf_quant_config,
+    hf_quantization_config,
+    nvfp4_algo,
+    nvfp4_linear_tensors,
+    producer,
+    write_modelopt_hf,
+)
+from lora.io.torch_common import ForwardLoop, require_packed
 from svdq.layer import SVDQLinear
 from svdq.stats import record_input_amax
 
-E2M1_MAX, E4M3_MAX = 6.0, 448.0
-NVFP4_GROUP = 16
-FACTOR_KEYS = {
-    "quantizer": ("weight_quantizer._svdquant_lora_a", "weight_quantizer._svdquant_lora_b"),
-    "module": ("svdquant_lora_a", "svdquant_lora_b"),
-}
-
-
-def _producer() -> dict:
-    try:
-        from importlib.metadata import version
-
-        return {"name": "svdq", "version": version("svdq")}
-    except Exception:  # not installed as a distribution (a source checkout)
-        return {"name": "svdq", "version": "unknown"}
+__all__ = [
+    "FACTOR_KEYS",
+    "build_hf_quant_config",
+    "check_nvfp4_w4a4",
+    "export_modelopt_hf",
+    "hf_checkpoint_names",
+    "hf_quantization_config",
+    "layer_quant_algo",
+    "layer_quant_config",
+    "modelopt_layer_tensors",
+]
 
 
 def layer_quant_algo(layer: SVDQLinear) -> str:
     """``"NVFP4_SVD"`` (rank > 0), ``"NVFP4_AWQ"`` (rank 0, smoothing) or ``"NVFP4"`` (rank 0, s = 1)."""
-    if layer.rank > 0:
-        return "NVFP4_SVD"
-    return "NVFP4" if bool((layer.smooth == 1).all()) else "NVFP4_AWQ"
+    return nvfp4_algo(layer.rank, layer.smooth)
 
 
 def layer_quant_config(algo: str) -> dict:
@@ -104,30 +119,21 @@ def modelopt_layer_tensors(
 ) -> dict[str, Tensor]:
     """The exported tensors of one layer (see the module docstring), on the CPU, keyed ``<name>.<leaf>``."""
     check_nvfp4_w4a4(name, layer)
-    if factor_keys not in FACTOR_KEYS:
-        raise ValueError(f"factor_keys must be one of {sorted(FACTOR_KEYS)}, got {factor_keys!r}")
-    amax = torch.as_tensor(input_amax).detach().float().reshape(())
-    if not bool(torch.isfinite(amax)) or not float(amax) > 0:
-        raise ValueError(f"{name or '<model>'}: input_amax must be finite and > 0, got {float(amax)}")
-    dtype = layer.lora_down.dtype
     packed = layer.packed_residual()
-    out = {
-        "weight": packed.qdata,
-        "weight_scale": packed.scale,
-        "weight_scale_2": packed.global_scale.float().reshape(()),
-        "input_scale": amax / (E2M1_MAX * E4M3_MAX),  # modelopt: amax.float() / (maxbound * E4M3_MAX)
-    }
-    algo = layer_quant_algo(layer)
-    if algo != "NVFP4":
-        p = torch.reciprocal(layer.smooth.detach().double()).to(dtype)
-        out["pre_quant_scale"] = p
-        if layer.rank > 0:
-            key_a, key_b = FACTOR_KEYS[factor_keys]
-            out[key_a] = (layer.lora_down.detach().double() / p.double()).to(dtype)
-            out[key_b] = layer.lora_up.detach().to(dtype)
-    if layer.bias is not None:
-        out["bias"] = layer.bias.detach().to(dtype)
-    return {qualified("", name, k): v.detach().cpu().contiguous() for k, v in out.items()}
+    tensors, _ = nvfp4_linear_tensors(
+        name,
+        packed.qdata,
+        packed.scale,
+        packed.global_scale,
+        input_amax,
+        smooth=layer.smooth,
+        lora_down=layer.lora_down if layer.rank > 0 else None,
+        lora_up=layer.lora_up if layer.rank > 0 else None,
+        bias=layer.bias,
+        dtype=layer.lora_down.dtype,
+        factor_keys=factor_keys,
+    )
+    return tensors
 
 
 def _static_ranges(model: nn.Module, layers: dict[str, SVDQLinear], forward_loop: ForwardLoop | None):
@@ -151,86 +157,77 @@ def _static_ranges(model: nn.Module, layers: dict[str, SVDQLinear], forward_loop
     return ranges
 
 
-def build_hf_quant_config(algos: dict[str, str], excluded: list[str], lora_rank: int | None = None) -> dict:
-    """``hf_quant_config.json`` as modelopt's ``get_quant_config`` builds it for these layers."""
-    configs = {name: layer_quant_config(a) for name, a in algos.items()}
-    quantization: dict = {"quant_algo": None, "kv_cache_quant_algo": None}
-    if len({a for a in algos.values()}) > 1:
-        quantization.update({"quant_algo": "MIXED_PRECISION", "quantized_layers": configs})
-    else:
-        quantization.update(next(iter(configs.values())))
-        if lora_rank is not None and quantization["quant_algo"] == "NVFP4_SVD":
-            quantization["lora_rank"] = lora_rank
-        quantization["exclude_modules"] = sorted(excluded)
-    return {"producer": _producer(), "quantization": quantization}
-
-
-def _group_config(layer_cfg: dict) -> dict:
-    """modelopt's ``_quant_algo_to_group_config`` for the algorithms written here."""
-    gs = layer_cfg.get("group_size")
-    fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs or 16}
-    algo = layer_cfg["quant_algo"]
-    if algo == "NVFP4":
-        return {"input_activations": dict(fp4), "weights": dict(fp4)}
-    if algo == "NVFP4_SVD":
-        return {
-            "input_activations": dict(fp4),
-            "weights": dict(fp4),
-            "has_zero_point": False,
-            "pre_quant_scale": True,
-        }
-    # NVFP4_AWQ: modelopt 0.47 describes it like W4A8_AWQ (8-bit float activations, group 128 by default)
-    gs = gs or 128
-    return {
-        "input_activations": {"dynamic": False, "num_bits": 8, "type": "float", "group_size": gs},
-        "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs},
-    }
-
-
-def hf_quantization_config(hf_quant_config: dict) -> dict:
-    """``config.json``'s ``quantization_config`` (modelopt's ``convert_hf_quant_config_format``)."""
-    q = hf_quant_config["quantization"]
-    algo = q["quant_algo"]
-    new: dict = {}
-    if algo in ("NVFP4", "NVFP4_SVD"):
-        group = {**_group_config(q), "targets": ["Linear"]}
-        if algo == "NVFP4_SVD" and q.get("lora_rank") is not None:
-            group["lora_rank"] = q["lora_rank"]
-        new["config_groups"] = {"group_0": group}
-    elif algo == "MIXED_PRECISION":
-        by_cfg: dict[tuple, list[str]] = {}
-        for name, cfg in q["quantized_layers"].items():
-            by_cfg.setdefault(tuple(sorted(cfg.items())), []).append(name)
-        new["config_groups"] = {
-            f"group_{i}": {**_group_config(dict(key)), "targets": sorted(names)}
-            for i, (key, names) in enumerate(by_cfg.items())
-        }
-        new["quantized_layers"] = q["quantized_layers"]
-    new["ignore"] = q.get("exclude_modules") or []
-    new["quant_algo"] = algo
-    if hf_quant_config.get("producer"):
-        new["producer"] = hf_quant_config["producer"]
-    new["quant_method"] = "modelopt"
-    return new
-
-
 def _model_config(model: nn.Module, config: dict | None) -> dict:
+    """``config``, else what ``model.config.save_pretrained`` writes (a transformers model), else
+    ``model.config.to_dict()``, else ``{}``."""
     if config is not None:
         return dict(config)
     hf = getattr(model, "config", None)
+    if hasattr(hf, "to_json_string"):
+        import json
+
+        return json.loads(hf.to_json_string(use_diff=True))
     return dict(hf.to_dict()) if hasattr(hf, "to_dict") else {}
 
 
-def _other_tensors(model: nn.Module, layer_names: list[str]) -> dict[str, Tensor]:
-    """The model's state dict without the SVDQuant layers' own entries (copied to the CPU)."""
-    prefixes = tuple(f"{n}." for n in layer_names if n)
-    if "" in layer_names:
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _other_tensors(model: nn.Module, quantized: list[str]) -> dict[str, Tensor]:
+    """The model's state dict without the quantized modules' entries (copied to the CPU); a tensor sharing
+    storage with an earlier one (a tied weight) is written once, under its first name (as modelopt and
+    ``save_pretrained`` do)."""
+    if "" in quantized:
         return {}
-    return {
-        k: v.detach().cpu().contiguous().clone()
-        for k, v in model.state_dict().items()
-        if not k.startswith(prefixes)
-    }
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if _under(k, quantized):
+            continue
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            continue
+        seen.add(ptr)
+        out[k] = v.detach().cpu().contiguous().clone()
+    return out
+
+
+def excluded_modules(model: nn.Module) -> list[str]:
+    """The modules modelopt lists as unquantized: every plain ``nn.Linear`` / ``nn.Embedding`` and the MoE
+    routers by modelopt's own rule (``_get_unquantized_moe_router_names``: ``gate`` / ``router`` /
+    ``shared_expert_gate`` with a weight, of a module with ``experts``)."""
+    from modelopt.torch.export.quant_utils import _get_unquantized_moe_router_names
+
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)]
+    names += [n for n in _get_unquantized_moe_router_names(model) if n not in names]
+    return names
+
+
+def hf_checkpoint_names(
+    model: nn.Module, tensors: dict[str, Tensor], algos: dict[str, str], excluded: list[str]
+) -> tuple[dict[str, Tensor], dict[str, str], list[str]]:
+    """Map the in-memory names of a transformers model to its checkpoint names, with modelopt's
+    quant-aware reverse of the load-time conversion (what its ``export_hf_checkpoint`` does; experts must
+    already be per expert). Other models, or a conversion modelopt cannot reverse (warned, as modelopt
+    warns), keep their names."""
+    if not hasattr(getattr(model, "config", None), "model_type"):
+        return tensors, algos, excluded
+    from modelopt.torch.export.quant_aware_conversion import (
+        build_reverse_name_mapper,
+        revert_weight_conversion_quant_aware,
+    )
+
+    try:
+        mapper = build_reverse_name_mapper(model)
+        renamed = revert_weight_conversion_quant_aware(model, tensors)
+    except Exception as exc:  # modelopt's QuantConversionUnsupportedError, or transformers API drift
+        warnings.warn(
+            f"reverse weight conversion skipped ({exc}); tensor names stay the in-memory ones", stacklevel=2
+        )
+        return tensors, algos, excluded
+    if mapper is None:
+        return renamed, algos, excluded
+    return renamed, {mapper(k): v for k, v in algos.items()}, [mapper(n) for n in excluded]
 
 
 def export_modelopt_hf(
@@ -240,38 +237,90 @@ def export_modelopt_hf(
     forward_loop: ForwardLoop | None = None,
     config: dict | None = None,
     factor_keys: str = "quantizer",
+    metadata: dict | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Write ``model`` in modelopt's HF layout to ``out_dir``; returns the ``hf_quant_config`` dict.
 
-    Files: ``model.safetensors`` (the SVDQuant layers as in the module docstring, every other state-dict
-    entry unchanged), ``hf_quant_config.json`` and ``config.json`` (``config``, or the model's own
-    ``model.config.to_dict()`` if it has one, plus ``quantization_config`` in modelopt's converted form).
-    Written to a temporary directory and renamed into place: on any error nothing is left at ``out_dir``.
+    Files: ``model.safetensors`` (the SVDQuant layers and experts as in the module docstring, every other
+    state-dict entry unchanged), ``hf_quant_config.json`` and ``config.json`` (``config``, or the model's
+    own config, plus ``quantization_config`` in modelopt's converted form and the ``svdq`` entry with
+    ``metadata`` as its ``user`` field). Written to a temporary directory and renamed into place: on any
+    error nothing is left at ``out_dir``.
 
-    Raises ``ValueError`` naming the layer for a layer that is not NVFP4 W4A4 in packed storage, and naming
-    the layers without a static activation range when ``forward_loop`` is not given (module docstring).
+    Raises ``ValueError`` naming the layer for a layer or experts module that is not NVFP4 W4A4 in packed
+    storage (or experts of a handler other than ``concat-glu``), and naming the layers without a static
+    activation range when ``forward_loop`` is not given (module docstring).
     """
-    from safetensors.torch import save_file
+    return write_torch_modelopt_hf(
+        model,
+        out_dir,
+        forward_loop=forward_loop,
+        config=config,
+        factor_keys=factor_keys,
+        metadata=metadata,
+        overwrite=overwrite,
+    )
 
-    layers = svdq_layers(model)
+
+def write_torch_modelopt_hf(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    forward_loop: ForwardLoop | None = None,
+    config: dict | None = None,
+    factor_keys: str = "quantizer",
+    metadata: dict | None = None,
+    overwrite: bool = False,
+    export_format: str = "modelopt-hf",
+    extra_meta: dict | None = None,
+) -> dict:
+    """:func:`export_modelopt_hf` with the ``svdq`` entry's ``export_format`` and extra fields (the folded
+    export's fold report summary)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SVDQLinear)}
+    experts = svdq_experts(model)
+    if not layers and not experts:
+        raise ValueError(
+            "the model has no svdq.SVDQLinear layers or svdq.experts.SVDQExperts (quantize it with "
+            "svdq.quantize first)"
+        )
+    if factor_keys not in FACTOR_KEYS:
+        raise ValueError(f"factor_keys must be one of {sorted(FACTOR_KEYS)}, got {factor_keys!r}")
     for name, layer in layers.items():
         check_nvfp4_w4a4(name, layer)
-    ranges = _static_ranges(model, layers, forward_loop)
-    tensors = _other_tensors(model, list(layers))
+    for name, layer in experts.items():
+        check_experts(name, layer)
+    ranges = _static_ranges(model, layers, forward_loop) if layers else {}
+    exp_ranges, filled = experts_static_ranges(model, experts, forward_loop)
+    tensors = _other_tensors(model, [*layers, *experts])
+    algos: dict[str, str] = {}
     for name, layer in layers.items():
         tensors.update(modelopt_layer_tensors(name, layer, ranges[name], factor_keys))
-    algos = {name: layer_quant_algo(m) for name, m in layers.items()}
-    excluded = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        algos[name] = layer_quant_algo(layer)
+    for name, layer in experts.items():
+        t, per_linear = experts_layout_tensors(name, layer, exp_ranges[name], factor_keys)
+        tensors.update(t)
+        algos.update(quantized_layer_names(name, per_linear))
+    excluded = excluded_modules(model)
     ranks = Counter(m.rank for m in layers.values() if m.rank > 0)
-    lora_rank = None
-    if factor_keys == "module" and len(ranks) == 1:
-        lora_rank = next(iter(ranks))
-    hf_quant_config = build_hf_quant_config(algos, excluded, lora_rank)
-    model_config = _model_config(model, config)
-    model_config["quantization_config"] = hf_quantization_config(hf_quant_config)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        write_json(Path(tmp) / "hf_quant_config.json", hf_quant_config)
-        write_json(Path(tmp) / "config.json", model_config)
-    return hf_quant_config
+    ranks.update(p.rank for m in experts.values() for p in m.projections().values() if p.rank > 0)
+    lora_rank = next(iter(ranks)) if factor_keys == "module" and len(ranks) == 1 else None
+    svdq_meta = {
+        "producer": producer(),
+        "export_format": export_format,
+        "layers": {n: {"quant_algo": algos[n], "rank": m.rank} for n, m in layers.items()},
+        "experts": {n: experts_meta(m, filled.get(n)) for n, m in experts.items()},
+        "user": metadata or {},
+    }
+    svdq_meta.update(extra_meta or {})
+    tensors, algos, excluded = hf_checkpoint_names(model, tensors, algos, excluded)
+    return write_modelopt_hf(
+        out_dir,
+        tensors,
+        algos,
+        excluded,
+        _model_config(model, config),
+        svdq=svdq_meta,
+        lora_rank=lora_rank,
+        overwrite=overwrite,
+    )

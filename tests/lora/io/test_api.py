@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import lora
 import lora.io.container as container
-import lora.io.modelopt_hf as modelopt_hf
+import lora.io.modelopt_hf_layout as modelopt_hf_layout
 import lora.modelopt_quant
 from calib.tiny_moe import tiny_moe_batch
 from lora import LoraConfig, adapter_factors, add_adapters
@@ -146,7 +146,7 @@ def test_failed_export_leaves_no_partial_output(tmp_path, monkeypatch):
         assert (path.parent / "model.safetensors").is_file()  # the tensors were written already
         raise OSError("disk full")
 
-    monkeypatch.setattr(modelopt_hf, "write_json", fail_json)
+    monkeypatch.setattr(modelopt_hf_layout, "write_json", fail_json)  # the one HF-layout writer
     with pytest.raises(OSError, match="disk full"):
         lora.export(model, tmp_path / "hf", "modelopt-hf")
     assert not (tmp_path / "hf").exists()
