@@ -1,8 +1,8 @@
 """``svdq export``: write a quantized checkpoint with its (fine-tuned) adapters for deployment.
 
     svdq export --checkpoint DIR [--adapters FTDIR/adapters.safetensors] --out EXP
-                [--format svdq|folded|modelopt-hf|peft|compressed-tensors] [--max-shard-size 2GB] [--overwrite]
-                [--ct-scheme NVFP4|NVFP4A16]
+                [--format svdq|folded|modelopt-hf|peft|compressed-tensors] [--ct-scheme NVFP4|NVFP4A16]
+                [--max-shard-size 2GB] [--overwrite]
                 [--model SRC] [--seq-len N] [--backend torch|megatron]
                 [--data builtin|FILE|DIR|ids.npy] [--tokenizer tokenizer.json] [--tokens 4096] [--batch 8]
 
@@ -37,8 +37,9 @@ every output is written to a temporary directory renamed into place, so a failed
 
 * ``compressed-tensors`` — the adapters folded (smoothing folded too: the format has no
   ``pre_quant_scale``) into NVFP4 weights written through the compressed-tensors library
-  (``nvfp4-pack-quantized``, :func:`lora.io.compressed_tensors.export_compressed_tensors`): what llm-compressor
-  writes and vLLM / transformers read; fused experts per expert under the names ``save_pretrained`` writes,
+  (``nvfp4-pack-quantized``, :func:`lora.io.compressed_tensors.export_compressed_tensors`): what
+  llm-compressor writes and vLLM / transformers read; fused experts per expert under the names
+  ``save_pretrained`` writes,
   routers and ``lm_head`` in ``ignore``; ``config.json`` with ``quantization_config``. ``--ct-scheme NVFP4``
   (W4A4, the default for nvfp4-activation models) needs ``--data`` for the static activation global scales;
   ``NVFP4A16`` is weight-only. Plain torch / Hugging Face models only. Prints the fold report.
