@@ -20,7 +20,8 @@ module, :func:`register_exporter` adds one):
 * ``compressed-tensors`` — :func:`lora.io.compressed_tensors.export_compressed_tensors` (torch models,
   fused experts too): the branch folded into NVFP4 weights written by the compressed-tensors library
   (``nvfp4-pack-quantized``, what vLLM / transformers read); returns the fold report.
-* ``peft`` — :func:`lora.io.peft.export_peft` (torch models): the branches as a PEFT LoRA adapter.
+* ``peft`` — :func:`lora.io.peft.export_peft` (torch models, fused experts too): the branches as a PEFT
+  LoRA adapter, with the residual base it applies to in ``base/``.
 
 ``options`` are the exporter's keyword arguments (see each function); an unknown format, a format that
 does not apply to the model kind or an option the exporter does not take raises a one-line ``ValueError``
@@ -266,8 +267,10 @@ def _register_builtin() -> None:
         "peft",
         export_peft,
         kinds=("torch",),
-        not_for="{peft}: PEFT adapters are for dense torch models (svdq.SVDQLinear layers), not "
-        "Megatron models; use {svdq} (adapters kept) or {folded}",
+        layout="PEFT LoRA adapter + base/ (residual base)",
+        fused_experts=True,
+        not_for="{peft}: PEFT adapters are for torch / Hugging Face models (svdq.SVDQLinear, "
+        "svdq.SVDQExperts), not Megatron models; use {svdq} (adapters kept) or {folded}",
     )
     register_exporter(
         "compressed-tensors",
