@@ -269,8 +269,9 @@ def _register_builtin() -> None:
         kinds=("torch",),
         layout="PEFT LoRA adapter + base/ (residual base)",
         fused_experts=True,
-        not_for="{peft}: PEFT adapters are for torch / Hugging Face models (svdq.SVDQLinear, "
-        "svdq.SVDQExperts), not Megatron models; use {svdq} (adapters kept) or {folded}",
+        not_for="{peft}: PEFT adapters are for dense torch models and Hugging Face models with fused "
+        "experts (svdq.SVDQLinear, svdq.SVDQExperts), not Megatron models; use {svdq} (adapters kept) "
+        "or {folded}",
     )
     register_exporter(
         "compressed-tensors",
