@@ -1,7 +1,8 @@
 """``svdq export``: write a quantized checkpoint with its (fine-tuned) adapters for deployment.
 
     svdq export --checkpoint DIR [--adapters FTDIR/adapters.safetensors] --out EXP
-                [--format svdq|folded|modelopt-hf|peft] [--max-shard-size 2GB] [--overwrite]
+                [--format svdq|folded|modelopt-hf|peft|compressed-tensors] [--ct-scheme NVFP4|NVFP4A16]
+                [--max-shard-size 2GB] [--overwrite]
                 [--model SRC] [--seq-len N] [--backend torch|megatron]
                 [--data builtin|FILE|DIR|ids.npy] [--tokenizer tokenizer.json] [--tokens 4096] [--batch 8]
 
@@ -34,6 +35,15 @@ every output is written to a temporary directory renamed into place, so a failed
   ``adapter_model.safetensors`` + ``adapter_config.json``; see :mod:`lora.io.peft` for which base
   it applies to). Plain torch models only.
 
+* ``compressed-tensors`` — the adapters folded (smoothing folded too: the format has no
+  ``pre_quant_scale``) into NVFP4 weights written through the compressed-tensors library
+  (``nvfp4-pack-quantized``, :func:`lora.io.compressed_tensors.export_compressed_tensors`): what
+  llm-compressor writes and vLLM / transformers read; fused experts per expert under the names
+  ``save_pretrained`` writes,
+  routers and ``lm_head`` in ``ignore``; ``config.json`` with ``quantization_config``. ``--ct-scheme NVFP4``
+  (W4A4, the default for nvfp4-activation models) needs ``--data`` for the static activation global scales;
+  ``NVFP4A16`` is weight-only. Plain torch / Hugging Face models only. Prints the fold report.
+
 A Hugging Face model (``hf:DIR``, or a factory returning a transformers model) keeps its module names in every
 format, and ``EXP/config.json`` is its ``config.json`` (for ``modelopt-hf`` / torch ``folded`` the model's
 config with ``quantization_config`` added). ``hf:DIR`` models of ``--backend torch`` are plain torch models,
@@ -52,7 +62,7 @@ from calib.cli.common import MODEL_KEY, add_data_args, add_model_args, parse_siz
 
 # the parser is built without importing lora (megatron-core: seconds, and import warnings); the names are
 # those of lora.io.api.EXPORTERS, in its order (tests/calib/cli/test_export_formats.py checks it)
-FORMATS = ("svdq", "folded", "modelopt-hf", "peft")
+FORMATS = ("svdq", "folded", "modelopt-hf", "peft", "compressed-tensors")
 
 
 def add_parser(sub) -> None:
@@ -64,7 +74,8 @@ def add_parser(sub) -> None:
         "--format",
         default="svdq",
         choices=FORMATS,
-        help="svdq (default, ours), folded (adapters merged into the 4-bit weights), modelopt-hf, peft",
+        help="svdq (default, ours), folded (adapters merged into the 4-bit weights), modelopt-hf, peft, "
+        "compressed-tensors (folded, NVFP4 through the compressed-tensors library)",
     )
     p.add_argument(
         "--max-shard-size", default=None, help="--format svdq: split files above this size (e.g. 2GB)"
@@ -78,6 +89,13 @@ def add_parser(sub) -> None:
         choices=["keep", "fold"],
         help="folded torch models: keep pre_quant_scale (NVFP4_AWQ) or fold it into the weight (plain NVFP4; "
         "needs --data to measure the raw input ranges)",
+    )
+    p.add_argument(
+        "--ct-scheme",
+        default=None,
+        choices=["NVFP4", "NVFP4A16"],
+        help="--format compressed-tensors: NVFP4 (W4A4, needs --data) or NVFP4A16 (weight-only); default "
+        "from the model's activation format",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--seed", type=int, default=0)
@@ -100,6 +118,8 @@ def _check_args(args) -> None:
     with_data = api.formats_taking("forward_loop")
     if args.data is not None and args.format not in with_data:
         raise ValueError(f"--data applies to --format {' / '.join(with_data)}, not to --format {args.format}")
+    if args.ct_scheme is not None and args.format != "compressed-tensors":
+        raise ValueError(f"--ct-scheme applies to --format compressed-tensors, not to --format {args.format}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.out.exists() and not args.out.is_dir():
@@ -145,6 +165,7 @@ def run(args) -> int:
             "max_shard_bytes": max_shard,
             "forward_loop": None if batches is None else lm.forward_loop(batches),
             "smoothing": args.fold_smoothing,
+            "scheme": args.ct_scheme,
             "base_model_name_or_path": base_model_name(lm.source),
             "overwrite": args.overwrite,
             "verbose": False,

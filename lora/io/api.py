@@ -17,7 +17,11 @@ module, :func:`register_exporter` adds one):
   Both return the fold report (:attr:`Exported.report`).
 * ``modelopt-hf`` — :func:`lora.io.modelopt_hf.export_modelopt_hf` (torch models): nvidia-modelopt's HF
   layout for NVFP4 SVDQuant.
-* ``peft`` — :func:`lora.io.peft.export_peft` (torch models): the branches as a PEFT LoRA adapter.
+* ``compressed-tensors`` — :func:`lora.io.compressed_tensors.export_compressed_tensors` (torch models,
+  fused experts too): the branch folded into NVFP4 weights written by the compressed-tensors library
+  (``nvfp4-pack-quantized``, what vLLM / transformers read); returns the fold report.
+* ``peft`` — :func:`lora.io.peft.export_peft` (torch models, fused experts too): the branches as a PEFT
+  LoRA adapter, with the residual base it applies to in ``base/``.
 
 ``options`` are the exporter's keyword arguments (see each function); an unknown format, a format that
 does not apply to the model kind or an option the exporter does not take raises a one-line ``ValueError``
@@ -239,6 +243,7 @@ def load(model: nn.Module, path: str | os.PathLike, **options):
 
 
 def _register_builtin() -> None:
+    from lora.io.compressed_tensors import export_compressed_tensors
     from lora.io.folded import export_folded
     from lora.io.folded_hf import export_folded_hf
     from lora.io.modelopt_hf import export_modelopt_hf
@@ -268,8 +273,21 @@ def _register_builtin() -> None:
         "peft",
         export_peft,
         kinds=("torch",),
-        not_for="{peft}: PEFT adapters are for dense torch models (svdq.SVDQLinear layers), not "
-        "Megatron models; use {svdq} (adapters kept) or {folded}",
+        layout="PEFT LoRA adapter + base/ (residual base)",
+        fused_experts=True,
+        not_for="{peft}: PEFT adapters are for dense torch models and Hugging Face models with fused "
+        "experts (svdq.SVDQLinear, svdq.SVDQExperts), not Megatron models; use {svdq} (adapters kept) "
+        "or {folded}",
+    )
+    register_exporter(
+        "compressed-tensors",
+        export_compressed_tensors,
+        kinds=("torch",),
+        layout="compressed-tensors nvfp4-pack-quantized, branch folded",
+        returns_report=True,
+        fused_experts=True,
+        not_for="{compressed-tensors}: the compressed-tensors export is for torch / Hugging Face models "
+        "(svdq.SVDQLinear, svdq.SVDQExperts), not Megatron models; use {svdq} or {folded}",
     )
 
 
