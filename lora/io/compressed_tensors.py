@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from lora.io.atomic import atomic_output_dir
-from lora.io.fold_experts import fold_projection
+from lora.io.fold_experts import PARAM_NAMES, fold_projection
 from lora.io.folded_hf import fold_layer
 from lora.io.torch_common import ForwardLoop, capture_inputs, write_json
 from svdq.experts import SVDQExperts
@@ -349,23 +349,23 @@ def export_compressed_tensors(
         for p, proj in m.projections().items():
             mine = _saved_names(model, {fused[p]: probes[fused[p]]})
             split = _split_rows(mine, m.num_experts, proj.out_features)
-            folded = fold_projection(proj, smoothing="fold")
+            folded, errors = fold_projection(proj, "fold")  # rank-0 ProjectionState, per-expert errors
             amax = expert_amax.get(name, {}).get(p)
             fallback = []
             if amax is not None and w4a4:
                 fallback = [e for e in range(m.num_experts) if not float(amax[e]) > 0]
                 amax = torch.where(amax > 0, amax, amax.max())
-            for e, f in enumerate(folded):
-                report[f"{name}.{p}.{e}"] = {
+            for e, err in enumerate(errors):
+                report[f"{name}.{e}.{PARAM_NAMES[p]}"] = {
                     "format": str(proj.weight_format),
                     "smoothing": "fold",
                     "rank": proj.rank,
-                    **f.errors,
+                    **err,
                 }
             for key, (e, rows) in sorted(split.items()):
                 prefix = key[: -len(".weight")]
                 ct = _compress(
-                    prefix, _rows(folded[e].packed, rows), qscheme, float(amax[e]) if w4a4 else None
+                    prefix, _rows(folded.residual.expert(e), rows), qscheme, float(amax[e]) if w4a4 else None
                 )
                 tensors.update({f"{prefix}.{k}": v for k, v in ct.items()})
                 if proj.bias is not None:

@@ -1,32 +1,50 @@
-"""The fold (svdq/DESIGN.md §6) and the dequantized residual base for fused experts
-(:class:`svdq.experts.SVDQExperts`, §13), one expert at a time, on tensors.
+"""The fold (svdq/DESIGN.md §6) of fused experts (:class:`svdq.experts.SVDQExperts`, §13): each expert's
+branch merged into its own 4-bit residual, and the dequantized residual base, one expert at a time.
 
-    from lora.io.fold_experts import expert_factors, fold_projection, residual_base
-    A, B = expert_factors(module.fc1)                      # (E, r, in), (E, out, r): every layout expanded
-    folded = fold_projection(module.fc1, smoothing="fold") # per expert: PackedTensor + fold errors
-    W_b = residual_base(module.fc1)                        # (E, out, in) float64: Q_w(R_e)·diag(1/s_e)
+    from lora.io.fold_experts import expert_factors, fold_experts, fold_projection, residual_base
+    A, B = expert_factors(module.fc1)              # (E, r, in), (E, out, r): every layout expanded
+    W_b = residual_base(module.fc1)                # (E, out, in) float64: Q_w(R_e)·diag(1/s_e)
+    state, errors = fold_projection(module.fc1, "fold")   # rank-0 ProjectionState + per-expert errors
+    folded, report = fold_experts(layer, smoothing="fold", name="model.layers.0.mlp.experts")
 
-Per expert ``e`` of a projection (``E`` experts, ``out × in`` each, rank ``r``): residual ``Q_w(R_e)``
-``(out, in)`` in smoothed coordinates, smoothing ``s_e`` ``(in,)`` (fc1: one ``(in,)`` for all experts,
-fc2: ``(E, in)``), factors ``A_e`` ``(r, in)`` / ``B_e`` ``(out, r)`` — a shared factor (``shared-down`` /
-``shared-up`` layouts) is the same tensor for every expert. The effective weight in raw coordinates is
-``T_e = Q_w(R_e)·diag(1/s_e) + B_e·A_e``; the fold of each expert is :func:`lora.fold.fold_residual`
-(each expert its own NVFP4 global scale, as the residuals are stored).
+For expert ``e`` of projection ``p`` (``Q_w(R_e)`` ``(out, in)`` in smoothed coordinates, smoothing ``s`` —
+fc1's shared ``(H,)``, fc2's ``s_e`` — and the expert's factors ``A_e (r, in)``, ``B_e (out, r)``, a shared
+factor being every expert's own), :func:`lora.fold.fold_residual` gives the new residual exactly as for
+one linear (:mod:`lora.io.folded_hf`): ``smoothing="keep"`` re-quantizes ``Q_w(R_e) + B_e·A_e·diag(s)`` and
+keeps ``s`` and the static ranges; ``"fold"`` re-quantizes ``T_e = Q_w(R_e)·diag(1/s) + B_e·A_e`` in raw
+coordinates, ``s = 1``, and the static range of expert ``e`` becomes ``max|x|`` of its routed inputs (0,
+i.e. dynamic, for an expert that got none). Each expert keeps its own NVFP4 global scale. The folded module
+is an ``SVDQExperts`` of rank 0 (per-expert empty factors ``(E, 0, in)`` / ``(E, out, 0)``), same handler,
+formats, biases and storage.
+
+The report has one entry per expert and projection, ``<name>.<e>.gate_up_proj`` / ``<name>.<e>.down_proj``
+(the fused parameters' names), with the errors of :func:`lora.fold.fold_errors` and, for an expert with
+captured inputs ``X_e``, ``output_err = ‖y_fold − y‖ / ‖y‖`` of that expert's projection on ``X_e`` (the
+actual module outputs, activation quantization included) and ``tokens``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from lora.fold import fold_residual
-from svdq.experts import ExpertProjection
-from svdq.formats import PackedTensor
+from lora.fold import fold_residual, squared_sum
+from svdq.experts import ExpertResiduals, ProjectionState, SVDQExperts
+from svdq.experts.module import ExpertProjection
+from svdq.formats import dequantize
+from svdq.metrics import relative_error
 from svdq.solvers.shared_basis import SHARED_DOWN, SHARED_UP
 
-__all__ = ["FoldedExpert", "expert_factors", "expert_smooth", "fold_projection", "residual_base"]
+__all__ = [
+    "PARAM_NAMES",
+    "expert_factors",
+    "expert_smooth",
+    "fold_experts",
+    "fold_projection",
+    "residual_base",
+]
+
+PARAM_NAMES = {"fc1": "gate_up_proj", "fc2": "down_proj"}
 
 
 def expert_factors(proj: ExpertProjection) -> tuple[Tensor, Tensor]:
@@ -53,34 +71,96 @@ def residual_base(proj: ExpertProjection) -> Tensor:
     return q / expert_smooth(proj).double().unsqueeze(1)
 
 
-@dataclass(frozen=True)
-class FoldedExpert:
-    """One expert's folded projection: ``packed`` ``Q_w(T_e·diag(1/s'))`` (the layer's weight format),
-    ``smooth`` ``s'`` ``(in,)`` and ``errors`` (:func:`lora.fold.fold_errors`: ``weight_err``,
-    ``delta_rel``)."""
+def _expert_output(proj: ExpertProjection, x: Tensor, e: int) -> Tensor:
+    """Expert ``e``'s projection output ``(n, out)`` on its rows ``x (n, in)``, through the module."""
+    n, E = x.shape[0], proj.num_experts
+    counts = [0] * E
+    counts[e] = n
+    ids = torch.full((n,), e, dtype=torch.long, device=x.device)
+    offs = torch.cumsum(torch.tensor(counts, device=x.device), 0).to(torch.int32)
+    return proj(x, None, ids, counts, offs, False)
 
-    packed: PackedTensor
-    smooth: Tensor
-    errors: dict
 
-
-def fold_projection(proj: ExpertProjection, smoothing: str = "fold") -> list[FoldedExpert]:
-    """Fold the branch of every expert of ``proj`` into its residual (``smoothing`` as in
-    :func:`lora.fold.fold_residual`: ``"fold"`` gives raw-coordinate weights, ``s' = 1``); ``proj`` is not
-    changed. The weights are re-quantized from the projection's dtype (as :mod:`lora.io.folded_hf`)."""
-    q = proj.residual_weight(torch.float32)  # (E, out, in) smoothed coordinates
-    s = expert_smooth(proj)  # (E, in)
-    A, B = expert_factors(proj)
-    out = []
-    for e in range(proj.num_experts):
-        packed, new_s, errors, _, _ = fold_residual(
-            q[e],
-            s[e],
-            A[e],
-            B[e],
-            fmt=proj.weight_format,
-            smoothing=smoothing,
-            quant_dtype=proj.residual_dtype,
+def fold_projection(
+    proj: ExpertProjection,
+    smoothing: str,
+    inputs: list[Tensor | None] | None = None,
+    raw_amax: Tensor | None = None,
+) -> tuple[ProjectionState, list[dict]]:
+    """``(folded rank-0 ProjectionState, per-expert errors)`` of one projection (module docstring);
+    ``inputs``: expert-indexed raw rows; ``raw_amax (E,)``: ``max|x|`` per expert for ``"fold"``."""
+    residual = proj.packed_residual()
+    qdtype = residual.dtype
+    E, out_f, in_f = residual.shape
+    packed, errors = [], []
+    factors = expert_factors(proj)  # (E, r, in), (E, out, r)
+    for e in range(E):
+        q = dequantize(residual.expert(e), torch.float32)  # (out, in)
+        s = proj.smooth if proj.smooth.dim() == 1 else proj.smooth[e]  # (in,)
+        A, B = (factors[0][e], factors[1][e]) if proj.rank else (q.new_zeros(0, in_f), q.new_zeros(out_f, 0))
+        x = None if inputs is None else inputs[e]
+        p, _, err, _, _ = fold_residual(
+            q, s, A, B, fmt=proj.weight_format, smoothing=smoothing, quant_dtype=qdtype, inputs=x
         )
-        out.append(FoldedExpert(packed, new_s, errors))
-    return out
+        packed.append(p)
+        errors.append(err)
+    if smoothing == "keep":
+        smooth, amax = proj.smooth, proj.input_amax
+    else:
+        smooth, amax = torch.ones_like(proj.smooth), raw_amax
+    dtype = proj.lora_down.dtype
+    state = ProjectionState(
+        residual=ExpertResiduals.from_packed(packed).to(proj.smooth.device),
+        smooth=smooth,
+        act_format=proj.act_format,
+        lora_down=torch.zeros(E, 0, in_f, dtype=dtype, device=proj.smooth.device),
+        lora_up=torch.zeros(E, out_f, 0, dtype=dtype, device=proj.smooth.device),
+        bias=proj.bias,
+        input_amax=amax,
+        dtype=dtype,
+    )
+    return state, errors
+
+
+def fold_experts(
+    layer: SVDQExperts,
+    smoothing: str = "keep",
+    inputs: dict[str, list[Tensor | None]] | None = None,
+    raw_amax: dict[str, Tensor] | None = None,
+    name: str = "",
+) -> tuple[SVDQExperts, dict[str, dict]]:
+    """``(folded SVDQExperts, report)`` (module docstring); ``layer`` is not changed. ``inputs`` /
+    ``raw_amax``: per projection (``"fc1"``, ``"fc2"``) the expert-indexed raw rows and ``max|x|`` (E,),
+    e.g. from :class:`lora.io.modelopt_hf_experts.ExpertCapture`."""
+    states, report = {}, {}
+    inputs, raw_amax = inputs or {}, raw_amax or {}
+    for p, proj in layer.projections().items():
+        states[p], errs = fold_projection(proj, smoothing, inputs.get(p), raw_amax.get(p))
+        for e, err in enumerate(errs):
+            report[f"{name}.{e}.{PARAM_NAMES[p]}" if name else f"{e}.{PARAM_NAMES[p]}"] = {
+                "format": str(proj.weight_format),
+                "smoothing": smoothing,
+                "rank": proj.rank,
+                **err,
+            }
+    folded = SVDQExperts(
+        states["fc1"],
+        states["fc2"],
+        layer.act,
+        arg_names=layer.arg_names,
+        storage=layer.storage,
+        handler=layer.handler,
+        source_class=layer.source_class,
+    ).to(layer.fc1.smooth.device)
+    folded.grouped_mm = layer.grouped_mm
+    for p, proj in layer.projections().items():
+        new = folded.projections()[p]
+        for e, x in enumerate(inputs.get(p) or []):
+            if x is None or not x.shape[0]:
+                continue
+            with torch.no_grad():
+                y, y_fold = _expert_output(proj, x, e), _expert_output(new, x, e)
+            r = report[f"{name}.{e}.{PARAM_NAMES[p]}" if name else f"{e}.{PARAM_NAMES[p]}"]
+            r["output_err"] = relative_error(squared_sum(y_fold.double() - y.double()), squared_sum(y))
+            r["tokens"] = int(x.shape[0])
+    return folded, report

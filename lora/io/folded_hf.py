@@ -17,7 +17,7 @@ the layer by a branch-less (rank 0) one of the same formats:
   read). ``W_fold = Q_w(T)``. Usually less accurate (the smoothing protected the activation quantization).
 
 Fused experts (:class:`svdq.experts.SVDQExperts`) are folded per expert in the same two modes
-(:mod:`lora.io.folded_hf_experts`; with ``"fold"`` each expert's static range becomes ``max|x|`` of its routed
+(:mod:`lora.io.fold_experts`; with ``"fold"`` each expert's static range becomes ``max|x|`` of its routed
 inputs) and written per expert (:mod:`lora.io.modelopt_hf_experts`): ``smoothing="fold"`` gives a plain
 ``NVFP4`` checkpoint throughout — the layout vLLM's modelopt loader reads.
 
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from lora.fold import SMOOTHING_MODES, fold_residual, format_report, squared_sum
-from lora.io.folded_hf_experts import fold_experts
+from lora.io.fold_experts import fold_experts
 from lora.io.modelopt_hf import write_torch_modelopt_hf
 from lora.io.modelopt_hf_experts import capture_expert_inputs, experts_meta, svdq_experts
 from lora.io.torch_common import ForwardLoop, capture_inputs

@@ -111,14 +111,15 @@ def test_unknown_format_option_and_kind_errors_before_any_work(tmp_path):
     model = _quantized()
     out = tmp_path / "out"
     with pytest.raises(
-        ValueError, match="unknown export format 'onnx'; known formats: svdq, folded, modelopt-hf, peft"
+        ValueError,
+        match="unknown export format 'onnx'; known formats: svdq, folded, modelopt-hf, peft, compressed-tensors",
     ):
         lora.export(model, out, "onnx")
     with pytest.raises(ValueError, match=r"format 'peft' \(torch models\) takes no option 'max_shard_bytes'"):
         lora.export(model, out, "peft", max_shard_bytes=10)
     assert not out.exists()
-    assert list(EXPORTERS) == ["svdq", "folded", "modelopt-hf", "peft"]
-    assert formats_taking("forward_loop") == ["folded", "modelopt-hf"]
+    assert list(EXPORTERS) == ["svdq", "folded", "modelopt-hf", "peft", "compressed-tensors"]
+    assert formats_taking("forward_loop") == ["folded", "modelopt-hf", "compressed-tensors"]
     assert formats_taking("max_shard_bytes") == ["svdq"]
     from calib.cli.export import FORMATS
 

@@ -108,13 +108,20 @@ def test_old_documents_without_experts_still_load(tmp_path):
     json.dumps(doc)
 
 
-@pytest.mark.parametrize("format", ["peft"])
-def test_formats_without_fused_experts_refuse_them_before_writing(format, tmp_path):
-    model = _quantized("qwen3_moe")
-    with pytest.raises(
-        ValueError,
-        match=rf"format '{format}' does not write fused experts .*formats that do: "
-        r"\['folded', 'modelopt-hf', 'svdq'\]",
-    ):
-        lora.export(model, tmp_path / "out", format=format)
-    assert not (tmp_path / "out").exists()
+def test_a_format_without_fused_experts_refuses_them_before_writing(tmp_path):
+    from lora.io.api import EXPORTERS, register_exporter
+
+    written = []
+    register_exporter("dense-only", lambda model, out_dir: written.append(out_dir), kinds=("torch",))
+    try:
+        model = _quantized("qwen3_moe")
+        with pytest.raises(
+            ValueError,
+            match=r"format 'dense-only' does not write fused experts \(svdq.SVDQExperts at "
+            r"model.layers.0.mlp.experts and 1 more\); formats that do: "
+            r"\['compressed-tensors', 'folded', 'modelopt-hf', 'peft', 'svdq'\]",
+        ):
+            lora.export(model, tmp_path / "out", format="dense-only")
+        assert not written and not (tmp_path / "out").exists()
+    finally:
+        del EXPORTERS["dense-only"]

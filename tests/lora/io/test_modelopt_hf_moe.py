@@ -267,7 +267,7 @@ def test_kept_expert_linears_reproduce_svdq_experts(tmp_path):
     inter = layer.intermediate_size
     assert layer.fc1.layout == "shared-down"
     g = torch.Generator().manual_seed(3)
-    from lora.io.folded_hf_experts import _expert_output
+    from lora.io.fold_experts import _expert_output
 
     for e in range(layer.num_experts):
         pre = f"{name}.{e}"
