@@ -2,8 +2,12 @@
 ids, or the built-in corpus.
 
 Every loader returns a 1-D ``torch.long`` tensor of token ids and fails with a clear error naming the file:
-missing path, no data, non-integer arrays, ids outside ``[0, vocab_size)``, text that is not UTF-8 when a
-tokenizer is given.
+missing path, no data, non-integer arrays, ids outside ``[0, vocab_size)``, text that is not UTF-8.
+
+A file's kind is told by its content, not its name (:func:`file_kind`): a NumPy ``.npy`` header means token
+ids; anything else must be UTF-8 text without NUL bytes. Archives (``.npz``, zip, gzip), raw binary token
+dumps, truncated ``.npy`` files and ``.npy`` arrays of Python objects are refused naming the file (a
+``.npy`` is read with ``allow_pickle=False``: no file can run code).
 """
 
 from __future__ import annotations
@@ -16,6 +20,63 @@ import numpy as np
 import torch
 
 BUILTIN = "builtin"
+NPY_MAGIC = b"\x93NUMPY"
+_ARCHIVES = {b"PK\x03\x04": "a zip archive (.npz?)", b"\x1f\x8b": "a gzip file", b"BZh": "a bzip2 file"}
+
+
+def file_kind(path: Path) -> str:
+    """``"npy"`` or ``"text"`` by content; ``ValueError`` naming ``path`` for archives, binary data and
+    ``.npy``-named files without a NumPy header."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    for magic, what in _ARCHIVES.items():
+        if head.startswith(magic):
+            raise ValueError(f"data file {path} is {what}; give a .npy array of token ids or text files")
+    if path.suffix == ".npy":
+        raise ValueError(f"data file {path} is named .npy but has no NumPy header (not a .npy file)")
+    return "text"
+
+
+def _check_text(name: str, raw: bytes) -> None:
+    """``ValueError`` naming the file unless ``raw`` is UTF-8 text without NUL bytes."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ValueError(
+            f"data file {name} is binary (a NUL byte at offset {nul}), not text; "
+            "token ids must be a .npy array"
+        )
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{name}: not UTF-8 text (byte {exc.start}); token ids must be a .npy array"
+        ) from None
+
+
+def _load_npy(path: Path) -> torch.Tensor:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise ValueError(
+                f"data file {path} holds Python objects (dtype object); token ids must be an integer array"
+            ) from None
+        raise ValueError(
+            f"data file {path} is not a readable .npy array (truncated or damaged): {exc}"
+        ) from None
+    except (EOFError, OSError) as exc:
+        raise ValueError(
+            f"data file {path} is not a readable .npy array (truncated or damaged): {exc}"
+        ) from None
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"data file {path} is not a single .npy array")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: token ids must be integers, got dtype {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > np.iinfo(np.int64).max):
+        raise ValueError(f"{path}: token ids must be ≥ 0, found {int(arr.min())}")
+    return torch.from_numpy(arr.astype(np.int64).reshape(-1))
 
 
 def builtin_corpus(max_bytes: int = 2_000_000) -> bytes:
@@ -69,6 +130,10 @@ def load_tokens(
     Text is byte-level (UTF-8 bytes: ids 0–255) unless ``tokenizer`` names a ``tokenizer.json``; then each
     file is encoded with it (no special tokens added) and the ids concatenated in sorted file order.
     """
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+    ):
+        raise ValueError(f"max_tokens (--tokens) must be a positive integer or None, got {max_tokens!r}")
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if source is None or str(source) == BUILTIN:
         raw = builtin_corpus()
@@ -82,16 +147,20 @@ def load_tokens(
         if not path.exists():
             raise FileNotFoundError(f"data source {path} does not exist")
         what = str(path)
-        if path.suffix == ".npy":
+        if path.is_file() and file_kind(path) == "npy":
             if tok is not None:
                 raise ValueError(f"{path} already holds token ids; --tokenizer applies to text data only")
-            arr = np.load(path, allow_pickle=False)
-            if not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(f"{path}: token ids must be integers, got dtype {arr.dtype}")
-            ids = torch.from_numpy(arr.astype(np.int64).reshape(-1))
+            ids = _load_npy(path)
         else:
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for p in files:
+                if file_kind(p) != "text":
+                    raise ValueError(
+                        f"data directory {path}: {p} holds token ids; a directory holds text files"
+                    )
             texts = [(str(p), p.read_bytes()) for p in files]
+            for name, t in texts:
+                _check_text(name, t)
             raw = b"".join(t for _, t in texts)
             if not raw:
                 ids = torch.empty(0, dtype=torch.long)

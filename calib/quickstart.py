@@ -20,7 +20,6 @@ the pydoc reference prose (shifted domain), byte-level. Rows:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 import time
@@ -292,9 +291,9 @@ def run_quickstart(
     from lora.framework.parallel import destroy_parallel, init_parallel
 
     if device == "cpu" and torch.cuda.is_available():
-        raise SystemExit("--device cpu on a CUDA machine: hide the GPU with CUDA_VISIBLE_DEVICES=''")
+        raise ValueError("--device cpu on a CUDA machine: hide the GPU with CUDA_VISIBLE_DEVICES=''")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
+        raise ValueError("--device cuda requested but CUDA is not available")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     qc = QuickstartConfig(steps=steps, seed=seed, device=device, rank=rank, **overrides)
     init_parallel(seed=seed)
@@ -312,4 +311,7 @@ def run_quickstart(
 
 
 def config_from_file(path: str) -> dict:
-    return json.loads(Path(path).read_text())
+    """TinyMoEConfig fields of a JSON file, validated (:func:`calib.models.read_config_file`)."""
+    from calib.models import read_config_file
+
+    return read_config_file(path)

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from lora.framework import compat
 
 SPECS = ("local", "te", "te-sequential")
+DTYPES = ("float32", "bfloat16", "float16")
+FP8_MODES = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,26 @@ class TinyMoEConfig:
     fp8_recipe: str = "delayed"
 
     def __post_init__(self) -> None:
+        from svdq.config_base import check_field_types
+
+        check_field_types(self)  # ValueError naming the field: wrong types, non-finite numbers
+        for name in ("num_layers", "hidden", "heads", "num_experts", "ffn_hidden", "topk", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TinyMoEConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.seq_len < 1:
+            raise ValueError(f"TinyMoEConfig.seq_len must be ≥ 1, got {self.seq_len}")
+        if self.hidden % self.heads:
+            raise ValueError(f"TinyMoEConfig.hidden {self.hidden} must be a multiple of heads {self.heads}")
+        if self.topk > self.num_experts:
+            raise ValueError(f"TinyMoEConfig.topk {self.topk} must be at most num_experts {self.num_experts}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TinyMoEConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.fp8 is not None and self.fp8 not in FP8_MODES:
+            raise ValueError(f"TinyMoEConfig.fp8 must be None or one of {FP8_MODES}, got {self.fp8!r}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(
+                f"TinyMoEConfig.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}"
+            )
         if self.spec not in SPECS:
             raise ValueError(f"TinyMoEConfig.spec must be one of {SPECS}, got {self.spec!r}")
         if self.fp8 is not None and self.spec == "local":
@@ -66,7 +89,10 @@ class TinyMoEConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown TinyMoEConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as exc:  # a required field missing (none is today) or a bad call
+            raise ValueError(f"TinyMoEConfig: {exc}") from None
 
 
 def transformer_config(cfg: TinyMoEConfig):

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from calib.models import LoadedModel
 from lora.io.atomic import atomic_output_dir, atomic_write_file, temporary_sibling
+from lora.io.values import first_non_finite
 from lora.model import adapter_modules, save_adapters
 from svdq.config_base import ConfigBase
 
@@ -114,9 +115,15 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 def load_adapter_file(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """:func:`lora.load_adapters` for the command line: every problem with the file is a ``ValueError``
     naming the file and tensor (a missing tensor too), or ``FileNotFoundError``."""
+    from safetensors import safe_open
+
     from lora.model import adapter_file_format, load_adapters
 
     adapter_file_format(path)
+    with safe_open(str(path), framework="pt") as fh:
+        bad = first_non_finite((k, fh.get_tensor(k)) for k in fh.keys())
+    if bad is not None:
+        raise ValueError(f"adapter file {path}: tensor {bad} holds NaN or inf")
     try:
         return load_adapters(model, path)
     except KeyError as exc:
@@ -243,6 +250,24 @@ def save_checkpoint(
     return final
 
 
+def read_state(path: str | os.PathLike, required: tuple[str, ...] = ("config",)) -> dict:
+    """``state.json`` of a fine-tuning checkpoint directory; ``ValueError`` naming the file when it is
+    unreadable, truncated or not a JSON object."""
+    f = Path(path) / "state.json"
+    try:
+        state = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"fine-tuning checkpoint {path}: {f.name} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{f}: not valid JSON (truncated or damaged: {exc})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{f}: not a JSON object")
+    for key in required:
+        if key not in state:
+            raise ValueError(f"{f}: field {key!r} is missing (not a complete fine-tuning checkpoint)")
+    return state
+
+
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
 ) -> dict:
@@ -251,7 +276,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path, ("config", "losses", "lrs", "grad_norms", "step", "optimizer", "rng"))
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a fine-tuning checkpoint (format {state.get('format')!r})")
     saved_names = state["optimizer"]["param_names"]
@@ -319,7 +344,7 @@ def check_resumable(path: str | os.PathLike, cfg: TrainConfig, run_info: dict | 
     """Raise ``ValueError`` (listing ``{field: (was, now)}``) unless the checkpoint at ``path`` was made
     with the same :class:`TrainConfig` and, when given, the same ``run_info``; returns its state."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     now = _fields(cfg.to_dict())
     defaults = {
         f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
@@ -334,22 +359,33 @@ def check_resumable(path: str | os.PathLike, cfg: TrainConfig, run_info: dict | 
     return state
 
 
-def _train_step(lm: LoadedModel, optimizer, params: list, batches, cfg: TrainConfig, k: int, on_cuda: bool):
+def _train_step(
+    lm: LoadedModel, optimizer, names_params: list, batches, cfg: TrainConfig, k: int, on_cuda: bool
+):
     """Update ``k``: set ``lr(k)``, mean token loss of its batch (bf16 autocast on CUDA), backward, clip the
-    gradient norm to ``cfg.grad_clip``, AdamW step. Returns ``(loss, lr, gradient norm before clipping)``."""
+    gradient norm to ``cfg.grad_clip``, AdamW step. Returns ``(loss, lr, gradient norm before clipping)``.
+    ``FloatingPointError`` naming the step and the first non-finite tensor when the loss, a gradient or an
+    updated adapter tensor is not finite (``names_params``: ``[(name, parameter)]``)."""
+    params = [p for _, p in names_params]
     lr = lr_at(k, cfg)
     for g in optimizer.param_groups:
         g["lr"] = lr
     batch = batches[batch_index(k, len(batches), cfg.seed)]
     with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
         loss = lm.token_losses(batch).mean()
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"step {k + 1}: the loss is {value}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if not math.isfinite(float(norm)):
+        bad = first_non_finite((n, p.grad) for n, p in names_params if p.grad is not None)
+        raise FloatingPointError(f"step {k + 1}: the gradient of {bad} is not finite")
     optimizer.step()
-    value = loss.item()
-    if not math.isfinite(value):
-        raise FloatingPointError(f"finetune: the loss of step {k + 1} is {value}")
+    bad = first_non_finite((n, p) for n, p in names_params)
+    if bad is not None:
+        raise FloatingPointError(f"step {k + 1}: adapter tensor {bad} became non-finite after the update")
     return value, lr, float(norm)
 
 
@@ -419,10 +455,19 @@ def finetune(
         }
         save_checkpoint(checkpoint_dir, step, model, optimizer, names, state, keep)
 
+    last_good = [resume_from]
     try:
         with guard:
             for k in range(start, end):
-                value, lr, norm = _train_step(lm, optimizer, list(params.values()), batches, cfg, k, on_cuda)
+                try:
+                    value, lr, norm = _train_step(
+                        lm, optimizer, list(params.items()), batches, cfg, k, on_cuda
+                    )
+                except FloatingPointError as exc:
+                    kept = (
+                        f"the last good checkpoint is {last_good[0]}" if last_good[0] else "no checkpoint yet"
+                    )
+                    raise FloatingPointError(f"finetune stopped at {exc}; {kept}") from None
                 losses.append(value)
                 lrs.append(lr)
                 norms.append(norm)
@@ -430,6 +475,7 @@ def finetune(
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
                 if (save_every and (k + 1) % save_every == 0) or k + 1 == end:
                     checkpoint(k + 1)
+                    last_good[0] = Path(checkpoint_dir) / checkpoint_name(k + 1)
     finally:
         bar.close()
     model.eval()

@@ -106,6 +106,8 @@ def add_adapters(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> list
         raise ValueError(
             f"no Megatron or TE linear, SequentialMLP or TEGroupedMLP matched targets {list(config.targets)}"
         )
+    for name, m, _ in plans:
+        _check_rank(name, m, config)
     for name, m, family in plans:
         new = family.make_adapter(model, name, m, config)
         new.lora_config = config
@@ -278,6 +280,46 @@ def _branch_metadata(model: nn.Module) -> dict[str, str]:
     }
 
 
+def _full_dims(linear: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a (possibly tensor-parallel) linear's whole weight."""
+    from lora.adapters.layers import linear_mode
+    from lora.framework.te import tp_group_of
+    from lora.framework.tp import group_rank_size
+
+    out_f, in_f = linear.weight.shape
+    try:
+        mode = linear_mode(linear)
+        size = group_rank_size(tp_group_of(linear))[1]
+    except (TypeError, AttributeError):
+        return out_f, in_f
+    return (out_f * size, in_f) if mode == "column" else (out_f, in_f * size)
+
+
+def _check_rank(name: str, m: nn.Module, config: LoraConfig) -> None:
+    """``ValueError`` naming the layer when a branch's rank exceeds ``min(out, in)`` of its weight."""
+    experts = _is_experts(m)
+    for sub_name, sub in m.named_modules():
+        w = getattr(sub, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        if experts:
+            proj = next((p for p in ("fc1", "fc2") if f"linear_{p}" in sub_name.split(".")), None)
+            if proj is None or getattr(config, f"{proj}_layout") is None:
+                continue
+            branch = f"{name}.linear_{proj}"
+        elif sub_name:
+            continue
+        else:
+            branch = name
+        out_f, in_f = _full_dims(sub)
+        r = config.rank_for(branch)
+        if r > min(out_f, in_f):
+            raise ValueError(
+                f"add_adapters: rank {r} of {branch} exceeds min(out, in) = {min(out_f, in_f)} of its "
+                f"weight ({out_f} × {in_f})"
+            )
+
+
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write every adapter factor as a whole tensor (:func:`full_adapter_state_dict`) and the configs
     (JSON metadata) to a safetensors file, atomically (:func:`lora.io.atomic.atomic_write_file`).
@@ -305,6 +347,12 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
             raise ValueError("the model has no adapters")
         tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
         meta = _branch_metadata(model)
+
+    from lora.io.values import first_non_finite
+
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise ValueError(f"save_adapters: adapter tensor {bad} holds NaN or inf; refusing to write {path}")
 
     def write() -> None:
         if not path.parent.is_dir():

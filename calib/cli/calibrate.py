@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calib.cli.common import MODEL_HELP, MODEL_KEY, add_data_args, add_hf_args
+from calib.cli.common import MODEL_HELP, MODEL_KEY, add_data_args, add_hf_args, nonneg_int, positive_int
 from calib.models import build_model, resolve_source, write_hf_config
 from svdq.solvers.shared_basis import (
     AUTO,
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model-config", type=Path, default=None, help="TinyMoEConfig fields (JSON file)")
     add_hf_args(p)
     add_data_args(p, tokens_default=16384)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank", type=positive_int, default=16)
     p.add_argument(
         "--layout",
         default=None,
@@ -61,20 +61,21 @@ def add_parser(sub) -> None:
         choices=["static", "dynamic"],
         help="activation quantization range: calibrated per layer (static) or per call (dynamic)",
     )
-    p.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per calibration batch")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model")
 
 
 def run(args) -> int:
     from calib.calibrate import CalibConfig, calibrate
-    from calib.cli.common import device_of
+    from calib.cli.common import check_free_space, check_out_dir, device_of, quantized_size_estimate
     from calib.data import load_tokens, token_batches
     from lora.framework.parallel import destroy_parallel, init_parallel
     from lora.io.svdq_export import export_quantized
     from svdq import SVDQConfig
 
     layout = expert_layouts(args.layout)  # a bad --layout fails here, before any work
+    check_out_dir(args.out)
     svdq_cfg = SVDQConfig(rank=args.rank, weight_format=args.format, act_format=args.format, seed=args.seed)
     source = resolve_source(
         args.model, args.model_config, args.seed, seq_len=args.seq_len, backend=args.backend
@@ -82,9 +83,13 @@ def run(args) -> int:
     model_dir = args.out / "model"
     if model_dir.exists() and not args.overwrite:
         raise FileExistsError(f"{model_dir} exists; choose another --out or pass --overwrite")
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ValueError(f"{model_dir} is a file, not a directory")
+    created = not args.out.exists()
     init_parallel(seed=args.seed)
     try:
         lm = build_model(source)
+        check_free_space(args.out, quantized_size_estimate(lm.model, args.format))
         ids = load_tokens(args.data, lm.vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer)
         batches = token_batches(ids, lm.seq_len, batch=args.batch, device=device_of(lm.model))
 
@@ -115,6 +120,10 @@ def run(args) -> int:
         }
         export_quantized(lm.model, model_dir, metadata=metadata, overwrite=args.overwrite)
         write_hf_config(lm, model_dir)  # a Hugging Face model's config.json travels with it
+    except BaseException:
+        if created and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()  # nothing partial: not even the empty --out this run created
+        raise
     finally:
         destroy_parallel()
     report.print()

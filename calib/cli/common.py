@@ -31,6 +31,19 @@ def add_model_args(p, *, checkpoint: bool, model: bool = True) -> None:
         p.add_argument(
             "--checkpoint", type=Path, help="quantized checkpoint directory (svdq calibrate/export)"
         )
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="skip the per-tensor checksums of --checkpoint (trusted multi-GB checkpoints; the value "
+            "checks stay)",
+        )
+    if checkpoint and model:
+        p.add_argument(
+            "--trust-model-source",
+            action="store_true",
+            help="build the module:function factory recorded in --checkpoint (imports and calls that "
+            "code; without it a recorded factory must be repeated as --model)",
+        )
     if model:
         p.add_argument(
             "--model",
@@ -53,7 +66,7 @@ def add_hf_args(p, *, checkpoint: bool = False) -> None:
     recorded = "; default: the checkpoint's" if checkpoint else ""
     p.add_argument(
         "--seq-len",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"hf:DIR models: tokens per sequence (default {DEFAULT_HF_SEQ_LEN}, at most the config's "
         f"max_position_embeddings{recorded}); the vocabulary is the config's vocab_size",
@@ -73,7 +86,7 @@ def add_data_args(p, tokens_default: int | None) -> None:
         "--tokenizer", type=Path, default=None, help="tokenizer.json for text data (default: bytes)"
     )
     help_tokens = "tokens to use" + (f" (default {tokens_default})" if tokens_default else " (default: all)")
-    p.add_argument("--tokens", type=int, default=tokens_default, help=help_tokens)
+    p.add_argument("--tokens", type=positive_int, default=tokens_default, help=help_tokens)
 
 
 def checkpoint_source(path: str | os.PathLike) -> ModelSource:
@@ -100,7 +113,20 @@ def model_source(args) -> ModelSource:
         raise ValueError("--model-config needs --model")
     if getattr(args, "checkpoint", None) is None:
         raise ValueError("pass --checkpoint DIR or --model SRC")
-    return with_options(checkpoint_source(args.checkpoint), **options)
+    source = checkpoint_source(args.checkpoint)
+    check_trusted(source, args.checkpoint, getattr(args, "trust_model_source", False))
+    return with_options(source, **options)
+
+
+def check_trusted(source: ModelSource, checkpoint, trusted: bool) -> None:
+    """``ValueError`` for a ``module:function`` factory recorded in a checkpoint unless ``trusted``: a file
+    never makes svdq import or call code (the built-in sources ``tiny``, ``megatron:DIR``, ``hf:DIR`` are
+    data and need no trust)."""
+    if source.kind == "factory" and not trusted:
+        raise ValueError(
+            f"checkpoint {checkpoint} records the model factory {source.spec!r}; svdq does not import code "
+            f"a file names: repeat it as --model {source.spec} or pass --trust-model-source"
+        )
 
 
 def load_data(args, vocab_size: int, seq_len: int, batch: int, device=None):
@@ -139,9 +165,11 @@ def open_model_and_data(args, batch: int | None, *, trainable: bool = False):
     if ids is None and batch is not None:
         ids, batches = load_data(args, lm.vocab_size, lm.seq_len, batch, device_of(lm.model))
     if ckpt is not None:
+        from lora.io.container import verification
         from lora.io.svdq_export import load_quantized
 
-        load_quantized(lm.model, ckpt, trainable=trainable)
+        with verification(not getattr(args, "no_verify", False)):
+            load_quantized(lm.model, ckpt, trainable=trainable)
     if adapters is not None:
         load_adapter_file(lm.model, adapters)
     return lm, ids, batches
@@ -167,3 +195,114 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise ValueError(f"size {text!r}: use a positive number with B, KB, MB, GB, TB or KiB, MiB, GiB")
     return int(value * units[unit])
+
+
+# ------------------------------------------------------------------------------ argument validation
+
+
+def _number(text: str, kind, what: str, ok, bound: str):
+    import argparse
+    import math
+
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    return _number(text, int, "an integer", lambda v: v >= 1, "≥ 1")
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    return _number(text, int, "an integer", lambda v: v >= 0, "≥ 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, float, "a number", lambda v: v > 0, "> 0")
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite number ≥ 0."""
+    return _number(text, float, "a number", lambda v: v >= 0, "≥ 0")
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return _number(text, float, "a number", lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``ValueError`` naming ``flag`` unless ``path`` can become a directory: it is a directory or missing,
+    no ancestor is a file, and the nearest existing ancestor is writable (directories are created)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a directory")
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise ValueError(f"{flag} {path} lies under {base}, which is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {base} is not writable")
+    return path
+
+
+def check_out_file(path: str | os.PathLike, flag: str) -> Path:
+    """``ValueError`` naming ``flag`` unless ``path`` can be written as a file: not a directory, its
+    directory exists (is a directory) and is writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    parent = path.absolute().parent
+    if not parent.exists():
+        raise ValueError(f"{flag} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: directory {parent} is not writable")
+    return path
+
+
+def check_free_space(path: str | os.PathLike, need: int, flag: str = "--out") -> None:
+    """``ValueError`` when the file system of ``path`` (its nearest existing ancestor) has less than
+    ``need`` bytes (the expected output size, plus 5 %) free."""
+    import shutil
+
+    base = _existing_ancestor(Path(path))
+    free = shutil.disk_usage(base).free
+    if free < need * 1.05:
+        raise ValueError(
+            f"{flag} {path}: {free / 1e6:.1f} MB free on {base}, the output needs about {need / 1e6:.1f} MB"
+        )
+
+
+def tree_size(path: str | os.PathLike) -> int:
+    """Total size in bytes of the files under ``path`` (or of the file ``path``; 0 if missing)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def quantized_size_estimate(model: torch.nn.Module, fmt: str) -> int:
+    """A low estimate of a calibrated model's checkpoint size: ``bytes_per_weight`` of the format for every
+    parameter (nvfp4 / int4 ≈ 0.56, fp8 ≈ 1, none: the parameter's own size)."""
+    per = {"nvfp4": 0.56, "int4": 0.56, "fp8": 1.0}.get(str(fmt).split("-")[0])
+    total = 0.0
+    for p in model.parameters():
+        total += p.numel() * (per if per is not None else p.element_size())
+    return int(total)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from calib.cli.common import add_data_args, add_model_args
+from calib.cli.common import add_data_args, add_model_args, nonneg_int, positive_int
 from calib.models import LoadedModel
 
 
@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     add_model_args(p, checkpoint=True)
     p.add_argument("--adapters", type=Path, default=None, help="adapter file to load (svdq finetune)")
     add_data_args(p, tokens_default=65536)
-    p.add_argument("--batch", type=int, default=8, help="sequences per batch")
-    p.add_argument("--seed", type=int, default=0, help="weight seed of --model tiny")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per batch")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="weight seed of --model tiny")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
 
 
@@ -57,6 +57,10 @@ def run(args) -> int:
         raise ValueError("pass --checkpoint DIR or --model SRC")
     if args.batch < 1:
         raise ValueError("--batch must be ≥ 1")
+    if args.json is not None:
+        from calib.cli.common import check_out_file
+
+        check_out_file(args.json, "--json")
     init_parallel(seed=args.seed)
     try:
         lm, _, batches = open_model_and_data(args, args.batch)

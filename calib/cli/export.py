@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calib.cli.common import MODEL_KEY, add_data_args, add_model_args, parse_size
+from calib.cli.common import MODEL_KEY, add_data_args, add_model_args, nonneg_int, parse_size, positive_int
 
 # the parser is built without importing lora (megatron-core: seconds, and import warnings); the names are
 # those of lora.io.api.EXPORTERS, in its order (tests/calib/cli/test_export_formats.py checks it)
@@ -82,7 +82,7 @@ def add_parser(sub) -> None:
     )
     add_data_args(p, tokens_default=4096)
     p.set_defaults(data=None)  # no data unless given: only the formats taking a forward loop use it
-    p.add_argument("--batch", type=int, default=8, help="sequences per --data batch")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per --data batch")
     p.add_argument(
         "--fold-smoothing",
         default="keep",
@@ -98,13 +98,13 @@ def add_parser(sub) -> None:
         "from the model's activation format",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
 
 
 def _check_args(args) -> None:
     """Every input problem that needs no model (``ValueError`` / ``FileNotFoundError`` /
     ``FileExistsError``, one line each)."""
-    from calib.cli.common import checkpoint_source
+    from calib.cli.common import check_free_space, check_out_dir, checkpoint_source, tree_size
     from lora.io import api
 
     if args.checkpoint is None:
@@ -122,8 +122,10 @@ def _check_args(args) -> None:
         raise ValueError(f"--ct-scheme applies to --format compressed-tensors, not to --format {args.format}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    if args.out.exists() and not args.out.is_dir():
-        raise FileExistsError(f"{args.out} exists and is not a directory")
+    check_out_dir(args.out)
+    check_free_space(
+        args.out, tree_size(args.checkpoint) + (tree_size(args.adapters) if args.adapters else 0)
+    )
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite or choose another --out")
     if args.out.resolve() == args.checkpoint.resolve():

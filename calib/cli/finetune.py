@@ -17,27 +17,41 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from calib.cli.common import add_data_args, add_model_args
+from calib.cli.common import (
+    add_data_args,
+    add_model_args,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    unit_float,
+)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="train the adapters of a quantized checkpoint")
     add_model_args(p, checkpoint=True)
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, adapters, losses)")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps")
     add_data_args(p, tokens_default=None)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr of the cosine decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--dropout", type=float, default=0.0, help="adapter dropout on the branch inputs")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=nonneg_int, default=10, help="linear warmup steps")
+    p.add_argument(
+        "--min-lr-ratio", type=unit_float, default=0.1, help="final lr / peak lr of the cosine decay"
+    )
+    p.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--dropout", type=nonneg_float, default=0.0, help="adapter dropout on the branch inputs")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per step")
+    p.add_argument(
+        "--save-every", type=nonneg_int, default=5, help="checkpoint every N steps (0 = only at the end)"
+    )
+    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="data order seed")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--stop-at", type=int, default=None, help="save a checkpoint after step K and stop")
+    p.add_argument(
+        "--stop-at", type=positive_int, default=None, help="save a checkpoint after step K and stop"
+    )
 
 
 def run(args) -> int:
@@ -72,6 +86,9 @@ def run(args) -> int:
         raise ValueError("--save-every must be ≥ 0 and --keep ≥ 1")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise ValueError(f"--stop-at must lie in [1, --steps={args.steps}]")
+    from calib.cli.common import check_free_space, check_out_dir
+
+    check_out_dir(args.out)
     ckpt_root = args.out / "checkpoints"
     resume_from = None
     if args.resume:
@@ -90,6 +107,9 @@ def run(args) -> int:
     init_parallel(seed=args.seed)
     try:
         lm, ids, batches = open_model_and_data(args, cfg.batch, trainable=True)
+        # per checkpoint: the adapters and two AdamW moments; --keep of them plus the final file
+        adapter_bytes = sum(p.numel() * p.element_size() for p in adapter_parameters(lm.model).values())
+        check_free_space(args.out, adapter_bytes * (3 * (args.keep + 1) + 1))
         run_info = {
             "checkpoint": str(args.checkpoint.resolve()),
             "model": lm.source.to_dict(),

@@ -10,21 +10,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from calib.cli.common import nonneg_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("save-model", help="write a Megatron GPT-MoE as a megatron:DIR model source")
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--model", default="tiny", help="'tiny' or 'megatron:DIR'")
     p.add_argument("--model-config", type=Path, default=None, help="TinyMoEConfig fields (JSON file)")
-    p.add_argument("--seed", type=int, default=0, help="weight seed of --model tiny")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="weight seed of --model tiny")
     p.add_argument("--overwrite", action="store_true")
 
 
 def run(args) -> int:
+    from calib.cli.common import check_out_dir
     from calib.models import build_model, resolve_source, save_megatron_model
     from calib.tiny_moe import TinyMoEConfig
     from lora.framework.parallel import destroy_parallel, init_parallel
 
+    check_out_dir(args.out)
     source = resolve_source(args.model, args.model_config, args.seed)
     if source.kind not in ("tiny", "megatron"):
         raise ValueError(f"save-model writes Megatron models ('tiny' or 'megatron:DIR'), not {args.model}")

@@ -17,8 +17,20 @@ version); what else it says (layers, naming) is up to the caller (:mod:`lora.io.
 ``checksum`` is the SHA-256 of the canonical JSON of the header's ``__metadata__`` (without the checksum)
 and every tensor's ``[dtype, shape]`` (for the index: of ``metadata`` and ``weight_map``). Together with
 the structural checks of :class:`CheckpointReader` (data offsets contiguous and matching dtype × shape,
-total data size = file size) every change of a header byte is detected. Tensor *data* is not
-checksummed (that would mean reading everything).
+total data size = file size) every change of a header byte is detected.
+
+**Tensor data.** Each file's ``__metadata__`` also holds ``tensor_checksums``: JSON
+``{"algorithm": "crc32", "tensors": {name: 8 hex digits}}``, the CRC-32 (``zlib.crc32``, about 3 GiB/s on
+one core; see bench/bench_checksum.py) of every tensor's raw little-endian bytes. :meth:`CheckpointReader.get`
+verifies a tensor's checksum when it reads it (``verify=False``, or :func:`verification` ``(False)``, skips
+it for trusted multi-GB checkpoints), and always checks its values against their domain
+(:mod:`lora.io.values`: scales and smoothing finite and positive, no NaN anywhere, ...). Files written before
+per-tensor checksums existed have no ``tensor_checksums`` and load with the value checks only. The
+checksums are unkeyed: they catch damage and careless edits, not an attacker who recomputes them (no file
+is trusted to run code, see calib/cli/common.py).
+
+Before writing, every floating tensor must be finite (``ValueError`` naming the first that is not; the
+int4 multiplier ``weight_scale``, which is ``inf`` for an all-zero group, is checked for NaN only).
 
 **Atomic writes** (:func:`lora.io.atomic.atomic_output_dir`). Everything is written into a temporary sibling
 directory ``.<name>.tmp-<pid>-<id>``, which is renamed to ``out_dir`` only when complete; on any error it is
@@ -29,11 +41,14 @@ is replaced only after the new directory is complete.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import importlib.metadata
 import json
 import os
 import struct
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +57,7 @@ import torch
 from torch import Tensor
 
 from lora.io.atomic import atomic_output_dir, check_output_dir, current_umask
+from lora.io.values import check_values
 
 FORMAT = "svdq"
 NAMING_VERSION = "1"
@@ -49,6 +65,30 @@ SUPPORTED_NAMING_VERSIONS = ("1",)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 512 * 1024 * 1024
+CHECKSUMS_KEY = "tensor_checksums"
+CHECKSUM_ALGORITHM = "crc32"
+_VERIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("svdq_verify_checksums", default=True)
+
+
+@contextlib.contextmanager
+def verification(enabled: bool):
+    """Within the block, :class:`CheckpointReader` objects created without ``verify=`` verify the per-tensor
+    checksums only if ``enabled`` (``with verification(False): load_quantized(...)`` for a trusted file)."""
+    token = _VERIFY.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VERIFY.reset(token)
+
+
+def tensor_checksum(t: Tensor) -> str:
+    """CRC-32 (8 hex digits) of the raw bytes of the CPU tensor ``t`` (any dtype)."""
+    t = t.detach().contiguous()
+    if t.numel() == 0:
+        return f"{zlib.crc32(b''):08x}"
+    raw = t.reshape(-1).view(torch.uint8).numpy()
+    return f"{zlib.crc32(memoryview(raw)):08x}"
+
 
 # torch dtype <-> safetensors dtype string
 DTYPES: dict[torch.dtype, str] = {
@@ -119,6 +159,19 @@ def _plan_shards(tensors: dict[str, Tensor], max_shard_bytes: int | None) -> lis
     return shards
 
 
+def _check_finite(name: str, t: Tensor) -> None:
+    """Refuse writing non-finite values (the int4 multiplier may be ``inf``: checked by its domain)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if name.endswith(".weight_scale") and t.dtype != torch.float8_e4m3fn:
+        check_values(name, t.detach().cpu(), "cannot write")
+        return
+    x = t.detach()
+    x = x.float() if x.element_size() < 4 else x
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"cannot write tensor {name}: it holds NaN or inf")
+
+
 def _check_tensors(tensors: dict[str, Tensor]) -> None:
     for name, t in tensors.items():
         if not isinstance(name, str) or not name or name == "__metadata__":
@@ -129,19 +182,30 @@ def _check_tensors(tensors: dict[str, Tensor]) -> None:
             raise TypeError(
                 f"tensor {name}: dtype {t.dtype} cannot be stored; supported: {list(DTYPE_NAMES.values())}"
             )
+        _check_finite(name, t)
 
 
 def _save_file(tensors: dict[str, Tensor], path: Path, header_meta: dict[str, str]) -> None:
     """One safetensors file (separate function so tests can make it fail midway)."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=header_meta)
+    try:
+        save_file(tensors, str(path), metadata=header_meta)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError for I/O failures too
+        raise OSError(f"{path}: cannot write: {exc}") from exc
     os.chmod(path, 0o666 & ~current_umask())  # safetensors creates files 0600; use the usual permissions
 
 
 def _write_file(names: Iterable[str], tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
     part = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
     specs = {n: (DTYPES[t.dtype], list(t.shape)) for n, t in part.items()}
+    sums = {n: tensor_checksum(t) for n, t in part.items()}
+    meta = {
+        **meta,
+        CHECKSUMS_KEY: json.dumps({"algorithm": CHECKSUM_ALGORITHM, "tensors": sums}, sort_keys=True),
+    }
     meta = {**meta, "checksum": _header_checksum(meta, specs)}
     # safetensors refuses tensors sharing memory; clone those
     seen: set[int] = set()
@@ -291,10 +355,12 @@ class CheckpointReader:
     a tensor listed in the index but absent from its shard; ``FileNotFoundError`` for a missing shard.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, verify: bool | None = None):
         self.path, single, index = resolve(path)
+        self.verify = _VERIFY.get() if verify is None else bool(verify)
         self._handles: dict[Path, Any] = {}
         self.files: dict[str, Path] = {}
+        self.checksums: dict[str, str] = {}  # tensor -> crc32 hex (absent in files of older versions)
         raw: dict[str, tuple[str, list[int]]] = {}
         if single is not None:
             meta, specs = _read_header(single)
@@ -307,6 +373,7 @@ class CheckpointReader:
                 raise ValueError(f"{single}: field 'metadata' is missing or not JSON ({exc})") from exc
             raw = specs
             self.files = dict.fromkeys(specs, single)
+            self.checksums.update(_tensor_checksums(meta, specs, single))
             source = single
         else:
             self.metadata = self._read_index(index, raw)
@@ -337,6 +404,7 @@ class CheckpointReader:
             _check_fields(meta, shard)
             if meta.get("checksum") != _header_checksum(meta, specs):
                 raise ValueError(f"{shard}: header checksum mismatch (the header was modified or damaged)")
+            self.checksums.update(_tensor_checksums(meta, specs, shard))
             for name in specs:
                 if weight_map.get(name) != fname:
                     raise ValueError(f"{shard}: tensor {name} is not listed for this shard in {index.name}")
@@ -368,7 +436,9 @@ class CheckpointReader:
             )
 
     def get(self, name: str) -> Tensor:
-        """Load tensor ``name`` (CPU)."""
+        """Load tensor ``name`` (CPU): its checksum verified (unless ``verify`` is off; files without
+        checksums skip this) and its values checked (:mod:`lora.io.values`); ``ValueError`` naming the
+        file and tensor otherwise."""
         if name not in self.specs:
             raise KeyError(f"tensor {name} is missing from the checkpoint {self.path}")
         from safetensors import safe_open
@@ -377,9 +447,16 @@ class CheckpointReader:
         try:
             if path not in self._handles:
                 self._handles[path] = safe_open(str(path), framework="pt")
-            return self._handles[path].get_tensor(name)
+            t = self._handles[path].get_tensor(name)
         except Exception as exc:  # safetensors raises its own error type
             raise ValueError(f"{path}: cannot read tensor {name}: {exc}") from exc
+        expected = self.checksums.get(name)
+        if self.verify and expected is not None and tensor_checksum(t) != expected:
+            raise ValueError(
+                f"{path}: tensor {name}: data checksum mismatch (the file is damaged or was modified; "
+                f"{CHECKSUM_ALGORITHM} {tensor_checksum(t)}, recorded {expected})"
+            )
+        return check_values(name, t, str(path))
 
     def close(self) -> None:
         self._handles.clear()
@@ -389,6 +466,26 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _tensor_checksums(meta: dict[str, str], specs: dict, source: Path) -> dict[str, str]:
+    """The per-tensor checksums recorded in a file's ``__metadata__`` (``{}`` for older files)."""
+    text = meta.get(CHECKSUMS_KEY)
+    if text is None:
+        return {}
+    try:
+        doc = json.loads(text)
+        sums = doc["tensors"]
+        ok = doc.get("algorithm") == CHECKSUM_ALGORITHM and isinstance(sums, dict)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        ok = False
+    if (
+        not ok
+        or set(sums) != set(specs)
+        or not all(isinstance(v, str) and len(v) == 8 for v in sums.values())
+    ):
+        raise ValueError(f"{source}: field {CHECKSUMS_KEY!r} is malformed or does not list every tensor")
+    return dict(sums)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

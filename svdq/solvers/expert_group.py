@@ -81,6 +81,7 @@ from svdq.formats import (
     quantize_tensor,
     trusted_inputs,
 )
+from svdq.solvers.linear import named_errors
 from svdq.solvers.lowrank import relative_error
 from svdq.solvers.shared_basis import (
     AUTO,
@@ -287,7 +288,7 @@ def decompose_expert_group(
     W = _stack(weights, name)
     offset = _expert_offset(W.shape[0], ep_group, W.device) if expert_offset is None else int(expert_offset)
     _validate_everywhere(W, stats, config, name, offset, ep_group)
-    with trusted_inputs():  # weights and statistics are validated: no per-call NaN syncs
+    with named_errors(name), trusted_inputs():  # weights and statistics are validated: no NaN syncs
         g = _ExpertProjection(W, list(stats), config, projection, layout, ep_group, name, offset, score_rows)
         del W
         state, steps, figures, budget = _search(g, layout, budget, alternations, cg_iters)
@@ -473,6 +474,11 @@ def _validate_everywhere(W: Tensor, stats, config: SVDQConfig, name: str, offset
 
 def _validate(W: Tensor, stats, config: SVDQConfig, name: str, offset: int) -> None:
     E, _, n_in = W.shape
+    if W.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"{name}: weight dtype {W.dtype} is not supported (float32, bfloat16 or float16); "
+            "cast the model first, e.g. model.float()"
+        )
     bad = (~torch.isfinite(W).flatten(1).all(dim=1)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"{name}: weights of experts {[offset + i for i in bad]} contain NaN or Inf")

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -85,10 +86,30 @@ class SVDQResult:
         }
 
 
+SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def named_errors(name: str):
+    """Re-raise a ``ValueError`` / ``ArithmeticError`` / ``torch.linalg.LinAlgError`` from inside the
+    numerics of module ``name`` as a ``ValueError`` that starts with the name (already named ones pass)."""
+    try:
+        yield
+    except (ValueError, ArithmeticError, torch.linalg.LinAlgError) as exc:
+        if str(exc).startswith(name):
+            raise
+        raise ValueError(f"{name}: {exc}") from exc
+
+
 def validate_layer(name: str, weight: Tensor, config: SVDQConfig) -> None:
     """Raise a ``ValueError`` naming ``name`` if ``weight (out × in)`` cannot be decomposed."""
     if weight.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if weight.dtype not in SUPPORTED_WEIGHT_DTYPES:
+        raise ValueError(
+            f"{name}: weight dtype {weight.dtype} is not supported (float32, bfloat16 or float16); "
+            "cast the model first, e.g. model.float()"
+        )
     out_f, in_f = weight.shape
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{name}: weight contains NaN or Inf")
@@ -114,6 +135,11 @@ def decompose_linear(
     then the layer is decomposed from its weight alone (``s = 1``, no whitening, weight-error scoring)
     and the result is flagged ``weight_only``. Runs on ``weight``'s device, in float32/float64.
     """
+    with named_errors(name):
+        return _decompose_linear(weight, stats, config, name)
+
+
+def _decompose_linear(weight: Tensor, stats: InputStats | None, config: SVDQConfig, name: str) -> SVDQResult:
     t0 = time.perf_counter()
     validate_layer(name, weight, config)
     if stats is not None and stats.nonfinite:

@@ -57,7 +57,7 @@ def _summary(line: str) -> tuple[str, float, float]:
 
 def test_torch_model_exports_modelopt_hf_peft_and_folded(corpus, tmp_path):
     ckpt = tmp_path / "c" / "model"
-    exp = ["export", "--checkpoint", ckpt]
+    exp = ["export", "--checkpoint", ckpt, "--trust-model-source"]  # the checkpoint records a factory
     cases = [
         ["calibrate", "--out", tmp_path / "c", *MODEL, "--data", corpus, "--rank", "8", "--tokens", "4096"],
         [*exp, "--out", tmp_path / "hf", "--format", "modelopt-hf"],

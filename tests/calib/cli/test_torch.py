@@ -20,6 +20,9 @@ def corpus(tmp_path_factory):
     return path
 
 
+EXP = ["export", "--trust-model-source", "--checkpoint"]
+
+
 @pytest.mark.slow
 def test_factory_model_workflow_crash_and_exact_resume(corpus, tmp_path):
     c, ft, exp = tmp_path / "c", tmp_path / "ft", tmp_path / "exp"
@@ -27,6 +30,7 @@ def test_factory_model_workflow_crash_and_exact_resume(corpus, tmp_path):
         "finetune",
         "--checkpoint",
         c / "model",
+        "--trust-model-source",  # the checkpoint records a module:function factory
         "--data",
         corpus,
         "--steps",
@@ -37,10 +41,18 @@ def test_factory_model_workflow_crash_and_exact_resume(corpus, tmp_path):
     cases = [
         ["calibrate", "--out", c, *MODEL, "--data", corpus, "--rank", "8", "--tokens", "8192"],
         [*ft_args, "--out", ft, "--lr", "3e-3", "--batch", "4"],
-        ["export", "--checkpoint", c / "model", "--adapters", ft / "adapters.safetensors", "--out", exp],
-        ["eval", "--checkpoint", exp, "--data", corpus],
-        ["eval", "--checkpoint", c / "model", "--adapters", ft / "adapters.safetensors", "--data", corpus],
-        ["eval", "--checkpoint", c / "model", "--data", corpus],
+        [*EXP, c / "model", "--adapters", ft / "adapters.safetensors", "--out", exp],
+        ["eval", "--trust-model-source", "--checkpoint", exp, "--data", corpus],
+        [
+            "eval",
+            "--trust-model-source",
+            "--checkpoint",
+            c / "model",
+            "--adapters",
+            ft / "adapters.safetensors",
+        ]
+        + ["--data", corpus],
+        ["eval", "--trust-model-source", "--checkpoint", c / "model", "--data", corpus],
     ]
     results = run_cli_cases(cases)
     for argv, (code, _, err) in zip(cases, results):
