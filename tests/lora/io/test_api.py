@@ -112,7 +112,8 @@ def test_unknown_format_option_and_kind_errors_before_any_work(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(
         ValueError,
-        match="unknown export format 'onnx'; known formats: svdq, folded, modelopt-hf, peft, compressed-tensors",
+        match="unknown export format 'onnx'; known formats: svdq, folded, modelopt-hf, peft, "
+        "compressed-tensors",
     ):
         lora.export(model, out, "onnx")
     with pytest.raises(ValueError, match=r"format 'peft' \(torch models\) takes no option 'max_shard_bytes'"):
