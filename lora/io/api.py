@@ -163,6 +163,11 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "svdq", *
             f"format {format!r} ({kind} models) takes no option {', '.join(map(repr, unknown))}; "
             f"its options: {', '.join(takes)}"
         )
+    from lora.io.values import first_non_finite
+
+    bad = first_non_finite(model.named_parameters())  # adapters, 16-bit weights (buffers checked per format)
+    if bad is not None:
+        raise ValueError(f"parameter {bad} holds NaN or inf: refusing to export a non-finite model")
     if not exporter.fused_experts:
         from svdq.experts import SVDQExperts
 

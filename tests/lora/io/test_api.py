@@ -274,3 +274,14 @@ def test_megatron_refuses_torch_only_formats_before_any_work(tmp_path, fmt):
     with pytest.raises(ValueError, match=f"format '{fmt}': .*not Megatron models; use format 'svdq'"):
         lora.export(_megatron(), tmp_path / "out", fmt)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("format", ["svdq", "folded", "modelopt-hf", "peft"])
+def test_non_finite_adapters_are_refused_by_every_format_before_writing(format, tmp_path):
+    model = _quantized()
+    name, p = next((n, p) for n, p in model.named_parameters() if "lora_up" in n)
+    with torch.no_grad():
+        p.view(-1)[3] = float("nan")
+    with pytest.raises(ValueError, match=rf"parameter {name} holds NaN or inf"):
+        lora.export(model, tmp_path / "out", format)
+    assert not (tmp_path / "out").exists()
