@@ -41,6 +41,7 @@ config sets ``lora_alpha = r`` so PEFT's scaling ``lora_alpha / r`` is 1 (layers
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -178,7 +179,11 @@ def _write_hf_adapter(
             wrapper.lora_A["default"].weight.copy_(A)
             wrapper.lora_B["default"].weight.copy_(B)
     pm.save_pretrained(str(out))
-    return pm.peft_config["default"].to_dict()
+    cfg_file = Path(out) / "adapter_config.json"  # PEFT records the model's own name_or_path: ours instead
+    cfg = json.loads(cfg_file.read_text())
+    cfg["base_model_name_or_path"] = name_or_path
+    write_json(cfg_file, cfg)
+    return cfg
 
 
 def _param_wrapper(wrapped: dict[str, nn.Module], module_name: str, param: str) -> nn.Module:
@@ -266,7 +271,9 @@ def export_peft(
             state = _base_model_state(model, dtype)
             fresh = _fresh_hf_model(model, state)
             fresh.save_pretrained(str(tmp / BASE_DIR))
-            config = _write_hf_adapter(fresh, model, tmp, base_model_name_or_path, task_type, dtype)
+            # the adapter is for the residual base written beside it, not for the original weights
+            name_or_path = str((Path(out_dir) / BASE_DIR).resolve()) if base else base_model_name_or_path
+            config = _write_hf_adapter(fresh, model, tmp, name_or_path, task_type, dtype)
             if not base:
                 import shutil
 

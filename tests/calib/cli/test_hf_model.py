@@ -98,7 +98,7 @@ def test_hf_workflow_keeps_module_names_and_config(saved, tmp_path):
             and meta["user"]["model"]["config"]["seq_len"] == 32
         )
     peft_cfg = json.loads((peft / "adapter_config.json").read_text())
-    assert peft_cfg["base_model_name_or_path"] == str(qwen.resolve())
+    assert peft_cfg["base_model_name_or_path"] == str((peft / "base").resolve())  # the residual base
     assert set(peft_cfg["target_modules"]) == _attention_linears()
     assert _config(fc / "model")["model_type"] == "qwen3_moe"  # a factory's transformers model: its config
     assert set(read_metadata(fc / "model")["layers"]) == _attention_linears()
