@@ -11,8 +11,9 @@ Face model's names (svdq/DESIGN.md §14): what :mod:`lora.io.modelopt_hf` writes
 says ``"megatron-hf"``, for which this module registers ``modelopt-hf`` (:func:`export_megatron_modelopt_hf`)
 and ``folded`` (:func:`export_megatron_folded_hf`); every other format (``svdq``) is the Megatron one.
 
-**How.** The quantized sites are read as the svdq export reads them (:func:`lora.io.svdq_export.gather_megatron`,
-naming version "1": whole tensors, global expert indices, ``lora_up`` with the adapter scaling), one
+**How.** The quantized sites are read as the svdq export reads them
+(:func:`lora.io.svdq_export.gather_megatron`, naming version "1": whole tensors, global expert indices,
+``lora_up`` with the adapter scaling), one
 :class:`~lora.io.naming.LinearState` per Megatron linear; the architecture file maps them back
 (:mod:`calib.hf.arch.base`: ``hf_linear_parts``, ``hf_experts_module``, ``hf_tensors``):
 
@@ -177,7 +178,9 @@ def megatron_hf_linears(model: nn.Module) -> MegatronLinears:
                     if down is None or up is None:
                         raise ValueError(f"{prefix}: the branch factors are missing")
                 states.append(
-                    LinearState(st.residual, st.smooth, st.act_format, down, up, st.bias, st.input_amax, st.dtype)
+                    LinearState(
+                        st.residual, st.smooth, st.act_format, down, up, st.bias, st.input_amax, st.dtype
+                    )
                 )
             states, gaps = _fill_ranges(f"{group}.linear_{proj}", states)
             experts[group][proj], layouts[group][proj] = states, (pmeta["layout"], pmeta["rank"])
@@ -188,7 +191,9 @@ def megatron_hf_linears(model: nn.Module) -> MegatronLinears:
 
 
 def _with_amax(st: LinearState, amax: Tensor | None) -> LinearState:
-    return LinearState(st.residual, st.smooth, st.act_format, st.lora_down, st.lora_up, st.bias, amax, st.dtype)
+    return LinearState(
+        st.residual, st.smooth, st.act_format, st.lora_down, st.lora_up, st.bias, amax, st.dtype
+    )
 
 
 def _fill_ranges(who: str, states: list[LinearState]) -> tuple[list[LinearState], list[int]]:
@@ -219,7 +224,9 @@ def _hf_linears(lin: MegatronLinears, arch: HFArch, shape: MoEShape):
         try:
             parts = hf_linear_parts(site, arch, shape)
         except KeyError:
-            raise ValueError(f"{shape.model_type}: the quantized Megatron linear {site} has no HF linear") from None
+            raise ValueError(
+                f"{shape.model_type}: the quantized Megatron linear {site} has no HF linear"
+            ) from None
         whole = [n for n, r in parts.items() if r is None]
         split = split_rows(st, {n: r for n, r in parts.items() if r is not None}) if not whole else {}
         for n in parts:
@@ -229,7 +236,9 @@ def _hf_linears(lin: MegatronLinears, arch: HFArch, shape: MoEShape):
         try:
             module = hf_experts_module(group, arch)
         except KeyError:
-            raise ValueError(f"{shape.model_type}: the Megatron experts module {group} has no HF one") from None
+            raise ValueError(
+                f"{shape.model_type}: the Megatron experts module {group} has no HF one"
+            ) from None
         experts[module] = []
         for g, (fc1, fc2) in enumerate(zip(by_proj["fc1"], by_proj["fc2"], strict=True)):
             inter = fc1.shape[0] // 2
@@ -389,7 +398,8 @@ def _capture(model: nn.Module, lin: MegatronLinears, forward_loop, max_tokens: i
 
 
 def _fold(who: str, st: LinearState, smoothing: str, x: Tensor | None, raw_amax: Tensor | None):
-    """``(rank-0 LinearState, errors)``: the branch folded into the residual (:func:`lora.fold.fold_residual`)."""
+    """``(rank-0 LinearState, errors)``: the branch folded into the residual
+    (:func:`lora.fold.fold_residual`)."""
     from lora.fold import fold_residual
     from svdq.formats import dequantize
 
@@ -434,7 +444,9 @@ def export_megatron_folded_hf(
     lin = megatron_hf_linears(model)
     source = {
         "layers": {s: {"rank": st.rank} for s, st in lin.dense.items()},
-        "experts": {g: {p: {"layout": lo, "rank": r} for p, (lo, r) in by.items()} for g, by in lin.layouts.items()},
+        "experts": {
+            g: {p: {"layout": lo, "rank": r} for p, (lo, r) in by.items()} for g, by in lin.layouts.items()
+        },
     }
     captured = _capture(model, lin, forward_loop, max_tokens) if forward_loop is not None else {}
     report: dict[str, dict] = {}

@@ -119,7 +119,7 @@ def register_exporter(
 
 def model_kind(model: nn.Module) -> str:
     """``"megatron"`` for a model with Megatron linears / experts or adapters on them (``"megatron-hf"``
-when it carries :data:`HF_ORIGIN`), else ``"torch"``."""
+    when it carries :data:`HF_ORIGIN`), else ``"torch"``."""
     from lora.families import is_megatron_model
 
     if not is_megatron_model(model):
