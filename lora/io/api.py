@@ -16,7 +16,7 @@ module, :func:`register_exporter` adds one):
   (:class:`svdq.SVDQLinear` layers): :func:`lora.io.folded_hf.export_folded_hf`, modelopt's HF NVFP4 layout.
   Both return the fold report (:attr:`Exported.report`).
 * ``modelopt-hf`` — :func:`lora.io.modelopt_hf.export_modelopt_hf` (torch models): nvidia-modelopt's HF
-  layout for NVFP4 SVDQuant.
+  layout for NVFP4 SVDQuant; Megatron models imported from Hugging Face: ``calib.hf.to_hf`` (below).
 * ``compressed-tensors`` — :func:`lora.io.compressed_tensors.export_compressed_tensors` (torch models,
   fused experts too): the branch folded into NVFP4 weights written by the compressed-tensors library
   (``nvfp4-pack-quantized``, what vLLM / transformers read); returns the fold report.
@@ -284,7 +284,8 @@ def _register_builtin() -> None:
         export_modelopt_hf,
         kinds=("torch",),
         not_for="{modelopt-hf}: the modelopt HF layout and PEFT adapters are for dense torch models "
-        "(svdq.SVDQLinear layers, NVFP4 W4A4), not Megatron models; use {svdq} (adapters kept) "
+        "(svdq.SVDQLinear layers, NVFP4 W4A4) and Megatron models imported from Hugging Face "
+        "(calib.hf.to_megatron), not Megatron models; use {svdq} (adapters kept) "
         "or {folded} (adapters merged into the 4-bit weights)",
         fused_experts=True,
     )

@@ -320,3 +320,36 @@ def test_fold_smoothing_needs_a_forward_loop(megatron_world, tmp_path):
     with pytest.raises(ValueError, match=r"smoothing='fold' needs forward_loop"):
         lora.export(_megatron("mixtral"), tmp_path / "x", format="folded", smoothing="fold")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_cli_exports_a_megatron_twin_checkpoint_in_both_variants(tmp_path):
+    """``svdq calibrate --model hf:DIR --backend megatron`` then ``svdq export --format modelopt-hf`` /
+    ``--format folded --fold-smoothing fold --data builtin``: the HF names, modelopt's configs."""
+    from tests.helpers import hf_models
+    from tests.helpers.cli import no_temporaries, run_cli_cases
+
+    qwen = hf_models.save(hf_models.build(hf_models.qwen3_moe_config(), seed=1), tmp_path / "qwen")
+    c, k, f = tmp_path / "c", tmp_path / "k", tmp_path / "f"
+    small = ["--tokens", "512", "--seq-len", "32"]
+    cases = [
+        ["calibrate", "--out", c, "--model", f"hf:{qwen}", "--backend", "megatron", *small, "--rank", "4"],
+        ["export", "--checkpoint", c / "model", "--out", k, "--format", "modelopt-hf"],
+        ["export", "--checkpoint", c / "model", "--out", f, "--format", "folded", "--fold-smoothing", "fold"]
+        + ["--data", "builtin", *small],
+    ]
+    results = run_cli_cases(cases)
+    assert [r[0] for r in results] == [0, 0, 0], [r[2][-3000:] for r in results]
+    assert "modelopt HF NVFP4 layout, Hugging Face names" in results[2][1]
+    hf_cfg = json.loads((qwen / "config.json").read_text())
+    for out, algo in ((k, "NVFP4_SVD"), (f, "NVFP4")):
+        q = _json(out, "hf_quant_config.json")["quantization"]
+        assert q["quant_algo"] == algo and "lm_head" in q["exclude_modules"]
+        assert any(n.endswith("mlp.gate") for n in q["exclude_modules"])
+        cfg = _json(out, "config.json")
+        assert cfg["quantization_config"]["quant_algo"] == algo and cfg["model_type"] == hf_cfg["model_type"]
+        t = _layout(out)
+        assert "model.layers.0.self_attn.k_proj.weight_scale_2" in t
+        assert "model.layers.1.mlp.experts.3.up_proj.input_scale" in t
+        assert not any(k_.startswith("decoder.") for k_ in t)
+    assert not no_temporaries(tmp_path)
