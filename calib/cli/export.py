@@ -44,6 +44,10 @@ every output is written to a temporary directory renamed into place, so a failed
   (W4A4, the default for nvfp4-activation models) needs ``--data`` for the static activation global scales;
   ``NVFP4A16`` is weight-only. Plain torch / Hugging Face models only. Prints the fold report.
 
+``hf:DIR --backend megatron`` models (the Megatron twin, :mod:`calib.hf.to_hf`) are written in ``modelopt-hf``
+and ``folded`` as modelopt's HF layout under the Hugging Face names (q / k / v, gate / up split back), at
+tensor / expert parallelism 1.
+
 A Hugging Face model (``hf:DIR``, or a factory returning a transformers model) keeps its module names in every
 format, and ``EXP/config.json`` is its ``config.json`` (for ``modelopt-hf`` / torch ``folded`` the model's
 config with ``quantization_config`` added). ``hf:DIR`` models of ``--backend torch`` are plain torch models,
@@ -147,7 +151,12 @@ def run(args) -> int:
     from lora.io.svdq_export import read_export_metadata
 
     _check_args(args)
-    kind = model_source(args).backend  # tiny / megatron:DIR / hf:DIR --backend megatron: Megatron models
+    source = model_source(args)
+    kind = source.backend  # tiny / megatron:DIR / hf:DIR --backend megatron: Megatron models
+    if source.kind == "hf" and kind == "megatron":  # the Megatron twin of an HF model: HF names, modelopt
+        import calib.hf.to_hf  # noqa: F401  (registers modelopt-hf / folded for these models)
+
+        kind = "megatron-hf"
     api.check_format(args.format, kind, spell=lambda name: f"--format {name}")
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size else None
     previous = read_export_metadata(args.checkpoint).get("user") or {}

@@ -31,6 +31,9 @@ Vocabulary: the Megatron vocabulary is the HF one rounded up to a multiple of
 rows of the embedding and output layer are zero, so padded logit columns are 0 — slice
 ``logits[..., :hf_vocab]`` before a softmax (:func:`padded_vocab_size`).
 
+The model carries :data:`lora.io.api.HF_ORIGIN` (:func:`calib.hf.to_hf.attach_origin`): ``lora.export``
+writes it in modelopt's HF layout under the HF names (``modelopt-hf``, ``folded``; svdq/DESIGN.md §14).
+
 Tensors: Megatron weights in ``dtype`` (default float32); logits ``model(tokens (b, s), position_ids
 (b, s), None)`` are ``(b, s, V_pad / tp)`` per tensor-parallel rank.
 """
@@ -145,9 +148,21 @@ def megatron_from_hf(
     else:
         hf_state = _hf_state_dict(hf_model_or_dir, root, dtype)
         load_hf_weights(model, hf_state, arch, shape, vocab)
+    from calib.hf.to_hf import attach_origin  # registers modelopt's HF layout for these models too
+
+    attach_origin(model, cfg, _hf_dtype(hf_model_or_dir, cfg, dtype))
     if torch.cuda.is_available():
         model = model.cuda()
     return model
+
+
+def _hf_dtype(hf_model_or_dir, cfg, default: torch.dtype) -> torch.dtype:
+    """The dtype of the HF weights: the model's parameters, else the config's ``dtype``, else ``default``."""
+    if isinstance(hf_model_or_dir, nn.Module):
+        p = next(hf_model_or_dir.parameters(), None)
+        return p.dtype if p is not None else default
+    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    return d if isinstance(d, torch.dtype) else default
 
 
 def _check_parallel(shape: MoEShape, tp: int, ep: int) -> None:

@@ -16,12 +16,19 @@ module, :func:`register_exporter` adds one):
   (:class:`svdq.SVDQLinear` layers): :func:`lora.io.folded_hf.export_folded_hf`, modelopt's HF NVFP4 layout.
   Both return the fold report (:attr:`Exported.report`).
 * ``modelopt-hf`` — :func:`lora.io.modelopt_hf.export_modelopt_hf` (torch models): nvidia-modelopt's HF
-  layout for NVFP4 SVDQuant.
+  layout for NVFP4 SVDQuant; Megatron models imported from Hugging Face: ``calib.hf.to_hf`` (below).
 * ``compressed-tensors`` — :func:`lora.io.compressed_tensors.export_compressed_tensors` (torch models,
   fused experts too): the branch folded into NVFP4 weights written by the compressed-tensors library
   (``nvfp4-pack-quantized``, what vLLM / transformers read); returns the fold report.
 * ``peft`` — :func:`lora.io.peft.export_peft` (torch models, fused experts too): the branches as a PEFT
   LoRA adapter, with the residual base it applies to in ``base/``.
+
+**Megatron models imported from Hugging Face** (kind ``"megatron-hf"``, a refinement of ``"megatron"``): a
+Megatron model carrying the attribute :data:`HF_ORIGIN` (set by ``calib.hf.to_megatron.megatron_from_hf``)
+uses the exporters registered for ``"megatron-hf"`` and, for a format without one, those of
+``"megatron"`` (:data:`KIND_PARENTS`). ``calib.hf.to_hf`` registers ``modelopt-hf`` and ``folded`` for it on
+import (modelopt's HF layout under the Hugging Face model's names; lora never imports calib), so the
+Megatron ``folded`` (svdq format) stays what Megatron models not built from Hugging Face get.
 
 ``options`` are the exporter's keyword arguments (see each function); an unknown format, a format that
 does not apply to the model kind or an option the exporter does not take raises a one-line ``ValueError``
@@ -46,7 +53,9 @@ from typing import Any
 
 from torch import nn
 
-MODEL_KINDS = ("torch", "megatron")
+MODEL_KINDS = ("torch", "megatron", "megatron-hf")
+KIND_PARENTS = {"megatron-hf": "megatron"}  # a kind without its own exporter for a format uses its parent's
+HF_ORIGIN = "svdq_hf_origin"  # attribute of a Megatron model imported from Hugging Face (module docstring)
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ def register_exporter(
     name: str,
     fn: Callable[..., Any],
     *,
-    kinds: tuple[str, ...] = MODEL_KINDS,
+    kinds: tuple[str, ...] = ("torch", "megatron"),
     layout: str | None = None,
     returns_report: bool = False,
     not_for: str | None = None,
@@ -109,10 +118,20 @@ def register_exporter(
 
 
 def model_kind(model: nn.Module) -> str:
-    """``"megatron"`` for a model with Megatron linears / experts or adapters on them, else ``"torch"``."""
+    """``"megatron"`` for a model with Megatron linears / experts or adapters on them (``"megatron-hf"``
+    when it carries :data:`HF_ORIGIN`), else ``"torch"``."""
     from lora.families import is_megatron_model
 
-    return "megatron" if is_megatron_model(model) else "torch"
+    if not is_megatron_model(model):
+        return "torch"
+    return "megatron-hf" if getattr(model, HF_ORIGIN, None) is not None else "megatron"
+
+
+def _exporter_for(format: str, kind: str) -> Exporter | None:
+    exporter = EXPORTERS[format].get(kind)
+    if exporter is None and kind in KIND_PARENTS:
+        return _exporter_for(format, KIND_PARENTS[kind])
+    return exporter
 
 
 def _quoted(name: str) -> str:
@@ -126,7 +145,7 @@ def check_format(format: str, kind: str, spell: Callable[[str], str] = _quoted) 
     if format not in EXPORTERS:
         known = ", ".join(EXPORTERS)
         raise ValueError(f"unknown export format {format!r}; known formats: {known}")
-    exporter = EXPORTERS[format].get(kind)
+    exporter = _exporter_for(format, kind)
     if exporter is None:
         template = _NOT_FOR.get(format)
         if template is None:
@@ -173,7 +192,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "svdq", *
 
         fused = [n for n, m in model.named_modules() if isinstance(m, SVDQExperts)]
         if fused:
-            takes = sorted(f for f, by_kind in EXPORTERS.items() if by_kind[kind].fused_experts)
+            takes = sorted(f for f in EXPORTERS if getattr(_exporter_for(f, kind), "fused_experts", False))
             raise ValueError(
                 f"format {format!r} does not write fused experts (svdq.SVDQExperts at {fused[0]}"
                 f"{f' and {len(fused) - 1} more' if len(fused) > 1 else ''}); formats that do: {takes}"
@@ -270,7 +289,8 @@ def _register_builtin() -> None:
         export_modelopt_hf,
         kinds=("torch",),
         not_for="{modelopt-hf}: the modelopt HF layout and PEFT adapters are for dense torch models "
-        "(svdq.SVDQLinear layers, NVFP4 W4A4), not Megatron models; use {svdq} (adapters kept) "
+        "(svdq.SVDQLinear layers, NVFP4 W4A4) and Megatron models imported from Hugging Face "
+        "(calib.hf.to_megatron), not Megatron models; use {svdq} (adapters kept) "
         "or {folded} (adapters merged into the 4-bit weights)",
         fused_experts=True,
     )

@@ -19,6 +19,14 @@ Tensors of one NVFP4 linear ``<m>`` (``out × in``, ``dtype`` the layer's 16/32-
     <m>.weight_quantizer._svdquant_lora_b   dtype     (out, r)  B           (NVFP4_SVD)
     <m>.bias              dtype          (out,)        if any
 
+A fused linear of another model (Megatron's ``linear_qkv`` ``[q; k; v]`` rows per query group, an expert's
+``linear_fc1`` ``[gate; up]``) is written as its Hugging Face linears by :func:`split_rows`: the packed
+residual's rows split exactly (block scales are per row), every part keeps the fused tensor's
+``weight_scale_2`` (what vLLM needs for fused q / k / v and gate / up), and the parts reading the same
+input share its ``smooth`` (``pre_quant_scale``), ``input_amax`` (``input_scale``) and ``lora_down``
+(``lora_a``); ``lora_up`` (``lora_b``) and ``bias`` split by rows. :func:`linear_state_tensors` writes one
+:class:`lora.io.naming.LinearState` (naming version "1", whole tensors).
+
 The algorithm of a layer is the one modelopt's ``get_quantization_format`` gives it: ``NVFP4_SVD`` with a
 branch, ``NVFP4_AWQ`` without a branch but with smoothing, ``NVFP4`` (no ``pre_quant_scale``: the layout
 vLLM's modelopt loader reads) without either. Besides modelopt's files, ``hf_quant_config.json`` and
@@ -36,6 +44,7 @@ import torch
 from torch import Tensor
 
 from lora.io.atomic import atomic_output_dir
+from lora.io.naming import LinearState
 from lora.io.torch_common import write_json
 
 E2M1_MAX, E4M3_MAX = 6.0, 448.0
@@ -114,6 +123,70 @@ def nvfp4_linear_tensors(
     if bias is not None:
         out["bias"] = bias.detach().to(dtype)
     return {_join(name, k): v.detach().cpu().contiguous().clone() for k, v in out.items()}, algo
+
+
+def linear_state_tensors(
+    name: str, state: LinearState, input_amax: Tensor | float | None = None, factor_keys: str = "quantizer"
+) -> tuple[dict[str, Tensor], str]:
+    """:func:`nvfp4_linear_tensors` of a whole NVFP4 linear ``state``; ``input_amax``: its static range
+    (default ``state.input_amax``; ``ValueError`` naming ``name`` when it has none)."""
+    residual = state.residual
+    if residual.fmt.name != "nvfp4" or state.act_format.name != "nvfp4":
+        raise ValueError(
+            f"{name}: modelopt's NVFP4 layouts need nvfp4 weights and activations (W4A4); this layer has "
+            f"weight={residual.fmt}, act={state.act_format}"
+        )
+    amax = state.input_amax if input_amax is None else input_amax
+    if amax is None:
+        raise ValueError(
+            f"{name}: no static activation range (input_amax), which modelopt's input_scale needs; "
+            "calibrate with act_range='static'"
+        )
+    return nvfp4_linear_tensors(
+        name,
+        residual.qdata,
+        residual.scale,
+        residual.global_scale,
+        amax,
+        smooth=state.smooth,
+        lora_down=state.lora_down,
+        lora_up=state.lora_up,
+        bias=state.bias,
+        dtype=state.dtype,
+        factor_keys=factor_keys,
+    )
+
+
+def split_rows(state: LinearState, parts: Mapping[str, Tensor]) -> dict[str, LinearState]:
+    """``{part: LinearState}`` of a fused linear split by output rows (module docstring); ``parts``: each
+    part's row indices (int64, into the fused ``out`` rows), together a partition of them."""
+    out_f, in_f = state.shape
+    rows = torch.cat([torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in parts.values()])
+    if rows.numel() != out_f or not torch.equal(torch.sort(rows).values, torch.arange(out_f)):
+        raise ValueError(f"the parts {list(parts)} do not partition the {out_f} rows of the fused linear")
+    res = state.residual
+    split = {}
+    for part, idx in parts.items():
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1).to(res.qdata.device)
+        residual = type(res)(
+            res.fmt,
+            (int(idx.numel()), in_f),
+            res.dtype,
+            res.qdata[idx].contiguous(),  # (rows, in/2)
+            None if res.scale is None else res.scale[idx].contiguous(),  # (rows, in/16)
+            res.global_scale,  # () the fused tensor's
+        )
+        split[part] = LinearState(
+            residual,
+            state.smooth,
+            state.act_format,
+            state.lora_down,
+            None if state.lora_up is None else state.lora_up[idx],  # (rows, r)
+            None if state.bias is None else state.bias[idx],  # (rows,)
+            state.input_amax,
+            state.dtype,
+        )
+    return split
 
 
 def _join(name: str, leaf: str) -> str:

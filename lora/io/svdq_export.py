@@ -144,6 +144,18 @@ def _check_writable(out: Path, overwrite: bool) -> None:
 def _export_megatron(model, out: Path, max_shard_bytes, metadata, overwrite, progress) -> Path:
     check_no_pipeline()
     rank0_call(_check_writable, out, overwrite)
+    ordered, document = gather_megatron(model, metadata, progress)
+    return rank0_call(
+        write_checkpoint, out, ordered, document, max_shard_bytes=max_shard_bytes, overwrite=overwrite
+    )
+
+
+def gather_megatron(model: nn.Module, metadata: dict | None = None, progress: bool = False):
+    """``(tensors, document)`` of naming version "1" (module docstring) for a quantized Megatron model,
+    in memory: whole tensors (tensor-parallel shards gathered, global expert indices) on global rank 0
+    (``{}`` on the other ranks) and the metadata document. Collective; what :func:`export_quantized` writes
+    and what other writers (e.g. modelopt's HF layout for models imported from Hugging Face) convert."""
+    check_no_pipeline()
     dense, expert_groups = find_sites(model)
     if not dense and not expert_groups:
         raise ValueError("the model has no quantized layer (SVDQBase) to export; calibrate it first")
@@ -178,10 +190,7 @@ def _export_megatron(model, out: Path, max_shard_bytes, metadata, overwrite, pro
         "other_tensors": other,
         "user": metadata or {},
     }
-    ordered = {k: tensors[k] for k in sorted(tensors, key=_natural)}
-    return rank0_call(
-        write_checkpoint, out, ordered, document, max_shard_bytes=max_shard_bytes, overwrite=overwrite
-    )
+    return {k: tensors[k] for k in sorted(tensors, key=_natural)}, document
 
 
 def _natural(key: str) -> list:

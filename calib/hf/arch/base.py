@@ -23,6 +23,12 @@ HF tensors (transformers 5, fused experts), all ``dtype`` of the HF model:
   ``mlp.shared_expert_gate.weight`` (1, H) (output scaled by ``sigmoid(gate · x)``: Megatron's
   ``moe_shared_expert_gate``, ``shared_experts.gate_weight``)
 
+The way back (Megatron → HF names, for modelopt's HF layout, :mod:`calib.hf.to_hf`): :func:`hf_module`
+(a name key's module), :func:`qkv_rows` (which fused rows are q / k / v), :func:`hf_linear_parts` (a
+quantized Megatron linear → its HF linears and rows), :func:`hf_experts_module` (an experts module's HF
+name) and :func:`hf_tensors` (every other Megatron tensor → its HF tensors, the inverse of
+:func:`megatron_tensor`).
+
 Megatron's fused ``linear_qkv.weight`` is ``(ng·(nh/ng + 2)·d, H)``: per query group its query heads, then
 its key head, then its value head; an expert's ``linear_fc1.weight`` is ``[gate; up]`` (2I, H).
 """
@@ -225,3 +231,83 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
     out = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
     out[: t.shape[0]] = t
     return out
+
+
+# ------------------------------------------------------------------------------------ the way back
+
+
+def hf_module(arch: HFArch, key: str, layer: int | None = None) -> str:
+    """The HF module (in-memory name) holding the tensor of name key ``key`` (``….weight`` stripped)."""
+    name = arch.names[key].format(layer)
+    return name[: -len(".weight")] if name.endswith(".weight") else name.rpartition(".")[0]
+
+
+def qkv_rows(shape: MoEShape) -> dict[str, Tensor]:
+    """``{"q", "k", "v": row indices into linear_qkv}``: per query group its ``nh/ng`` query heads, its key
+    head, its value head (the interleave of :func:`megatron_tensor` undone)."""
+    ng, d = shape.kv_heads, shape.head_dim
+    per = shape.heads // ng
+    idx = torch.arange(ng * (per + 2) * d).reshape(ng, per + 2, d)  # (ng, nh/ng + 2, d)
+    return {
+        "q": idx[:, :per].reshape(-1),  # (nh·d,) in HF head order
+        "k": idx[:, per].reshape(-1),  # (ng·d,)
+        "v": idx[:, per + 1].reshape(-1),  # (ng·d,)
+    }
+
+
+def _layer_rest(name: str) -> tuple[int, str]:
+    m = _LAYER.fullmatch(name)
+    if m is None:
+        raise KeyError(name)
+    return int(m.group(1)), m.group(2)
+
+
+def hf_linear_parts(site: str, arch: HFArch, shape: MoEShape) -> dict[str, Tensor | None]:
+    """``{HF linear: rows of the Megatron linear (None: all)}`` for a quantized dense Megatron linear
+    ``site`` (canonical name); ``KeyError`` for a linear without HF counterpart."""
+    layer, rest = _layer_rest(site)
+    if rest == "self_attention.linear_qkv":
+        return {hf_module(arch, p, layer): r for p, r in qkv_rows(shape).items()}
+    if rest == "self_attention.linear_proj":
+        return {hf_module(arch, "o", layer): None}
+    if rest == "mlp.shared_experts.linear_fc1":
+        n = shape.shared_ffn
+        return {
+            hf_module(arch, "shared_gate", layer): torch.arange(n),
+            hf_module(arch, "shared_up", layer): torch.arange(n, 2 * n),
+        }
+    if rest == "mlp.shared_experts.linear_fc2":
+        return {hf_module(arch, "shared_down", layer): None}
+    raise KeyError(site)
+
+
+def hf_experts_module(group: str, arch: HFArch) -> str:
+    """The HF fused experts module of the Megatron experts module ``decoder.layers.<l>.mlp.experts``."""
+    layer, rest = _layer_rest(group)
+    if rest != "mlp.experts":
+        raise KeyError(group)
+    return hf_module(arch, "gate_up", layer)
+
+
+def hf_tensors(name: str, t: Tensor, arch: HFArch, shape: MoEShape) -> dict[str, Tensor]:
+    """``{HF tensor name: tensor}`` of the whole Megatron tensor ``name`` (canonical, not part of a
+    quantized linear): the inverse of :func:`megatron_tensor`, vocabulary padding dropped. A tied output
+    layer gives nothing (HF writes the embedding once). ``KeyError`` for a tensor without HF counterpart
+    (e.g. the weights of an unquantized experts module, which HF keeps fused)."""
+    names = arch.names
+    if name == "embedding.word_embeddings.weight":
+        return {names["embed"]: t[: shape.vocab_size]}  # (V, H)
+    if name == "output_layer.weight":
+        return {} if shape.tie_embeddings else {names["lm_head"]: t[: shape.vocab_size]}
+    if name == "decoder.final_layernorm.weight":
+        return {names["final_norm"]: t}
+    layer, rest = _layer_rest(name)
+    if rest in _PLAIN:
+        return {names[_PLAIN[rest]].format(layer): t}
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        leaf = "" if rest.endswith("weight") else "_bias"
+        return {names[f"{p}{leaf}"].format(layer): t[r] for p, r in qkv_rows(shape).items()}
+    if rest == "mlp.shared_experts.linear_fc1.weight":
+        n = shape.shared_ffn
+        return {names["shared_gate"].format(layer): t[:n], names["shared_up"].format(layer): t[n:]}
+    raise KeyError(name)
