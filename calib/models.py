@@ -382,7 +382,10 @@ def _load_megatron_weights(model: nn.Module, root: Path) -> None:
     from megatron.core import dist_checkpointing
 
     check_megatron_checkpoint(model, root)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(root)))
+    from lora.framework.safe_metadata import restricted_checkpoint_metadata
+
+    with restricted_checkpoint_metadata(root):  # no arbitrary unpickling of the directory's .metadata
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(root)))
 
 
 def check_megatron_checkpoint(model: nn.Module, root: str | os.PathLike) -> None:
@@ -393,8 +396,13 @@ def check_megatron_checkpoint(model: nn.Module, root: str | os.PathLike) -> None
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     root = Path(root)
+    from lora.framework.safe_metadata import restricted_checkpoint_metadata
+
     try:
-        saved = dist_checkpointing.load_tensors_metadata(str(root))
+        with restricted_checkpoint_metadata(root):  # no arbitrary unpickling of the directory's .metadata
+            saved = dist_checkpointing.load_tensors_metadata(str(root))
+    except ValueError:
+        raise
     except Exception as exc:  # megatron raises its own CheckpointingException / FileNotFoundError
         raise ValueError(f"{root} is not a Megatron distributed checkpoint: {exc}") from None
 
