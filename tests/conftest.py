@@ -8,6 +8,11 @@ import torch
 
 from lora.framework.parallel import destroy_parallel, free_port, init_parallel
 
+# Without CUDA, Triton kernels (svdq.kernels) run in Triton's interpreter. Set before any kernel module is
+# imported: @triton.jit reads it when a kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
