@@ -44,12 +44,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svdq.experts.ops import expert_mm, quant_rows
+from svdq.experts.projection import grouped_projection
 from svdq.experts.storage import ExpertResiduals
-from svdq.formats import QuantFormat, parse_format, trusted_inputs
+from svdq.formats import QuantFormat, parse_format
 from svdq.residual import check_storage, static_range_supported
 from svdq.solvers.shared_basis import PER_EXPERT, SHARED_DOWN, SHARED_UP
 
@@ -234,29 +233,27 @@ class ExpertProjection(nn.Module):
         grouped: bool | None,
     ) -> Tensor:
         """``x``: ``(T, in)`` tokens gathered by ``rows (S,)`` (fc1), or ``(S, in)`` rows already (``rows``
-        ``None``, fc2); ``ids (S,)`` the rows' experts, sorted. Returns ``(S, out)``."""
-        dt, E = x.dtype, self.num_experts
-        xg = x if rows is None else x[rows]  # (S, in)
-        if self.smooth.dim() == 1:  # shared smoothing: once per token, then gathered
-            xs = (x.float() / self.smooth).to(dt)
-            xs = xs if rows is None else xs[rows]
-        else:
-            xs = (xg.float() / self.smooth[ids]).to(dt)  # (S, in)
-        with trusted_inputs():  # a NaN input shows in the output anyway: no per-call host sync
-            xq = quant_rows(xs, ids, self.act_format, E, self.input_amax, self._amax_record)
-            y = expert_mm(xq, self.residual_weight(dt), counts, offs, grouped)  # (S, out)
-        if self.rank:
-            A, B = self.lora_down.to(dt), self.lora_up.to(dt)
-            if self.layout == SHARED_DOWN:  # one down GEMM over all tokens, before the gather
-                u = F.linear(x, A)
-                u = u if rows is None else u[rows]  # (S, r)
-            else:
-                u = expert_mm(xg, A, counts, offs, grouped)
-            v = F.linear(u, B) if self.layout == SHARED_UP else expert_mm(u, B, counts, offs, grouped)
-            y = y + v
-        if self.bias is not None:
-            y = y + self.bias.to(dt)[ids]
-        return y
+        ``None``, fc2); ``ids (S,)`` the rows' experts, sorted. Returns ``(S, out)``
+        (:func:`svdq.experts.projection.grouped_projection`)."""
+        packed = self.storage == "packed"
+        return grouped_projection(
+            x,
+            ids,
+            counts,
+            offs,
+            residual=self.packed_residual() if packed else self.residual,
+            smooth=self.smooth,
+            act_format=self.act_format,
+            input_amax=self.input_amax,
+            lora_down=self.lora_down if self.rank else None,
+            lora_up=self.lora_up,
+            layout=self.layout,
+            rows=rows,
+            bias=self.bias,
+            grouped=grouped,
+            record=self._amax_record,
+            weight_dtype=self.residual_dtype,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,89 @@
+"""One projection (fc1 or fc2) of a group of SVDQuant experts over rows sorted by expert: the function both
+grouped forms compute — :class:`svdq.experts.SVDQExperts` (fused Hugging Face experts) and
+``lora.adapters.grouped_svdq`` (a Megatron ``SequentialMLP`` of 4-bit experts) — so that the kernels of
+:mod:`svdq.kernels` accelerate both through one place (svdq/DESIGN.md §13, §16).
+
+For the ``S`` rows of expert ``e`` (``ids`` sorted, ``counts`` rows per expert, ``offs`` their int32 cumsum)::
+
+    y = Q_a(x / s_e) · Q_w(R_e)ᵀ  +  scaling · ((x_b · A_eᵀ) · B_eᵀ)  +  b_e
+
+Tensors (``E`` experts, ``in``/``out`` the projection's features, ``r`` the rank, ``dt`` x's dtype)::
+
+    x            dt (S, in)  rows; or (T, in) tokens gathered by ``rows (S,)`` (fc1 of fused experts)
+    residual     ExpertResiduals (E, out, in) packed, or dt (E, out, in) dequantized
+    smooth       float32 (in,) shared or (E, in) per expert
+    input_amax   float32 (E,) static max|x/s| per expert (0: that expert dynamic), or None (all dynamic)
+    lora_down    shared-down (r, in) | per-expert / shared-up (E, r, in)
+    lora_up      shared-down / per-expert (E, out, r) | shared-up (out, r)
+    branch_x     dt like x: what the branch reads (e.g. after adapter dropout); default x
+    bias         dt (E, out) or None
+
+The activation quantization treats each expert's rows as one tensor (its own per-tensor range), with
+straight-through gradients; the residual is frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from svdq.experts.ops import expert_mm, quant_rows
+from svdq.experts.storage import ExpertResiduals
+from svdq.formats import QuantFormat, trusted_inputs
+from svdq.solvers.shared_basis import SHARED_DOWN, SHARED_UP
+
+__all__ = ["grouped_projection"]
+
+
+def grouped_projection(
+    x: Tensor,
+    ids: Tensor,
+    counts: list[int],
+    offs: Tensor,
+    *,
+    residual: ExpertResiduals | Tensor,
+    smooth: Tensor,
+    act_format: QuantFormat,
+    input_amax: Tensor | None = None,
+    lora_down: Tensor | None = None,
+    lora_up: Tensor | None = None,
+    layout: str = SHARED_DOWN,
+    scaling: float = 1.0,
+    rows: Tensor | None = None,
+    branch_x: Tensor | None = None,
+    bias: Tensor | None = None,
+    grouped: bool | None = None,
+    record: Tensor | None = None,
+    weight_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``y (S, out)`` of the module docstring. ``grouped``: ``torch._grouped_mm`` choice of
+    :func:`svdq.experts.ops.expert_mm`; ``record (E,)``: updated with each expert's ``max|x/s|``;
+    ``weight_dtype``: the dtype a packed residual is dequantized to (default x's) before the product."""
+    dt, E = x.dtype, int(residual.shape[0])
+    xg = x if rows is None else x[rows]  # (S, in)
+    if smooth.dim() == 1:  # shared smoothing: once per token, then gathered
+        xs = (x.float() / smooth).to(dt)
+        xs = xs if rows is None else xs[rows]
+    else:
+        xs = (xg.float() / smooth[ids]).to(dt)  # (S, in)
+    if isinstance(residual, ExpertResiduals):
+        weight = residual.dequantize(torch.float32).to(weight_dtype or dt)  # (E, out, in)
+    else:
+        weight = residual
+    with trusted_inputs():  # a NaN input shows in the output anyway: no per-call host sync
+        xq = quant_rows(xs, ids, act_format, E, input_amax, record)  # (S, in)
+        y = expert_mm(xq, weight.to(dt), counts, offs, grouped)  # (S, out)
+    if lora_down is not None and lora_down.shape[-2]:
+        A, B = lora_down.to(dt), lora_up.to(dt)
+        bx = x if branch_x is None else branch_x
+        if layout == SHARED_DOWN:  # one down GEMM over all tokens, before the gather
+            u = F.linear(bx, A)
+            u = u if rows is None else u[rows]  # (S, r)
+        else:
+            u = expert_mm(bx if rows is None else bx[rows], A, counts, offs, grouped)  # (S, r)
+        v = F.linear(u, B) if layout == SHARED_UP else expert_mm(u, B, counts, offs, grouped)  # (S, out)
+        y = y + (v if scaling == 1.0 else v * scaling)
+    if bias is not None:
+        y = y + bias.to(dt)[ids]
+    return y
