@@ -847,6 +847,10 @@ class LoraExperts(ExpertGroup):
     ``parallel_lora_down (r × hidden)`` [parallel adapter]. ``F_l`` = ``F / etp``.
     """
 
+    #: the grouped 4-bit forward (lora.adapters.grouped_svdq): None where it applies, False never, True
+    #: always (raises where it cannot)
+    grouped_svdq: bool | None = None
+
     def _expert_weights(self, base: nn.Module) -> tuple[Tensor, Tensor]:
         e0 = base.local_experts[0]
         return base_weight(e0.linear_fc1), base_weight(e0.linear_fc2)
@@ -880,6 +884,10 @@ class LoraExperts(ExpertGroup):
     def forward(self, hidden: Tensor, tokens_per_expert: Tensor, probs: Tensor, *args, **kwargs):
         if not self.enabled or self.merged:
             return self.base(hidden, tokens_per_expert, probs, *args, **kwargs)
+        from lora.adapters.grouped_svdq import grouped_applies, grouped_forward  # (imports lora.base)
+
+        if not args and not kwargs and grouped_applies(self):  # 4-bit experts: one grouped pass
+            return grouped_forward(self, hidden, tokens_per_expert, probs)
         ctx = self._shared_context()
         x = hidden
         if getattr(self.base.config, "moe_apply_probs_on_input", False):
