@@ -83,6 +83,15 @@ if triton_available():
             return v
 
     @triton.jit
+    def _f32(v, DT: tl.constexpr, INTERPRET: tl.constexpr):
+        """A DT tensor as float32. The interpreter's own bfloat16 -> float32 cast loses subnormals, so
+        there bfloat16 is widened on the bits."""
+        if DT == 1 and INTERPRET:
+            return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            return v.to(tl.float32)
+
+    @triton.jit
     def _to_dt(v, DT: tl.constexpr, INTERPRET: tl.constexpr):
         """float32 ``v`` as a tensor of dtype DT (RNE), for storing."""
         if DT == 1:
@@ -97,7 +106,7 @@ if triton_available():
                   INTERPRET: tl.constexpr):  # fmt: skip
         """(raw x tile in DT, xs = rnd_DT(x / s) as float32) for a (BLOCK_M, BLOCK_K) tile."""
         x = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=m2, other=0.0)
-        x32 = x.to(tl.float32)
+        x32 = _f32(x, DT, INTERPRET)
         if HAS_SMOOTH:
             s = tl.load(s_ptr + cols, mask=col_ok, other=1.0)
             xs = _rnd(tl.div_rn(x32, s[None, :]), DT, INTERPRET)
@@ -123,6 +132,8 @@ if triton_available():
     def _dot(a, b, acc, DT: tl.constexpr, INTERPRET: tl.constexpr):
         if DT == 0:
             return tl.dot(a, b, acc, input_precision="ieee")
+        elif INTERPRET:
+            return tl.dot(_f32(a, DT, INTERPRET), _f32(b, DT, INTERPRET), acc, input_precision="ieee")
         else:
             return mma(a, b, acc, INTERPRET)
 
@@ -343,6 +354,8 @@ def quantize_act(
 
     if _tiles is not None:
         block_m, block_k, split = _tiles
+        if block_m < 16 or block_k % G or block_k & (block_k - 1):
+            raise ValueError(f"quantize_act: _tiles {_tiles}: BLOCK_M >= 16, BLOCK_K a power of 2 of groups")
     else:
         block_m = min(64 if R else 32, max(16, _next_pow2(M)))
         block_k = 128
