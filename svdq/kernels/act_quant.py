@@ -357,7 +357,7 @@ def quantize_act(
         if block_m < 16 or block_k % G or block_k & (block_k - 1):
             raise ValueError(f"quantize_act: _tiles {_tiles}: BLOCK_M >= 16, BLOCK_K a power of 2 of groups")
     else:
-        block_m = min(64 if R else 32, max(16, _next_pow2(M)))
+        block_m = min(32, max(16, _next_pow2(M)))
         block_k = 128
         split = None
     n_m, n_chunks = triton.cdiv(max(M, 1), block_m), triton.cdiv(K, block_k)
