@@ -339,6 +339,8 @@ def quantize_act(
         ValueError: a bad argument (named), or NaN/Inf in ``x / s`` outside ``trusted_inputs()``.
     """
     fmt, ga = _check(x, smooth, fmt, global_amax, lora_down)
+    if not triton_available():
+        raise RuntimeError("quantize_act: triton is not installed")
     if not x.is_cuda and not interpreting():
         raise ValueError("quantize_act: x is on the CPU; the kernel needs CUDA (or TRITON_INTERPRET=1)")
     lead, K = tuple(x.shape[:-1]), x.shape[-1]
