@@ -40,8 +40,14 @@ from torch import Tensor, nn
 from lora.adapters.layers import linear_mode
 from lora.framework.te import tp_group_of
 from lora.framework.tp import group_rank_size
-from svdq.formats import PackedTensor, QuantFormat, fake_quant, parse_format, trusted_inputs
-from svdq.residual import ResidualStorage, StaticActRange, check_storage, static_range_supported
+from svdq.formats import PackedTensor, QuantFormat, parse_format, trusted_inputs
+from svdq.residual import (
+    ResidualStorage,
+    StaticActRange,
+    check_storage,
+    quantize_activation,
+    static_range_supported,
+)
 from svdq.stats import record_input_amax
 
 
@@ -100,10 +106,10 @@ class SVDQBase(StaticActRange, ResidualStorage, nn.Module):
         """``Q_a(x / s)``. Per-tensor range (nvfp4, fp8): ``input_amax`` if set, else that of the whole
         input (all-reduced MAX over the tensor-parallel group). Per-token fp8 (``fp8-channel``) on a
         row-parallel linear: each token's range over all its feature shards (all-reduced MAX)."""
-        xs = StaticActRange.smoothed_input(self, x)  # x is already normalized here
         ga = self.input_amax
         tp_group = tp_group_of(self.inner)
         if ga is None and group_rank_size(tp_group)[1] > 1:
+            xs = StaticActRange.smoothed_input(self, x)  # x is already normalized here
             if static_range_supported(self.act_format):  # (an expert may get no token: amax 0)
                 ga = xs.detach().abs().amax().float() if xs.numel() else xs.new_zeros((), dtype=torch.float32)
             elif self.act_format.name == "fp8" and self.parallel_mode == "row":
@@ -112,7 +118,7 @@ class SVDQBase(StaticActRange, ResidualStorage, nn.Module):
                 dist.all_reduce(ga, op=dist.ReduceOp.MAX, group=tp_group)
                 ga = torch.where(ga > 0, ga, torch.ones_like(ga))
         with trusted_inputs():
-            return fake_quant(xs, self.act_format, global_amax=ga)
+            return quantize_activation(x, self.smooth, self.act_format, ga)
 
     def smoothed_input(self, x: Tensor) -> Tensor:
         """``norm(x) / s`` for this module's input ``x`` (``x / s`` without ``input_norm``)."""

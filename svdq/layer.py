@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svdq.formats import PackedTensor, QuantFormat, fake_quant, parse_format, trusted_inputs
-from svdq.residual import ResidualStorage, StaticActRange, check_storage
+from svdq.formats import PackedTensor, QuantFormat, parse_format, trusted_inputs
+from svdq.residual import ResidualStorage, StaticActRange, check_storage, quantize_activation
 from svdq.solvers.linear import SVDQResult
 
 __all__ = ["SVDQLinear"]
@@ -106,9 +106,8 @@ class SVDQLinear(StaticActRange, ResidualStorage, nn.Module):
         return self.lora_down.dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        xs = self.smoothed_input(x)
         with trusted_inputs():  # a NaN input shows in the output anyway: no per-call host sync
-            xq = fake_quant(xs, self.act_format, global_amax=self.input_amax)
+            xq = quantize_activation(x, self.smooth, self.act_format, self.input_amax)
             base = F.linear(xq, self.residual_weight(x.dtype))
         branch = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
         y = base + branch

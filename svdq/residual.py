@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from svdq.formats import PackedTensor, QuantFormat, dequantize, parse_format
+from svdq.formats import PackedTensor, QuantFormat, dequantize, fake_quant, parse_format
 
 STORAGE_MODES = ("fake", "packed")
 ACT_RANGES = ("static", "dynamic")
@@ -73,6 +73,25 @@ def checked_input_amax(amax: Tensor | float, fmt: QuantFormat, who: str) -> Tens
     if not bool(torch.isfinite(t)) or not float(t) > 0:
         raise ValueError(f"{who}: input_amax must be finite and > 0, got {float(t)}")
     return t
+
+
+def quantize_activation(
+    x: Tensor, smooth: Tensor | None, fmt: QuantFormat, global_amax: Tensor | None
+) -> Tensor:
+    """``Q_a(x / s)`` in ``x``'s dtype with straight-through gradients — the one place the frozen path
+    quantizes activations: the fused Triton kernel (:mod:`svdq.kernels.act_quant`, one pass over ``x``)
+    where it applies, else ``fake_quant(rnd(x / s))`` (the reference, bit-identical). ``smooth (K,)`` or
+    ``None`` (``x`` already smoothed); ``global_amax``: ``None`` (dynamic) or ``()`` (static; per-channel
+    fp8 also ``(..., 1)``)."""
+    from svdq.kernels import triton_available
+
+    if fmt.is_quantized and triton_available() and x.numel():
+        from svdq.kernels.act_quant import fused_act_applies, quantize_act_ste
+
+        if fused_act_applies(x, fmt, smooth):
+            return quantize_act_ste(x, smooth, fmt, global_amax)[0]
+    xs = x if smooth is None else (x.float() / smooth).to(x.dtype)
+    return fake_quant(xs, fmt, global_amax=global_amax)
 
 
 class StaticActRange:

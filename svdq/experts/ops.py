@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from svdq.formats import QuantFormat, fake_quant
+from svdq.formats import QuantFormat
 from svdq.formats import fp8 as _fp8
 from svdq.formats import nvfp4 as _nvfp4
-from svdq.residual import static_range_supported
+from svdq.kernels import triton_available
+from svdq.residual import quantize_activation, static_range_supported
 
 __all__ = ["expert_mm", "grouped_mm_applies", "grouped_mm_fits", "quant_rows", "row_amax_per_expert"]
 
@@ -79,7 +80,7 @@ def quant_rows(
     if not fmt.is_quantized:
         return x
     if not static_range_supported(fmt):
-        return fake_quant(x, fmt)
+        return quantize_activation(x, None, fmt, None)
     if x.shape[0] == 0:
         return x
     amax = row_amax_per_expert(x, ids, num_experts)  # (E,) dynamic per-expert ranges
@@ -88,6 +89,11 @@ def quant_rows(
         is_static = input_amax > 0  # (E,)
         amax = torch.where(is_static, input_amax.to(amax.device), amax)
         static_rows = is_static[ids]  # (S,)
+    if fmt.name == "nvfp4" and triton_available():
+        from svdq.kernels.act_quant import fused_act_applies, quantize_act_ste
+
+        if fused_act_applies(x, fmt):  # the fused kernel: bit-identical, one pass
+            return quantize_act_ste(x, None, fmt, amax[ids])[0]
     ga = amax[ids].unsqueeze(-1)  # (S, 1)
     return _RowQuantSTE.apply(x, fmt, ga, static_rows)
 
