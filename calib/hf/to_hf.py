@@ -3,7 +3,7 @@ Face model's names (svdq/DESIGN.md §14): what :mod:`lora.io.modelopt_hf` writes
 
     import calib.hf.to_hf                  # registers the exporters (megatron_from_hf imports it too)
     model = megatron_from_hf(hf, spec="local"); calibrate(model, loop, cfg)
-    lora.export(model, "kept/", format="modelopt-hf")                       # NVFP4_SVD, branch kept
+    lora.export(model, "kept/", format="modelopt-hf", forward_loop=loop)    # NVFP4_SVD, branch kept
     lora.export(model, "fold/", format="folded", smoothing="fold", forward_loop=loop)   # plain NVFP4
 
 **Route.** :func:`~calib.hf.to_megatron.megatron_from_hf` sets :data:`lora.io.api.HF_ORIGIN` on the model
@@ -36,14 +36,30 @@ HF weights' dtype.
 **Fold** (``folded``): each Megatron linear's branch is folded into its residual *before* the split
 (:func:`lora.fold.fold_residual`, per expert for experts), so q / k / v (gate / up) share the re-quantized
 fused tensor's global scale. ``smoothing="keep"``: ``NVFP4_AWQ``, ranges unchanged; ``"fold"``: plain
-``NVFP4`` (vLLM's modelopt loader), the static range of each linear becomes ``max|x|`` of its raw inputs over
-``forward_loop`` (required). The report is keyed by Megatron linear (``…linear_qkv``,
+``NVFP4`` (vLLM's modelopt loader), the static range of each linear becomes ``max|x|`` of its raw
+(HF-semantics) inputs over ``forward_loop``. The report is keyed by Megatron linear (``…linear_qkv``,
 ``…mlp.experts.experts.<g>.linear_fc1``).
 
-Limits: tensor and expert parallelism 1 (else one ``ValueError`` line); every experts module quantized
-(HF keeps unquantized experts fused); no parallel expert adapters. Megatron applies the router probability
-*before* ``linear_fc2`` (HF after ``down_proj``), so a calibrated ``down_proj`` ``input_scale`` is the range
-of the probability-scaled input — smaller than what an HF engine feeds it (clipping there).
+**down_proj's range.** Megatron applies the router probability *before* ``linear_fc2`` (the expert MLP's
+``per_token_scale``, :func:`lora.framework.compat.expert_mlp_probs`), HF after ``down_proj``: the calibrated
+fc2 range is that of ``h·p``, smaller than what an HF engine feeds ``down_proj`` (it would clip there). So
+both exports need ``forward_loop`` when the model has quantized experts — there is no fallback (no rescaling
+of the old range is right; one ``ValueError`` naming ``forward_loop``, before any work) — and measure
+``max|h/s|`` (``input_scale``; ``max|h|`` for ``smoothing="fold"``) per global expert over it with the
+probability divided out (:func:`calib.hf.measure.measure_hf_inputs`); an expert no row reached gets the
+projection's maximum (listed in ``filled_input_scale``). Every other range is the calibrated one. The
+command line passes ``--data``, or the calibration data the checkpoint records.
+
+**Parallelism.** Collective under tensor / expert (and data) parallelism: every rank gathers the whole
+tensors (:func:`~lora.io.svdq_export.gather_megatron`: shards, global expert indices, router, embeddings,
+output layer, norms) and runs ``forward_loop``; the measured maxima are all-reduced (MAX) over all ranks, the
+rows for the fold errors gathered to rank 0; global rank 0 folds and writes (atomically; an error there is
+raised on every rank) and returns the result, the other ranks ``None``. The files equal the one-process
+export's (expert parallelism: bit for bit; tensor parallelism: up to float32 rounding of the measured
+ranges). Pipeline parallelism is refused.
+
+Limits: every experts module quantized (HF keeps unquantized experts fused); no parallel expert adapters;
+``moe_apply_probs_on_input`` refused.
 """
 
 from __future__ import annotations

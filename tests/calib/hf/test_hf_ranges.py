@@ -32,14 +32,28 @@ import torch
 import torch.nn.functional as F
 
 import lora
+from calib import CalibConfig, calibrate
+from calib.hf.to_megatron import megatron_from_hf
 from lora.io.modelopt_hf import export_modelopt_hf
 from lora.io.sites import find_sites
-from tests.calib.hf.test_to_hf_export import _hf_loop, _hf_quantized, _mcore_loop, _megatron, _names, _read
+from tests.calib.hf.test_to_hf_export import CFG, LAYOUT, _hf_loop, _hf_quantized, _mcore_loop, _names, _read
 from tests.calib.hf.test_to_megatron import tiny_hf
 
 ARCHS = ("qwen3_moe", "mixtral")
 FP4_FP8 = 6.0 * 448.0
 EXACT, RATIO = 1e-6, 1.25
+
+
+_TWINS: dict = {}
+
+
+def _megatron(model_type: str):
+    """The calibrated twin, cached for this module (its process groups are this module's world's)."""
+    if model_type not in _TWINS:
+        model = megatron_from_hf(tiny_hf(model_type), spec="local").eval()
+        calibrate(model, _mcore_loop, CalibConfig(svdq=CFG, layout=LAYOUT, progress=False))
+        _TWINS[model_type] = model
+    return _TWINS[model_type]
 
 
 def _twin_h(model) -> tuple[dict, dict]:
