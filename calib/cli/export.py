@@ -45,8 +45,10 @@ every output is written to a temporary directory renamed into place, so a failed
   ``NVFP4A16`` is weight-only. Plain torch / Hugging Face models only. Prints the fold report.
 
 ``hf:DIR --backend megatron`` models (the Megatron twin, :mod:`calib.hf.to_hf`) are written in ``modelopt-hf``
-and ``folded`` as modelopt's HF layout under the Hugging Face names (q / k / v, gate / up split back), at
-tensor / expert parallelism 1.
+and ``folded`` as modelopt's HF layout under the Hugging Face names (q / k / v, gate / up split back). Their
+``down_proj`` ranges are measured over a forward pass in the Hugging Face semantics (without the router
+probability Megatron multiplies into ``linear_fc2``'s input): on ``--data``, or without it on the data the
+checkpoint's calibration recorded (``--data`` / ``--tokenizer``, at most its token count; builtin if none).
 
 A Hugging Face model (``hf:DIR``, or a factory returning a transformers model) keeps its module names in every
 format, and ``EXP/config.json`` is its ``config.json`` (for ``modelopt-hf`` / torch ``folded`` the model's
@@ -140,6 +142,18 @@ def _check_args(args) -> None:
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
 
 
+def _calibration_data(args, previous: dict) -> None:
+    """``--data`` / ``--tokenizer`` / ``--tokens`` of the calibration the checkpoint records (else the
+    builtin data), for exports that measure over a forward loop."""
+    cal = previous.get("calibration") or {}
+    args.data = cal.get("data") or "builtin"
+    if args.tokenizer is None and cal.get("tokenizer"):
+        args.tokenizer = Path(cal["tokenizer"])
+    if isinstance(cal.get("tokens"), int) and cal["tokens"] > 0:
+        args.tokens = min(args.tokens, cal["tokens"]) if args.tokens else cal["tokens"]
+    print(f"measuring the Hugging Face down_proj input ranges on the calibration data (--data {args.data})")
+
+
 def run(args) -> int:
     import torch
 
@@ -160,6 +174,9 @@ def run(args) -> int:
     api.check_format(args.format, kind, spell=lambda name: f"--format {name}")
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size else None
     previous = read_export_metadata(args.checkpoint).get("user") or {}
+    measures = api.check_format(args.format, kind).takes("forward_loop")
+    if kind == "megatron-hf" and args.data is None and measures:
+        _calibration_data(args, previous)  # down_proj's ranges are measured at export (calib.hf.to_hf)
     init_parallel(seed=args.seed)
     try:
         lm, _, batches = open_model_and_data(args, None if args.data is None else args.batch)

@@ -3,7 +3,7 @@ Face model's names (svdq/DESIGN.md §14): what :mod:`lora.io.modelopt_hf` writes
 
     import calib.hf.to_hf                  # registers the exporters (megatron_from_hf imports it too)
     model = megatron_from_hf(hf, spec="local"); calibrate(model, loop, cfg)
-    lora.export(model, "kept/", format="modelopt-hf")                       # NVFP4_SVD, branch kept
+    lora.export(model, "kept/", format="modelopt-hf", forward_loop=loop)    # NVFP4_SVD, branch kept
     lora.export(model, "fold/", format="folded", smoothing="fold", forward_loop=loop)   # plain NVFP4
 
 **Route.** :func:`~calib.hf.to_megatron.megatron_from_hf` sets :data:`lora.io.api.HF_ORIGIN` on the model
@@ -36,14 +36,30 @@ HF weights' dtype.
 **Fold** (``folded``): each Megatron linear's branch is folded into its residual *before* the split
 (:func:`lora.fold.fold_residual`, per expert for experts), so q / k / v (gate / up) share the re-quantized
 fused tensor's global scale. ``smoothing="keep"``: ``NVFP4_AWQ``, ranges unchanged; ``"fold"``: plain
-``NVFP4`` (vLLM's modelopt loader), the static range of each linear becomes ``max|x|`` of its raw inputs over
-``forward_loop`` (required). The report is keyed by Megatron linear (``…linear_qkv``,
+``NVFP4`` (vLLM's modelopt loader), the static range of each linear becomes ``max|x|`` of its raw
+(HF-semantics) inputs over ``forward_loop``. The report is keyed by Megatron linear (``…linear_qkv``,
 ``…mlp.experts.experts.<g>.linear_fc1``).
 
-Limits: tensor and expert parallelism 1 (else one ``ValueError`` line); every experts module quantized
-(HF keeps unquantized experts fused); no parallel expert adapters. Megatron applies the router probability
-*before* ``linear_fc2`` (HF after ``down_proj``), so a calibrated ``down_proj`` ``input_scale`` is the range
-of the probability-scaled input — smaller than what an HF engine feeds it (clipping there).
+**down_proj's range.** Megatron applies the router probability *before* ``linear_fc2`` (the expert MLP's
+``per_token_scale``, :func:`lora.framework.compat.expert_mlp_probs`), HF after ``down_proj``: the calibrated
+fc2 range is that of ``h·p``, smaller than what an HF engine feeds ``down_proj`` (it would clip there). So
+both exports need ``forward_loop`` when the model has quantized experts — there is no fallback (no rescaling
+of the old range is right; one ``ValueError`` naming ``forward_loop``, before any work) — and measure
+``max|h/s|`` (``input_scale``; ``max|h|`` for ``smoothing="fold"``) per global expert over it with the
+probability divided out (:func:`calib.hf.measure.measure_hf_inputs`); an expert no row reached gets the
+projection's maximum (listed in ``filled_input_scale``). Every other range is the calibrated one. The
+command line passes ``--data``, or the calibration data the checkpoint records.
+
+**Parallelism.** Collective under tensor / expert (and data) parallelism: every rank gathers the whole
+tensors (:func:`~lora.io.svdq_export.gather_megatron`: shards, global expert indices, router, embeddings,
+output layer, norms) and runs ``forward_loop``; the measured maxima are all-reduced (MAX) over all ranks, the
+rows for the fold errors gathered to rank 0; global rank 0 folds and writes (atomically; an error there is
+raised on every rank) and returns the result, the other ranks ``None``. The files equal the one-process
+export's (expert parallelism: bit for bit; tensor parallelism: up to float32 rounding of the measured
+ranges). Pipeline parallelism is refused.
+
+Limits: every experts module quantized (HF keeps unquantized experts fused); no parallel expert adapters;
+``moe_apply_probs_on_input`` refused.
 """
 
 from __future__ import annotations
@@ -102,20 +118,18 @@ def _origin(model: nn.Module) -> tuple[HFOrigin, HFArch, MoEShape]:
     return origin, arch, arch.read_shape(origin.config)
 
 
-def _check_parallel() -> None:
-    from megatron.core import parallel_state
+def _experts_without_loop(model: nn.Module, forward_loop, what: str) -> None:
+    """``ValueError`` when ``model`` has quantized experts and no ``forward_loop`` is given: their
+    ``down_proj`` ranges are measured over it (module docstring)."""
+    from lora.io.sites import find_sites
 
-    from lora.io.sites import check_no_pipeline
-
-    check_no_pipeline()
-    if parallel_state.model_parallel_is_initialized():
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        ep = parallel_state.get_expert_model_parallel_world_size()
-        if tp > 1 or ep > 1:
-            raise ValueError(
-                f"modelopt's HF layout of a Megatron model is written at tensor_parallel=1, "
-                f"expert_parallel=1 (got {tp}, {ep}); export format 'svdq' and re-export it in one process"
-            )
+    groups = find_sites(model)[1]
+    if groups and forward_loop is None:
+        raise ValueError(
+            f"{what} of a Megatron model imported from HF needs forward_loop: down_proj's input_scale "
+            f"({next(iter(groups))} and every experts module) is measured over it without the router "
+            "probability Megatron multiplies into linear_fc2's input"
+        )
 
 
 # ------------------------------------------------------------------------------------ Megatron linears
@@ -153,17 +167,29 @@ class MegatronLinears:
     other: dict[str, Tensor]
 
 
-def megatron_hf_linears(model: nn.Module) -> MegatronLinears:
-    """The quantized linears of ``model`` read as the svdq export reads them (module docstring)."""
+def megatron_hf_linears(model: nn.Module, measured: dict | None = None) -> MegatronLinears | None:
+    """The quantized linears of ``model`` read as the svdq export reads them (module docstring); with
+    ``measured`` (:func:`calib.hf.measure.measure_hf_inputs`) each expert ``linear_fc2``'s static range is
+    the measured HF-semantics ``max|h/s|``. Collective under tensor / expert parallelism: the linears on
+    global rank 0, ``None`` on the other ranks."""
+    import torch.distributed as dist
+
     from lora.io.svdq_export import gather_megatron
 
     tensors, doc = gather_megatron(model)
+    for group, meta in doc["expert_groups"].items():
+        if meta.get("parallel"):
+            raise ValueError(f"{group}: a parallel expert adapter has no place in modelopt's HF layout")
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return _linears(tensors, doc, measured)
+
+
+def _linears(tensors: dict[str, Tensor], doc: dict, measured: dict | None) -> MegatronLinears:
     reader = _Tensors(tensors)
     dense = {site: read_linear(reader, site, meta) for site, meta in doc["layers"].items()}
     experts, layouts, filled = {}, {}, {}
     for group, meta in doc["expert_groups"].items():
-        if meta.get("parallel"):
-            raise ValueError(f"{group}: a parallel expert adapter has no place in modelopt's HF layout")
         experts[group], layouts[group] = {}, {}
         for proj, pmeta in meta["projections"].items():
             states = []
@@ -177,10 +203,12 @@ def megatron_hf_linears(model: nn.Module) -> MegatronLinears:
                     up = tensors.get(f"{prefix}.lora_up", tensors.get(f"{shared}.lora_up"))
                     if down is None or up is None:
                         raise ValueError(f"{prefix}: the branch factors are missing")
+                amax = st.input_amax
+                if measured is not None and proj == "fc2":  # HF semantics: h, not h·p (module docstring)
+                    m = measured[prefix].smooth_amax
+                    amax = m if float(m) > 0 else None  # no routed row: the projection's maximum below
                 states.append(
-                    LinearState(
-                        st.residual, st.smooth, st.act_format, down, up, st.bias, st.input_amax, st.dtype
-                    )
+                    LinearState(st.residual, st.smooth, st.act_format, down, up, st.bias, amax, st.dtype)
                 )
             states, gaps = _fill_ranges(f"{group}.linear_{proj}", states)
             experts[group][proj], layouts[group][proj] = states, (pmeta["layout"], pmeta["rank"])
@@ -332,69 +360,50 @@ def export_megatron_modelopt_hf(
     model: nn.Module,
     out_dir: str | os.PathLike,
     *,
+    forward_loop=None,
     factor_keys: str = "quantizer",
     metadata: dict | None = None,
     overwrite: bool = False,
-) -> dict:
+) -> dict | None:
     """Write the calibrated Megatron ``model`` (imported from HF) in modelopt's HF layout with the branch
-    kept (``NVFP4_SVD``), under the HF model's names (module docstring); returns ``hf_quant_config``.
-    ``ValueError`` (one line, nothing written) for tensor / expert parallelism > 1, a dense layer without a
-    static activation range, a linear or tensor without HF counterpart."""
-    _check_parallel()
+    kept (``NVFP4_SVD``), under the HF model's names (module docstring); returns ``hf_quant_config`` (on
+    global rank 0; ``None`` on the other ranks). ``forward_loop`` (required when the model has quantized
+    experts) measures every ``down_proj``'s ``input_scale`` in the HF semantics. Collective under tensor /
+    expert parallelism (rank 0 writes). ``ValueError`` (one line, nothing written) for a missing
+    ``forward_loop``, a dense layer without a static activation range, a linear or tensor without HF
+    counterpart."""
+    from lora.framework.tp import rank0_call
+    from lora.io.modelopt_hf_layout import FACTOR_KEYS
+    from lora.io.sites import check_no_pipeline
+
+    check_no_pipeline()
+    if factor_keys not in FACTOR_KEYS:
+        raise ValueError(f"factor_keys must be one of {sorted(FACTOR_KEYS)}, got {factor_keys!r}")
     _origin(model)
-    lin = megatron_hf_linears(model)
-    return _write(
-        model,
-        out_dir,
-        lin,
-        factor_keys=factor_keys,
-        metadata=metadata,
-        overwrite=overwrite,
-        export_format="modelopt-hf",
-        extra=None,
-    )
+    _experts_without_loop(model, forward_loop, "format 'modelopt-hf'")
+    measured = None
+    if forward_loop is not None:
+        from calib.hf.measure import measure_hf_inputs
+
+        measured = measure_hf_inputs(model, forward_loop)
+    lin = megatron_hf_linears(model, measured)
+
+    def write():
+        return _write(
+            model,
+            out_dir,
+            lin,
+            factor_keys=factor_keys,
+            metadata=metadata,
+            overwrite=overwrite,
+            export_format="modelopt-hf",
+            extra=None,
+        )
+
+    return rank0_call(write)
 
 
 # ------------------------------------------------------------------------------------ fold
-
-
-def _capture(model: nn.Module, lin: MegatronLinears, forward_loop, max_tokens: int):
-    """``{Megatron linear: (raw input rows (≤ max_tokens, in), max|x|)}`` over ``forward_loop``: a dense
-    site's input, an expert linear's routed input (``…experts.<g>.linear_fc1|fc2``)."""
-    from lora.adapters.layers import LoraExperts
-    from lora.io.sites import unwrap_expert
-    from svdq.stats import run_with_hooks
-
-    slots: dict[str, list] = {}
-    handles = []
-
-    def add(key: str, module: nn.Module) -> None:
-        slots[key] = [[], 0, torch.zeros(())]
-
-        def hook(mod, args, key=key):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1])  # (n, in)
-            slot = slots[key]
-            if x.shape[0]:
-                slot[2] = torch.maximum(slot[2], x.float().abs().amax().cpu())
-            room = max_tokens - slot[1]
-            if room > 0 and x.shape[0]:
-                slot[0].append(x[:room].float().cpu().clone())
-                slot[1] += min(room, x.shape[0])
-
-        handles.append(module.register_forward_pre_hook(hook))
-
-    for site in lin.dense:
-        add(site, model.get_submodule(site))
-    for group in lin.experts:
-        m = model.get_submodule(group)
-        seq = m.base if isinstance(m, LoraExperts) else m
-        for g, e in enumerate(seq.local_experts):  # expert parallelism 1: local index = global index
-            for proj in ("fc1", "fc2"):
-                add(f"{group}.experts.{g}.linear_{proj}", getattr(unwrap_expert(e), f"linear_{proj}"))
-    with torch.no_grad():
-        run_with_hooks(model, forward_loop, handles)
-    return {k: (torch.cat(v[0]) if v[0] else None, v[2]) for k, v in slots.items()}
 
 
 def _fold(who: str, st: LinearState, smoothing: str, x: Tensor | None, raw_amax: Tensor | None):
@@ -426,65 +435,80 @@ def export_megatron_folded_hf(
     metadata: dict | None = None,
     overwrite: bool = False,
     verbose: bool = True,
-) -> dict[str, dict]:
+) -> dict[str, dict] | None:
     """Fold every branch of the calibrated Megatron ``model`` (imported from HF) into its 4-bit residual and
     write modelopt's HF layout (``smoothing="keep"``: ``NVFP4_AWQ``; ``"fold"``: plain ``NVFP4``, needs
     ``forward_loop`` for the raw input ranges) under the HF model's names (module docstring); returns the
     fold report ``{Megatron linear: errors}`` (with ``forward_loop`` also the input-based errors of
-    :func:`lora.fold.fold_errors`). ``model`` is not changed; nothing is written on error."""
+    :func:`lora.fold.fold_errors`) on global rank 0, ``None`` on the other ranks. ``forward_loop`` is
+    required when the model has quantized experts (``down_proj``'s range). ``model`` is not changed; nothing
+    is written on error. Collective under tensor / expert parallelism (rank 0 folds and writes)."""
     from lora.fold import SMOOTHING_MODES, format_report
+    from lora.framework.tp import rank0_call
     from lora.io.folded_hf import fold_summary_meta
+    from lora.io.sites import check_no_pipeline
 
     if smoothing not in SMOOTHING_MODES:
         raise ValueError(f"smoothing must be one of {SMOOTHING_MODES}, got {smoothing!r}")
     if smoothing == "fold" and forward_loop is None:
         raise ValueError("smoothing='fold' needs forward_loop to measure the raw input ranges (max|x|)")
-    _check_parallel()
+    check_no_pipeline()
     _origin(model)
-    lin = megatron_hf_linears(model)
-    source = {
-        "layers": {s: {"rank": st.rank} for s, st in lin.dense.items()},
-        "experts": {
-            g: {p: {"layout": lo, "rank": r} for p, (lo, r) in by.items()} for g, by in lin.layouts.items()
-        },
-    }
-    captured = _capture(model, lin, forward_loop, max_tokens) if forward_loop is not None else {}
-    report: dict[str, dict] = {}
+    _experts_without_loop(model, forward_loop, "format 'folded'")
+    captured: dict = {}
+    if forward_loop is not None:
+        from calib.hf.measure import measure_hf_inputs
 
-    def fold_one(key: str, st: LinearState) -> LinearState:
-        if st.rank == 0 and smoothing == "keep":
-            return st
-        x, raw = captured.get(key, (None, None))
-        folded, report[key] = _fold(key, st, smoothing, x, raw if raw is not None and raw > 0 else None)
-        return folded
+        captured = measure_hf_inputs(model, forward_loop, max_tokens=max_tokens)
+    lin = megatron_hf_linears(model, captured or None)
 
-    dense = {site: fold_one(site, st) for site, st in lin.dense.items()}
-    experts, filled = {}, {}
-    for group, by_proj in lin.experts.items():
-        experts[group] = {}
-        for proj, states in by_proj.items():
-            new = [fold_one(f"{group}.experts.{g}.linear_{proj}", st) for g, st in enumerate(states)]
-            new, gaps = _fill_ranges(f"{group}.linear_{proj}", new)
-            experts[group][proj] = new
-            if gaps:
-                filled.setdefault(group, {})[proj] = gaps
-    layouts = {g: {p: (lo, 0) for p, (lo, _) in by.items()} for g, by in lin.layouts.items()}
-    folded = MegatronLinears(dense, experts, layouts, filled, lin.other)
-    extra = {"smoothing": smoothing, "fold": fold_summary_meta(report), "source": source}
-    _write(
-        model,
-        out_dir,
-        folded,
-        factor_keys="quantizer",
-        metadata=metadata,
-        overwrite=overwrite,
-        export_format="folded",
-        extra=extra,
-    )
-    if verbose:
-        print(f"svdq folded export to {out_dir} (smoothing={smoothing}); error added by the fold:")
-        print(format_report(report))
-    return report
+    def fold_and_write() -> dict[str, dict]:
+        source = {
+            "layers": {s: {"rank": st.rank} for s, st in lin.dense.items()},
+            "experts": {
+                g: {p: {"layout": lo, "rank": r} for p, (lo, r) in by.items()}
+                for g, by in lin.layouts.items()
+            },
+        }
+        report: dict[str, dict] = {}
+
+        def fold_one(key: str, st: LinearState) -> LinearState:
+            if st.rank == 0 and smoothing == "keep":
+                return st
+            m = captured.get(key)
+            x, raw = (m.rows, m.raw_amax) if m is not None else (None, None)
+            folded, report[key] = _fold(key, st, smoothing, x, raw if raw is not None and raw > 0 else None)
+            return folded
+
+        dense = {site: fold_one(site, st) for site, st in lin.dense.items()}
+        experts, filled = {}, {}
+        for group, by_proj in lin.experts.items():
+            experts[group] = {}
+            for proj, states in by_proj.items():
+                new = [fold_one(f"{group}.experts.{g}.linear_{proj}", st) for g, st in enumerate(states)]
+                new, gaps = _fill_ranges(f"{group}.linear_{proj}", new)
+                experts[group][proj] = new
+                if gaps:
+                    filled.setdefault(group, {})[proj] = gaps
+        layouts = {g: {p: (lo, 0) for p, (lo, _) in by.items()} for g, by in lin.layouts.items()}
+        folded = MegatronLinears(dense, experts, layouts, filled, lin.other)
+        extra = {"smoothing": smoothing, "fold": fold_summary_meta(report), "source": source}
+        _write(
+            model,
+            out_dir,
+            folded,
+            factor_keys="quantizer",
+            metadata=metadata,
+            overwrite=overwrite,
+            export_format="folded",
+            extra=extra,
+        )
+        if verbose:
+            print(f"svdq folded export to {out_dir} (smoothing={smoothing}); error added by the fold:")
+            print(format_report(report))
+        return report
+
+    return rank0_call(fold_and_write)
 
 
 def _register() -> None:

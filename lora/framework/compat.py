@@ -73,3 +73,19 @@ def fix_moe_utils_without_te() -> None:
     for name in _TE_FALLBACK_NAMES:
         if not hasattr(moe_utils, name):
             setattr(moe_utils, name, None)
+
+
+def expert_mlp_probs(args: tuple, kwargs: dict):
+    """The per-token router probabilities ``(n,)`` an expert MLP of a ``SequentialMLP`` is called with, from
+    its forward arguments, or ``None``. megatron-core 0.16 – 0.19 call ``expert(tokens, probs)``
+    (``MLP.forward(hidden_states, per_token_scale)``) and multiply ``probs`` into the activation *before*
+    ``linear_fc2``; padded rows (fp8 / fp4 alignment) carry probability 0. With
+    ``moe_apply_probs_on_input`` (top-1 only) the probabilities scale fc1's input instead and the experts get
+    ones (:func:`probs_scale_expert_input`)."""
+    probs = args[1] if len(args) > 1 else kwargs.get("per_token_scale")
+    return probs if probs is None or probs.dim() == 1 else probs.reshape(-1)
+
+
+def probs_scale_expert_input(config) -> bool:
+    """Whether the router probability multiplies the experts' *input* (``moe_apply_probs_on_input``)."""
+    return bool(getattr(config, "moe_apply_probs_on_input", False))

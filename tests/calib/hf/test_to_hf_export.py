@@ -124,7 +124,9 @@ def _assert_same_structure(ours, ref) -> None:
 def test_kept_export_has_the_hf_export_structure(megatron_world, model_type, tmp_path):
     model = _megatron(model_type)
     assert api.model_kind(model) == "megatron-hf"
-    out = lora.export(model, tmp_path / "k", format="modelopt-hf", metadata={"run": 1})
+    out = lora.export(
+        model, tmp_path / "k", format="modelopt-hf", forward_loop=_mcore_loop, metadata={"run": 1}
+    )
     assert out.kind == "megatron-hf" and out.result["quantization"]["quant_algo"] == "NVFP4_SVD"
     export_modelopt_hf(_hf_quantized(model_type), tmp_path / "ref")
     _assert_same_structure(tmp_path / "k", tmp_path / "ref")
@@ -250,14 +252,30 @@ def _reassembled(t: dict, key: str, x: torch.Tensor, model_type: str, fn) -> tor
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_kept_export_reproduces_the_megatron_linears(megatron_world, model_type, tmp_path):
     model = _megatron(model_type)
-    lora.export(model, tmp_path / "k", format="modelopt-hf")
+    lora.export(model, tmp_path / "k", format="modelopt-hf", forward_loop=_mcore_loop)
     t = _read(tmp_path / "k")
     io = _megatron_io(model)
+    t.update(_megatron_fc2_scales(model, model_type))  # down_proj's range is the HF one (test_hf_ranges.py)
     assert any(k.endswith("linear_qkv") for k in io) and any(k.endswith("linear_fc2") for k in io)
     for key, (x, y) in io.items():
         ref = _reassembled(t, key, x, model_type, _linear_ref)
         err = float((ref.double() - y.double()).norm() / y.double().norm())
         assert err <= TOL, (key, err)
+
+
+def _megatron_fc2_scales(model, model_type: str) -> dict[str, torch.Tensor]:
+    """``down_proj.input_scale`` from each live ``linear_fc2``'s own (probability-scaled) static range: the
+    Megatron linear's output on Megatron's inputs needs the range it was run with."""
+    from lora.io.modelopt_hf_layout import input_scale
+    from lora.io.sites import find_sites
+
+    name, out = _names(model_type), {}
+    for g, site in find_sites(model)[1].items():
+        layer = int(g.split(".")[2])
+        for e, mlp in enumerate(site.base.local_experts):
+            n = name(f"model.layers.{layer}.mlp.experts.{e}.down_proj")
+            out[f"{n}.input_scale"] = input_scale(n, mlp.linear_fc2.base.input_amax)
+    return out
 
 
 def _effective(model, key: str) -> torch.Tensor:
@@ -340,6 +358,7 @@ def test_cli_exports_a_megatron_twin_checkpoint_in_both_variants(tmp_path):
     ]
     results = run_cli_cases(cases)
     assert [r[0] for r in results] == [0, 0, 0], [r[2][-3000:] for r in results]
+    assert "on the calibration data (--data builtin)" in results[1][1]  # no --data: the calibration's
     assert "modelopt HF NVFP4 layout, Hugging Face names" in results[2][1]
     hf_cfg = json.loads((qwen / "config.json").read_text())
     for out, algo in ((k, "NVFP4_SVD"), (f, "NVFP4")):
