@@ -394,7 +394,7 @@ if triton_available():
     _dx_tuned = triton.autotune(_configs(_GPU_SHAPES), key=["N", "K", "AVG_M", "FMT"])(_dx_kernel)
 
 #: the single configuration used under Triton's interpreter
-_INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
+_INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}
 
 
 def _launch(kernel, tuned, n_cols: int, S: int, E: int, args: tuple, consts: dict) -> None:
