@@ -1,6 +1,6 @@
 """torch.distributed + Megatron parallel state for 1..N processes (gloo on CPU, NCCL on GPU).
 
-Process grid (svdq/DESIGN.md §22): ``world = tp · ep · dp``. Megatron's rank order ``tp-cp-ep-dp-pp`` puts
+Process grid (svdq/DESIGN.md §17): ``world = tp · ep · dp``. Megatron's rank order ``tp-cp-ep-dp-pp`` puts
 tensor-parallel ranks fastest, then expert-parallel, then data-parallel; the data-parallel group used for
 training and calibration is Megatron's *expert*-data-parallel group (ranks with the same TP and EP
 coordinates: :func:`data_parallel_group`), each of whose members reads its own shard of the data. The
