@@ -64,13 +64,17 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=8, help="sequences per calibration batch")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model")
+    # --- distributed calibration (svdq/DESIGN.md §17): data-parallel ranks calibrate on disjoint shards
+    from calib.cli.parallel import add_parallel_args
+
+    add_parallel_args(p)
 
 
 def run(args) -> int:
     from calib.calibrate import CalibConfig, calibrate
     from calib.cli.common import check_free_space, check_out_dir, device_of, quantized_size_estimate
     from calib.data import load_tokens, token_batches
-    from lora.framework.parallel import destroy_parallel, init_parallel
+    from lora.framework.parallel import destroy_parallel
     from lora.io.svdq_export import export_quantized
     from svdq import SVDQConfig
 
@@ -86,16 +90,28 @@ def run(args) -> int:
     if model_dir.exists() and not model_dir.is_dir():
         raise ValueError(f"{model_dir} is a file, not a directory")
     created = not args.out.exists()
-    init_parallel(seed=args.seed)
+    # distributed: tp · ep · dp = WORLD_SIZE checked before any work; data-parallel rank d calibrates on
+    # batches d, d + dp, … (statistics merged over data parallelism, calib.calibrate); rank 0 prints
+    from calib.cli.parallel import check_parallel_args, init_from_args, is_rank0
+    from lora.framework.parallel import data_parallel_rank_size
+
+    check_parallel_args(args, source.backend)
+    init_from_args(args, source.backend)
+    rank0 = is_rank0()
     try:
         lm = build_model(source)
         check_free_space(args.out, quantized_size_estimate(lm.model, args.format))
         ids = load_tokens(args.data, lm.vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer)
         batches = token_batches(ids, lm.seq_len, batch=args.batch, device=device_of(lm.model))
 
+        dp_rank, dp_size = data_parallel_rank_size()
+        if len(batches) < dp_size:
+            raise ValueError(
+                f"--tokens: {len(batches)} batches cannot be shared by {dp_size} data-parallel ranks"
+            )
         report = calibrate(
             lm.model,
-            lm.forward_loop(batches),
+            lm.forward_loop(batches[dp_rank::dp_size]),
             CalibConfig(
                 svdq=svdq_cfg,
                 layout=layout,
@@ -119,13 +135,16 @@ def run(args) -> int:
             },
         }
         export_quantized(lm.model, model_dir, metadata=metadata, overwrite=args.overwrite)
-        write_hf_config(lm, model_dir)  # a Hugging Face model's config.json travels with it
+        if rank0:
+            write_hf_config(lm, model_dir)  # a Hugging Face model's config.json travels with it
     except BaseException:
-        if created and args.out.is_dir() and not any(args.out.iterdir()):
+        if rank0 and created and args.out.is_dir() and not any(args.out.iterdir()):
             args.out.rmdir()  # nothing partial: not even the empty --out this run created
         raise
     finally:
         destroy_parallel()
+    if not rank0:
+        return 0
     report.print()
     json_path = report.write_json(args.out / "report.json")
     png = report.plot_png(args.out / "report.png")
