@@ -161,7 +161,7 @@ def test_svdq_imports_without_transformers():
 
 def test_expert_branches_are_adapters_saved_loaded_and_trained(tmp_path):
     """The experts' branches (fc1 / fc2 lora_down / lora_up of every SVDQExperts) are adapter parameters of
-    the quantized HF model: save_adapters writes them, load_adapters restores them, fine-tuning trains them."""
+    the quantized HF model: save_adapters writes them, load_adapters restores them, finetune trains them."""
     import lora
     from calib.train import adapter_parameters
     from lora.model import branch_parameters
