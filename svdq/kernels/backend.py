@@ -4,7 +4,8 @@
 reference; ``"triton"`` takes a kernel wherever it applies — CPU tensors too under Triton's interpreter
 (``TRITON_INTERPRET=1``, how the CPU tests run the kernels) — and raises where it does not (to make sure a
 benchmark or test measures the kernel). The initial value comes from the environment variable
-``SVDQ_KERNELS``.
+``SVDQ_KERNELS``; unset, it is ``"torch"``: the kernels are opt-in (``SVDQ_KERNELS=auto``) until they have
+been validated and measured on a GPU (svdq/DESIGN.md §16).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from torch import Tensor
 
 BACKENDS = ("auto", "triton", "torch")
+DEFAULT = "torch"  # opt-in until validated on GPU
 _state = {"backend": None}
 
 
@@ -28,9 +30,9 @@ def _check(name: str, who: str) -> str:
 
 
 def get_backend() -> str:
-    """The selected backend: set by :func:`set_backend`, else ``$SVDQ_KERNELS``, else ``"auto"``."""
+    """The selected backend: set by :func:`set_backend`, else ``$SVDQ_KERNELS``, else :data:`DEFAULT`."""
     if _state["backend"] is None:
-        _state["backend"] = _check(os.environ.get("SVDQ_KERNELS", "auto") or "auto", "SVDQ_KERNELS")
+        _state["backend"] = _check(os.environ.get("SVDQ_KERNELS") or DEFAULT, "SVDQ_KERNELS")
     return _state["backend"]
 
 
