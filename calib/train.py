@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from calib.data import masked_mean
 from calib.models import LoadedModel
 from lora.io.atomic import atomic_output_dir, atomic_write_file, temporary_sibling
 from lora.io.values import first_non_finite
@@ -372,7 +373,7 @@ def _train_step(
         g["lr"] = lr
     batch = batches[batch_index(k, len(batches), cfg.seed)]
     with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
-        loss = lm.token_losses(batch).mean()
+        loss = masked_mean(lm.token_losses(batch), batch.get("loss_mask"))  # prompt tokens: no loss
     value = loss.item()
     if not math.isfinite(value):
         raise FloatingPointError(f"step {k + 1}: the loss is {value}")

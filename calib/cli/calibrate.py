@@ -18,65 +18,98 @@ match nothing, an existing ``DIR/model``) is reported before any calibration wor
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from calib.cli.common import MODEL_HELP, MODEL_KEY, add_data_args, add_hf_args, nonneg_int, positive_int
-from calib.models import build_model, resolve_source, write_hf_config
-from svdq.solvers.shared_basis import (
-    AUTO,
-    DEFAULT_EXPERT_LAYOUT,
-    PER_EXPERT,
-    SHARED_DOWN,
-    SHARED_UP,
-    expert_layouts,
+from calib.cli.common import (
+    FORMAT_CHOICES,
+    MODEL_HELP,
+    MODEL_KEY,
+    add_data_args,
+    add_hf_args,
+    add_json_arg,
+    layout_arg,
+    nonneg_int,
+    positive_int,
 )
+from calib.models import build_model, resolve_source, write_hf_config
+from svdq.residual import ACT_RANGES, STORAGE_MODES
+from svdq.solvers.shared_basis import DEFAULT_EXPERT_LAYOUT, LAYOUT_CHOICES, expert_layouts
+
+MODES = ("all", "layerwise")  # calib.calibrate.MODES (tests check they agree; no megatron import here)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="SVDQuant-calibrate a model; write it and its report")
-    p.add_argument("--out", type=Path, required=True, help="output directory (created)")
-    p.add_argument("--model", default="tiny", help=MODEL_HELP + " (default: tiny)")
-    p.add_argument("--model-config", type=Path, default=None, help="TinyMoEConfig fields (JSON file)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (created)")
+    p.add_argument("--model", default="tiny", metavar="SRC", help=MODEL_HELP)
+    p.add_argument(
+        "--model-config", type=Path, default=None, metavar="FILE", help="TinyMoEConfig fields (JSON file)"
+    )
     add_hf_args(p)
     add_data_args(p, tokens_default=16384)
-    p.add_argument("--rank", type=positive_int, default=16)
+    p.add_argument("--rank", type=positive_int, default=16, metavar="R", help="SVDQuant low-rank branch rank")
     p.add_argument(
         "--layout",
-        default=None,
-        help=f"expert layout, one for both projections or 'fc1=L,fc2=L' with L in {AUTO}, {SHARED_DOWN}, "
-        f"{SHARED_UP}, {PER_EXPERT} "
-        f"(default: fc1={DEFAULT_EXPERT_LAYOUT['fc1']},fc2={DEFAULT_EXPERT_LAYOUT['fc2']})",
+        type=layout_arg,
+        default=dict(DEFAULT_EXPERT_LAYOUT),
+        metavar="L|fc1=L,fc2=L",
+        help="expert layout, one for both projections or per projection; L one of "
+        + ", ".join(LAYOUT_CHOICES),
     )
-    p.add_argument("--format", default="nvfp4", help="weight and activation format (nvfp4, int4, fp8, none)")
-    p.add_argument("--storage", default="packed", choices=["packed", "fake"])
+    p.add_argument("--format", default="nvfp4", choices=FORMAT_CHOICES, help="weight (and activation) format")
+    p.add_argument(
+        "--act-format",
+        default=None,
+        choices=FORMAT_CHOICES,
+        help="activation format (default: the --format)",
+    )
+    p.add_argument(
+        "--storage", default="packed", choices=STORAGE_MODES, help="4-bit residuals packed or fake-quantized"
+    )
     p.add_argument(
         "--mode",
         default="all",
-        choices=["all", "layerwise"],
+        choices=MODES,
         help="'layerwise': one transformer layer at a time, statistics memory bounded by one layer",
     )
     p.add_argument(
         "--act-range",
         default="static",
-        choices=["static", "dynamic"],
+        choices=ACT_RANGES,
         help="activation quantization range: calibrated per layer (static) or per call (dynamic)",
     )
-    p.add_argument("--batch", type=positive_int, default=8, help="sequences per calibration batch")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument(
+        "--batch", type=positive_int, default=8, metavar="N", help="sequences per calibration batch"
+    )
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (token samples, tiny weights)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model")
+    add_json_arg(p)
 
 
 def run(args) -> int:
     from calib.calibrate import CalibConfig, calibrate
-    from calib.cli.common import check_free_space, check_out_dir, device_of, quantized_size_estimate
+    from calib.cli.common import (
+        check_free_space,
+        check_json_arg,
+        check_out_dir,
+        device_of,
+        finish,
+        jsonl_fields,
+        log,
+        quantized_size_estimate,
+    )
     from calib.data import load_tokens, token_batches
     from lora.framework.parallel import destroy_parallel, init_parallel
     from lora.io.svdq_export import export_quantized
     from svdq import SVDQConfig
 
-    layout = expert_layouts(args.layout)  # a bad --layout fails here, before any work
+    layout = expert_layouts(args.layout)  # already checked by argparse (layout_arg)
     check_out_dir(args.out)
-    svdq_cfg = SVDQConfig(rank=args.rank, weight_format=args.format, act_format=args.format, seed=args.seed)
+    check_json_arg(args)
+    fields = jsonl_fields(args)
+    act_format = args.act_format or args.format
+    svdq_cfg = SVDQConfig(rank=args.rank, weight_format=args.format, act_format=act_format, seed=args.seed)
     source = resolve_source(
         args.model, args.model_config, args.seed, seq_len=args.seq_len, backend=args.backend
     )
@@ -90,7 +123,9 @@ def run(args) -> int:
     try:
         lm = build_model(source)
         check_free_space(args.out, quantized_size_estimate(lm.model, args.format))
-        ids = load_tokens(args.data, lm.vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer)
+        ids = load_tokens(
+            args.data, lm.vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer, fields=fields
+        )
         batches = token_batches(ids, lm.seq_len, batch=args.batch, device=device_of(lm.model))
 
         report = calibrate(
@@ -102,6 +137,7 @@ def run(args) -> int:
                 storage=args.storage,
                 mode=args.mode,
                 act_range=args.act_range,
+                progress=args.progress,
             ),
         )
         args.out.mkdir(parents=True, exist_ok=True)
@@ -126,15 +162,32 @@ def run(args) -> int:
         raise
     finally:
         destroy_parallel()
-    report.print()
+    report.model = source.spec
+    if log.isEnabledFor(logging.INFO):
+        report.print()
     json_path = report.write_json(args.out / "report.json")
     png = report.plot_png(args.out / "report.png")
+    log.info("wrote %s (quantized model), %s%s", model_dir, json_path, f" and {png}" if png else "")
     rtn = sum(r["rtn_error"] for r in report.rows) / len(report.rows)
     ours = sum(r["final_error"] for r in report.rows) / len(report.rows)
-    print(
+    record = {
+        "model": source.spec,
+        "out": str(model_dir),
+        "report_json": str(json_path),
+        "report_png": None if png is None else str(png),
+        "layers": len(report.rows),
+        "tokens": int(ids.numel()),
+        "seconds": report.seconds,
+        "weight_format": args.format,
+        "act_format": act_format,
+        "rank": args.rank,
+        "layout": layout,
+        "mode": args.mode,
+        "mean_rtn_error": rtn,
+        "mean_final_error": ours,
+    }
+    line = (
         f"calibrated {len(report.rows)} layers on {ids.numel()} tokens in {report.seconds:.1f} s: "
-        f"mean relative output error RTN {rtn:.4f} → SVDQuant {ours:.4f}\n"
-        f"wrote {model_dir} (quantized model), {json_path}"
-        + (f" and {png}" if png else " (install matplotlib for report.png)")
+        f"mean relative output error RTN {rtn:.4f} → SVDQuant {ours:.4f}; wrote {model_dir}"
     )
-    return 0
+    return finish(args, line, record)

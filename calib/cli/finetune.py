@@ -19,6 +19,7 @@ from pathlib import Path
 
 from calib.cli.common import (
     add_data_args,
+    add_json_arg,
     add_model_args,
     nonneg_float,
     nonneg_int,
@@ -52,6 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--stop-at", type=positive_int, default=None, help="save a checkpoint after step K and stop"
     )
+    add_json_arg(p)
 
 
 def run(args) -> int:
@@ -86,9 +88,10 @@ def run(args) -> int:
         raise ValueError("--save-every must be ≥ 0 and --keep ≥ 1")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise ValueError(f"--stop-at must lie in [1, --steps={args.steps}]")
-    from calib.cli.common import check_free_space, check_out_dir
+    from calib.cli.common import check_free_space, check_json_arg, check_out_dir, finish
 
     check_out_dir(args.out)
+    check_json_arg(args)
     ckpt_root = args.out / "checkpoints"
     resume_from = None
     if args.resume:
@@ -129,6 +132,7 @@ def run(args) -> int:
             resume_from=resume_from,
             stop_at=args.stop_at,
             run_info=run_info,
+            progress=args.progress,
         )
         if result.stopped:
             print(f"stopped after step {result.step} of {cfg.steps}; continue with --resume")
@@ -146,8 +150,11 @@ def run(args) -> int:
     finally:
         destroy_parallel()
     first, last = result.losses[0], result.losses[-1]
-    print(
+    seconds = time.perf_counter() - t0
+    summary = {"adapters": str(adapters), "losses": str(losses), "parameters": n_params, "steps": cfg.steps}
+    summary.update(tokens=int(ids.numel()), seconds=seconds, first_loss=first, last_loss=last)
+    line = (
         f"fine-tuned {n_params} adapter parameters for {cfg.steps} steps on {ids.numel()} tokens in "
-        f"{time.perf_counter() - t0:.1f} s: loss {first:.4f} → {last:.4f}\nwrote {adapters} and {losses}"
+        f"{seconds:.1f} s: loss {first:.4f} → {last:.4f}; wrote {adapters} and {losses}"
     )
-    return 0
+    return finish(args, line, summary)
