@@ -154,7 +154,9 @@ def run(args) -> int:
                 "tokens": int(ids.numel()),
             },
         }
-        export_quantized(lm.model, model_dir, metadata=metadata, overwrite=args.overwrite)
+        export_quantized(
+            lm.model, model_dir, metadata=metadata, overwrite=args.overwrite, progress=args.progress
+        )
         write_hf_config(lm, model_dir)  # a Hugging Face model's config.json travels with it
     except BaseException:
         if created and args.out.is_dir() and not any(args.out.iterdir()):
