@@ -393,10 +393,16 @@ def configure_logging(level: str = "info", quiet: bool = False) -> None:
     log.propagate = False
 
 
-def show_progress(quiet: bool, stream=None) -> bool:
-    """Progress bars on: not ``--quiet`` and stderr (where tqdm writes) is a terminal."""
+PROGRESS_MODES = ("auto", "always", "never")
+
+
+def show_progress(quiet: bool, mode: str = "auto", stream=None) -> bool:
+    """Progress bars on: never with ``--quiet``; ``mode`` ``"always"`` / ``"never"``, or ``"auto"``: when
+    stderr (where tqdm writes) is a terminal."""
+    if quiet or mode == "never":
+        return False
     stream = sys.stderr if stream is None else stream
-    return not quiet and bool(getattr(stream, "isatty", lambda: False)())
+    return mode == "always" or bool(getattr(stream, "isatty", lambda: False)())
 
 
 def _format_choices() -> tuple[str, ...]:

@@ -24,8 +24,9 @@ svdq and keeps its traceback.
 Output: every subcommand ends with one summary line on stdout and, with ``--json PATH``, writes the same
 facts as JSON (atomically). Other messages go through the ``svdq`` logger (``logging``) to stderr:
 ``--log-level debug|info|warning|error`` (default info) or ``--quiet`` (warnings and errors only; the
-summary line stays), before or after the subcommand. Progress bars show only on a terminal and never
-with ``--quiet``. Closed sets (formats, layouts, modes) are argparse choices, checked before any work.
+summary line stays), before or after the subcommand. Progress bars show only on a terminal
+(``--progress auto``; ``always`` / ``never`` force it) and never with ``--quiet``. Closed sets
+(formats, layouts, modes) are argparse choices, checked before any work.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from calib.cli import finetune as cli_finetune
 from calib.cli import save_model as cli_save_model
 from calib.cli.common import (
     LOG_LEVELS,
+    PROGRESS_MODES,
     HelpFormatter,
     check_out_dir,
     check_out_file,
@@ -109,6 +111,13 @@ def _add_output_args(p, top: bool) -> None:
         action="store_true",
         help="warnings and errors only, no progress bars (the summary line still prints)",
         **extra,
+    )
+    p.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        help="progress bars on stderr: auto (only on a terminal), always or never"
+        + (" (default: auto)" if not top else ""),
+        **({"default": "auto"} if top else extra),
     )
 
 
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or an argument error (2, its line printed)
         return int(exc.code or 0)
     configure_logging(args.log_level, args.quiet)
-    args.progress = show_progress(args.quiet)
+    args.progress = show_progress(args.quiet, args.progress)
     # megatron-core and modelopt warn at import about optional kernels (Apex, TE) we do not use
     warnings.filterwarnings("ignore", module=r"(megatron|modelopt)\..*")
     try:
