@@ -18,7 +18,10 @@ match nothing, an existing ``DIR/model``) is reported before any calibration wor
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import shutil
 from pathlib import Path
 
 from calib.cli.common import (
@@ -84,7 +87,38 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (token samples, tiny weights)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="--mode layerwise: continue the run in --out from its last finished layer (DIR/partial; the "
+        "model, data and settings must be the same)",
+    )
+    # tests: stop (as Ctrl-C would) after this many layers finished in this run
+    p.add_argument("--stop-after-layers", type=positive_int, default=None, help=argparse.SUPPRESS)
     add_json_arg(p)
+
+
+PARTIAL = "partial"  # DIR/partial: a partial checkpoint of the layers a layerwise run has finished
+RESUME_KEY = "resume"
+
+
+def _check_resume(partial: Path, record: dict, keys) -> dict:
+    """The finished layers recorded in ``partial`` (``{layer: rows}``); ``ValueError`` naming the first of
+    ``keys`` whose value differs from ``record`` (the run would not continue the same calibration)."""
+    from lora.io.svdq_export import read_export_metadata
+
+    if not partial.is_dir():
+        raise ValueError(f"--resume: nothing to resume, {partial} does not exist")
+    saved = (read_export_metadata(partial).get("user") or {}).get(RESUME_KEY)
+    if not isinstance(saved, dict) or not isinstance(saved.get("layers"), dict):
+        raise ValueError(f"--resume: {partial} records no layerwise progress")
+    for key in keys:
+        if saved.get(key) != record[key]:
+            raise ValueError(
+                f"--resume: {partial} was calibrated with another {key} ({saved.get(key)!r}, now "
+                f"{record[key]!r}); rerun without --resume to start over"
+            )
+    return saved["layers"]
 
 
 def run(args) -> int:
@@ -99,9 +133,9 @@ def run(args) -> int:
         log,
         quantized_size_estimate,
     )
-    from calib.data import load_tokens, token_batches
+    from calib.data import fingerprint, load_tokens, token_batches
     from lora.framework.parallel import destroy_parallel, init_parallel
-    from lora.io.svdq_export import export_quantized
+    from lora.io.svdq_export import export_quantized, load_quantized
     from svdq import SVDQConfig
 
     layout = expert_layouts(args.layout)  # already checked by argparse (layout_arg)
@@ -118,6 +152,19 @@ def run(args) -> int:
         raise FileExistsError(f"{model_dir} exists; choose another --out or pass --overwrite")
     if model_dir.exists() and not model_dir.is_dir():
         raise ValueError(f"{model_dir} is a file, not a directory")
+    partial = args.out / PARTIAL
+    if (args.resume or args.stop_after_layers) and args.mode != "layerwise":
+        raise ValueError("--resume continues a --mode layerwise run; pass --mode layerwise")
+    settings = {
+        "svdq": svdq_cfg.to_dict(),
+        "layout": layout,
+        "storage": args.storage,
+        "mode": args.mode,
+        "act_range": args.act_range,
+        "batch": args.batch,
+    }
+    resume = {"model": source.to_dict(), "settings": settings}
+    done = _check_resume(partial, resume, ("model", "settings")) if args.resume else {}
     created = not args.out.exists()
     init_parallel(seed=args.seed)
     try:
@@ -127,6 +174,24 @@ def run(args) -> int:
             args.data, lm.vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer, fields=fields
         )
         batches = token_batches(ids, lm.seq_len, batch=args.batch, device=device_of(lm.model))
+        resume.update(data=fingerprint(ids), tokens=int(ids.numel()), seq_len=lm.seq_len)
+        if args.resume:
+            _check_resume(partial, resume, ("data", "tokens", "seq_len"))
+            load_quantized(lm.model, partial, progress=False)  # the finished layers, as they were
+            log.info("resuming after %d finished layer(s) from %s", len(done), partial)
+        elif partial.exists():
+            log.info("starting over: %s of an earlier run is replaced (--resume continues it)", partial)
+        stopped = []
+
+        def save_layer(layer: str, rows: list[dict]) -> None:
+            """After each finished layer: the model so far and the rows, one atomic checkpoint."""
+            done[layer] = json.loads(json.dumps(rows, default=str))
+            meta = {MODEL_KEY: source.to_dict(), RESUME_KEY: {**resume, "layers": done}}
+            args.out.mkdir(parents=True, exist_ok=True)
+            export_quantized(lm.model, partial, metadata=meta, overwrite=True, progress=False)
+            stopped.append(layer)
+            if args.stop_after_layers is not None and len(stopped) >= args.stop_after_layers:
+                raise KeyboardInterrupt  # what a Ctrl-C here would do (tests)
 
         report = calibrate(
             lm.model,
@@ -139,6 +204,8 @@ def run(args) -> int:
                 act_range=args.act_range,
                 progress=args.progress,
             ),
+            done_layers=dict(done),
+            on_layer=save_layer if args.mode == "layerwise" else None,
         )
         args.out.mkdir(parents=True, exist_ok=True)
         metadata = {
@@ -158,6 +225,12 @@ def run(args) -> int:
             lm.model, model_dir, metadata=metadata, overwrite=args.overwrite, progress=args.progress
         )
         write_hf_config(lm, model_dir)  # a Hugging Face model's config.json travels with it
+        if partial.is_dir():
+            shutil.rmtree(partial)  # the run is complete
+    except KeyboardInterrupt:
+        if partial.is_dir():
+            args.interrupt_note = f"the finished layers are kept in {partial}; continue with --resume"
+        raise
     except BaseException:
         if created and args.out.is_dir() and not any(args.out.iterdir()):
             args.out.rmdir()  # nothing partial: not even the empty --out this run created

@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             raise
         if code == 130:
-            print(f"svdq {args.command}: interrupted (no partial output written)", file=sys.stderr)
+            note = getattr(args, "interrupt_note", None) or "no partial output written"
+            print(f"svdq {args.command}: interrupted ({note})", file=sys.stderr)
         else:
             kind = "I/O error" if isinstance(exc, OSError) and code == 1 else "error"
             print(f"svdq {args.command}: {kind}: {_one_line(exc)}", file=sys.stderr)
