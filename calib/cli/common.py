@@ -437,7 +437,9 @@ def layout_arg(text: str) -> dict:
 
 def add_json_arg(p) -> None:
     """``--json PATH``: the facts of the command's summary line as a JSON file (written atomically)."""
-    p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON to this file")
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="also write the summary as JSON to this file"
+    )
 
 
 def check_json_arg(args) -> None:

@@ -122,7 +122,11 @@ def _add_output_args(p, top: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="svdq", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="svdq",
+        description="svdq: SVDQuant 4-bit calibration, adapter fine-tuning and export for MoE models. "
+        "Run 'svdq COMMAND --help' for a command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"svdq {version()}")
     _add_output_args(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
