@@ -2,10 +2,10 @@
 
     svdq calibrate --out DIR [--model tiny | megatron:DIR | hf:DIR | module:function] [--model-config FILE]
                    [--seq-len 256] [--backend torch | megatron]
-                   [--data builtin | FILE | DIR | ids.npy] [--tokenizer tokenizer.json]
-                   [--rank 16] [--layout fc1=shared-down,fc2=auto] [--format nvfp4] [--tokens 16384]
-                   [--storage packed]
-                   [--mode all | layerwise] [--act-range static | dynamic]
+                   [--data builtin | FILE | DIR | data.jsonl | ids.npy] [--tokenizer tokenizer.json | DIR]
+                   [--text-field text] [--rank 16] [--layout fc1=shared-down,fc2=auto] [--format nvfp4]
+                   [--act-format FMT] [--tokens 16384] [--storage packed]
+                   [--mode all | layerwise [--resume]] [--act-range static | dynamic] [--json FILE]
 
 Writes ``DIR/model`` (the calibrated model, :func:`lora.io.svdq_export.export_quantized`, recording the model
 source so that ``svdq eval/finetune/export --checkpoint DIR/model`` rebuild it; for a Hugging Face model also
@@ -14,6 +14,14 @@ its ``config.json``), ``DIR/report.json`` and
 leaves no partial file. Every input problem (missing or empty data, token ids outside the vocabulary, a
 factory that does not return a module, a model config that does not match its checkpoint, targets that
 match nothing, an existing ``DIR/model``) is reported before any calibration work.
+
+``--mode layerwise`` keeps, after each finished transformer layer, ``DIR/partial``: a partial checkpoint
+(:func:`lora.io.svdq_export.export_quantized`, atomic) of the model so far whose user metadata records the
+finished layers' report rows, the model source, the settings and the data fingerprint. ``--resume`` checks
+those against the arguments (one line naming what differs), loads the partial checkpoint (the finished
+layers, exactly as they were) and calibrates the remaining layers (:func:`calib.calibrate.calibrate` with
+``done_layers``): the result equals an uninterrupted run's, tensor for tensor. The partial checkpoint is
+removed once ``DIR/model`` is written.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ argument, file or model (``ValueError``; ``FileNotFoundError``, ``FileExistsErro
 ``IsADirectoryError``, ``NotADirectoryError``), found before any work wherever the inputs tell it;
 1 an I/O fault while working (any other ``OSError``: a full disk, a failing device) or a run that
 diverged (``ArithmeticError``: a non-finite loss or tensor); 130 Ctrl-C (``interrupted``). Each prints one
-line ``svdq CMD: error: ...``; no command leaves a partial output file. Any other exception is a bug in
+line ``svdq CMD: error: ...``; no command leaves a partial output file (``calibrate --mode layerwise``
+keeps ``DIR/partial`` on purpose, for ``--resume``). Any other exception is a bug in
 svdq and keeps its traceback.
 
 Output: every subcommand ends with one summary line on stdout and, with ``--json PATH``, writes the same
