@@ -44,9 +44,10 @@ _ARCHIVES = {b"PK\x03\x04": "a zip archive (.npz?)", b"\x1f\x8b": "a gzip file",
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-def file_kind(path: Path) -> str:
-    """``"npy"``, ``"jsonl"`` or ``"text"`` by content (JSON Lines also by suffix); ``ValueError`` naming
-    ``path`` for archives, binary data and ``.npy``-named files without a NumPy header."""
+def file_kind(path: Path, sniff_jsonl: bool = True) -> str:
+    """``"npy"``, ``"jsonl"`` or ``"text"`` by content (JSON Lines by suffix, or with ``sniff_jsonl`` by a
+    first non-blank line that is a JSON object); ``ValueError`` naming ``path`` for archives, binary data
+    and ``.npy``-named files without a NumPy header."""
     path = Path(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -57,19 +58,21 @@ def file_kind(path: Path) -> str:
             raise ValueError(f"data file {path} is {what}; give a .npy array of token ids or text files")
     if path.suffix == ".npy":
         raise ValueError(f"data file {path} is named .npy but has no NumPy header (not a .npy file)")
-    if path.suffix.lower() in JSONL_SUFFIXES or _first_line_is_object(path):
+    if path.suffix.lower() in JSONL_SUFFIXES or (sniff_jsonl and _first_line_is_object(path)):
         return "jsonl"
     return "text"
 
 
-def _first_line_is_object(path: Path) -> bool:
+def _first_line_is_object(path: Path, limit: int = 1 << 20) -> bool:
+    """Whether the first non-blank line (within the first ``limit`` bytes) is a JSON object."""
     with open(path, "rb") as fh:
-        for raw in fh:
-            if raw.strip():
-                try:
-                    return isinstance(json.loads(raw), dict)
-                except (ValueError, UnicodeDecodeError):
-                    return False
+        head = fh.read(limit)
+    for raw in head.splitlines():
+        if raw.strip():
+            try:
+                return isinstance(json.loads(raw), dict)
+            except (ValueError, UnicodeDecodeError):
+                return False
     return False
 
 
@@ -331,7 +334,7 @@ def load_stream(
         else:
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             for p in files:
-                kind = file_kind(p)
+                kind = file_kind(p, sniff_jsonl=False)  # a directory's files: text unless named .jsonl
                 if kind != "text":
                     held = "token ids" if kind == "npy" else "JSON Lines records"
                     raise ValueError(f"data directory {path}: {p} holds {held}; a directory holds text files")

@@ -226,6 +226,7 @@ def run(args) -> int:
                 "act_range": args.act_range,
                 "data": str(args.data),
                 "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
+                "text_field": args.text_field,
                 "tokens": int(ids.numel()),
             },
         }

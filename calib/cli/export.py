@@ -165,6 +165,8 @@ def _calibration_data(args, previous: dict) -> None:
     args.data = cal.get("data") or "builtin"
     if args.tokenizer is None and cal.get("tokenizer"):
         args.tokenizer = Path(cal["tokenizer"])
+    if isinstance(cal.get("text_field"), str) and args.text_field == "text":
+        args.text_field = cal["text_field"]
     if isinstance(cal.get("tokens"), int) and cal["tokens"] > 0:
         args.tokens = min(args.tokens, cal["tokens"]) if args.tokens else cal["tokens"]
     log.info(
