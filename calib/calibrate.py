@@ -39,8 +39,15 @@ it stay quantized in place.
 
 **Parallelism.** Tensor parallelism (dense and expert TP) and expert parallelism: every rank decomposes
 the full weights from full-feature statistics and keeps its shard, so TP=2 reproduces TP=1. All ranks
-call ``calibrate`` with the same config, and ``forward_loop`` must feed the same batches on every
-data-parallel rank (statistics of replicated dense layers are not reduced over data parallelism).
+call ``calibrate`` with the same config. Expert-parallel ranks of one data shard feed the same batches.
+
+**Data parallelism** (svdq/DESIGN.md §17): the ranks of the data-parallel group
+(:func:`lora.framework.parallel.data_parallel_group`) may feed disjoint shards of the calibration data.
+Before any decomposition the statistics are merged over that group (:func:`merge_input_stats`: second
+moments and token counts summed, absmax maxed, the token samples pooled), and the static activation ranges
+are maxed over it, so the result equals a one-process calibration on the union of the shards (to float
+round-off, with ``sample_tokens`` above the pooled token count; otherwise the pooled sample is another
+uniform sample of the same tokens).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from lora.config import LoraConfig
 from lora.families import family_of, is_megatron_model
 from lora.families.megatron_linear import is_glu_fc1
 from lora.framework.full_input import full_in_features, full_input
+from lora.framework.parallel import data_parallel_group
 from lora.framework.tp import group_rank_size
 from lora.install import ExpertProjection, install_experts, install_linear
 from lora.model import freeze_base
@@ -255,7 +263,7 @@ def calibrate(
     bases = _svdq_bases(model, work)
     ranges = dict.fromkeys(bases)
     if config.act_range == "static":
-        ranges = calibrate_input_ranges(model, forward_loop, bases)
+        ranges = calibrate_input_ranges(model, forward_loop, bases, extra_group=data_parallel_group())
     for layer, row in rows.items():
         row["input_amax"] = (
             ranges[layer] if layer in bases else [ranges[k] for k in bases if k.startswith(layer + "#")]
@@ -293,8 +301,58 @@ def _collect_stats(model, forward_loop, items, dense: dict, experts: dict, cfg: 
         transform=full_input,
         in_features=full_in_features,
     )
+    merge_input_stats(stats, data_parallel_group(), next(model.parameters()).device)
     _raise_if_nonfinite(model, stats)
     return stats
+
+
+def merge_input_stats(stats: dict[str, InputStats], group, device) -> None:
+    """Merge every rank's statistics over ``group`` in place (``None`` or a group of one: nothing to do):
+    ``n_tokens`` and ``gram`` (``in × in`` float64) summed, ``absmax`` (``in``) maxed, ``nonfinite`` or-ed,
+    and the token samples (``k_r × in`` float32) pooled in rank order; when the pool exceeds
+    ``sample_size`` rank ``r`` keeps ``≈ sample_size · n_r / n`` of its rows, drawn with the statistics'
+    ``seed`` (each rank's reservoir is uniform over its tokens, so the pool stays uniform over all of them).
+    Collective: every rank calls it with the same keys in the same order."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    size = dist.get_world_size(group)
+    names = list(stats)
+    rows_of = [0 if st.sample is None else st.sample.shape[0] for st in stats.values()]
+    counts = torch.tensor(
+        [[st.n_tokens, int(st.nonfinite), k] for st, k in zip(stats.values(), rows_of)],
+        dtype=torch.int64,
+        device=device,
+    ).reshape(len(names), 3)  # (layers, [tokens, nonfinite, sample rows])
+    per_rank = [torch.empty_like(counts) for _ in range(size)]
+    dist.all_gather(per_rank, counts, group=group)
+    per_rank = torch.stack(per_rank).cpu()  # (ranks, layers, 3)
+    for j, name in enumerate(names):
+        st = stats[name]
+        n = int(per_rank[:, j, 0].sum())
+        f = st.in_features
+        zero = torch.zeros(f, f, dtype=torch.float64, device=device)
+        gram = zero if st.gram is None else st.gram.to(device)  # (in, in) float64
+        absmax = st.absmax.to(device) if st.absmax is not None else torch.zeros(f, device=device)
+        dist.all_reduce(gram, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=group)
+        rows = per_rank[:, j, 2].tolist()
+        sample = st.sample.to(device) if st.sample is not None else torch.empty(0, f, device=device)
+        padded = torch.zeros(max(rows), f, dtype=torch.float32, device=device)  # (max k_r, in)
+        padded[: sample.shape[0]] = sample
+        pooled = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(pooled, padded, group=group)
+        parts = [p[:k] for p, k in zip(pooled, rows)]
+        if sum(rows) > st.sample_size:
+            tokens = per_rank[:, j, 0].double()
+            keep = torch.floor(tokens / tokens.sum() * st.sample_size).long().clamp(max=torch.tensor(rows))
+            g = torch.Generator().manual_seed(st.seed + 7919)
+            picks = [torch.randperm(p.shape[0], generator=g)[: int(m)] for p, m in zip(parts, keep)]
+            parts = [p[i.sort().values.to(device)] for p, i in zip(parts, picks)]
+        st.n_tokens = n
+        st.nonfinite = bool(per_rank[:, j, 1].any())
+        st.gram = gram if n > 0 else None
+        st.absmax = absmax if n > 0 else None
+        st.sample = torch.cat(parts) if n > 0 and st.sample_size > 0 else st.sample
 
 
 def _raise_if_nonfinite(model: nn.Module, stats: dict[str, InputStats]) -> None:
@@ -358,6 +416,11 @@ def _calibrate_torch(model: nn.Module, forward_loop, config: CalibConfig, t0: fl
 
     if config.mode != "all":
         raise ValueError(f"mode={config.mode!r} needs a Megatron model; plain torch models use mode='all'")
+    if data_parallel_group() is not None:
+        raise ValueError(
+            "data-parallel calibration (several processes) needs a Megatron model; calibrate a plain torch "
+            "model in one process"
+        )
     quantize(
         model,
         config.svdq,

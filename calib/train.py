@@ -10,6 +10,15 @@ Data: the token stream is cut into ``n`` batches (:func:`calib.data.token_batche
 batch ``perm_e[k mod n]`` with ``e = k // n`` and ``perm_e`` a permutation drawn from ``(seed, e)``, so
 the data position is a function of the step.
 
+Data parallelism and gradient accumulation (svdq/DESIGN.md §17): the global batch of update ``k`` is cut
+into ``dp · grad_accum`` equal row chunks; data-parallel rank ``d`` runs chunks ``j · dp + d`` for
+``j = 0 … grad_accum−1`` (:func:`micro_batches`), each micro-batch's mean token loss scaled by
+``1/grad_accum``; the adapter gradients are then averaged over the data-parallel group
+(:func:`lora.framework.parallel.data_parallel_group`) and the logged loss is the global mean. So
+``dp=2, grad_accum=1`` and ``dp=1, grad_accum=2`` take the same optimizer step as ``dp=1, grad_accum=1`` on
+that batch (to float round-off). ``eval_every`` evaluates held-out batches (sharded over data parallelism,
+summed in float64 over all ranks) every that many updates.
+
 A checkpoint ``checkpoints/step-000005/`` holds ``adapters.safetensors`` (:func:`lora.save_adapters`),
 ``optimizer.safetensors`` (AdamW moments and step counts per parameter name), ``rng.safetensors`` (torch
 CPU / CUDA and Megatron RNG-tracker states, numpy's state) and ``state.json`` (step, losses, learning
@@ -17,6 +26,11 @@ rates, gradient norms, the config, the data position and fingerprint, optimizer 
 ``random`` state). It is written into a temporary directory renamed at the end, so a directory named
 ``step-*`` is always complete; only the last ``keep`` are kept. Resuming restores all of it and the run
 continues exactly as an uninterrupted one (same losses, bit for bit, on the same machine).
+
+In a world of several processes every rank writes its own ``optimizer-rank00001.safetensors`` and
+``rng-rank00001.safetensors`` into the one temporary directory (a file system all ranks see), global rank 0
+writes ``adapters.safetensors`` (gathered over TP / EP, :func:`lora.save_adapters`) and ``state.json`` and
+renames the directory once every rank succeeded; resuming needs the same ``tp · ep · dp`` layout.
 """
 
 from __future__ import annotations
@@ -61,6 +75,7 @@ class TrainConfig(ConfigBase):
     batch: int = 8
     seed: int = 0
     dropout: float = 0.0  # adapter dropout during the run (lora.adapters.dropout)
+    grad_accum: int = 1  # micro-batches per optimizer step (each loss scaled 1 / grad_accum)
 
     def validate(self) -> None:
         checks = [
@@ -72,6 +87,7 @@ class TrainConfig(ConfigBase):
             (self.weight_decay >= 0, "--weight-decay must be ≥ 0"),
             (self.batch >= 1, "--batch must be ≥ 1"),
             (0 <= self.dropout < 1, "--dropout must lie in [0, 1)"),
+            (self.grad_accum >= 1, "--grad-accum must be ≥ 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -84,6 +100,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def check_batch_split(batch: int, dp: int, grad_accum: int) -> None:
+    """``ValueError`` naming ``--batch`` unless it splits into ``dp · grad_accum`` equal micro-batches."""
+    if batch % (dp * grad_accum):
+        raise ValueError(
+            f"--batch {batch} must be divisible by data-parallel size {dp} × --grad-accum {grad_accum} "
+            f"= {dp * grad_accum} (equal micro-batches)"
+        )
+
+
+def micro_batches(batch: dict, dp_rank: int, dp_size: int, grad_accum: int) -> list[dict]:
+    """The ``grad_accum`` micro-batches data-parallel rank ``dp_rank`` runs of a global ``batch`` (dict of
+    ``(b, …)`` tensors): row chunks ``j · dp_size + dp_rank`` of ``dp_size · grad_accum`` equal chunks. Over
+    all ranks and ``j`` they are the whole batch, each row once."""
+    b = batch["tokens"].shape[0]
+    check_batch_split(b, dp_size, grad_accum)
+    size = b // (dp_size * grad_accum)
+    out = []
+    for j in range(grad_accum):
+        lo = (j * dp_size + dp_rank) * size
+        out.append({k: v[lo : lo + size] for k, v in batch.items()})  # (size, s) each
+    return out
 
 
 def batch_index(step: int, n_batches: int, seed: int) -> int:
@@ -208,6 +247,122 @@ def _restore_rng(tensors: dict[str, torch.Tensor], state: dict) -> None:
     random.setstate(_tupled(state["python_random"]))
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _flag_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _all_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (collective over the world)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=_flag_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _rank_file(stem: str, rank: int, world: int) -> str:
+    """``optimizer.safetensors`` in a world of one process, ``optimizer-rank00003.safetensors`` otherwise."""
+    return f"{stem}.safetensors" if world == 1 else f"{stem}-rank{rank:05d}.safetensors"
+
+
+def _write_rank_files(tmp: Path, optimizer, names: list[str], rank: int, world: int) -> None:
+    """This rank's AdamW moments and RNG states into ``tmp``; returns the JSON part of the RNG state."""
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    moments = {}
+    for i, name in enumerate(names):
+        for key, value in sd["state"].get(i, {}).items():
+            moments[f"{name}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    save_file(moments, str(tmp / _rank_file("optimizer", rank, world)))
+    rng, rng_state = _rng_tensors()
+    save_file(rng, str(tmp / _rank_file("rng", rank, world)), metadata={"state": json.dumps(rng_state)})
+    return rng_state
+
+
+def _full_state(optimizer, names: list[str], state: dict, step: int, rng_state: dict) -> dict:
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        **state,
+        "step": step,
+        "optimizer": {"param_names": names, "param_groups": groups},
+        "rng": rng_state,
+    }
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        doomed = temporary_sibling(old, "tmp-delete")
+        os.replace(old, doomed)  # a checkpoint disappears atomically, then its files
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _save_checkpoint_ranks(root: Path, step: int, model, optimizer, names, state: dict, keep: int) -> Path:
+    """:func:`save_checkpoint` in a world of several processes (see the module docstring)."""
+    import torch.distributed as dist
+
+    rank, world = _rank_world()
+    final = root / checkpoint_name(step)
+    name = [str(temporary_sibling(final)) if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
+    ok = True
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError:
+            ok = False
+    if not _all_ok(ok):
+        raise OSError(f"checkpoint {final}: rank 0 could not create {tmp}")
+    error = None
+    try:
+        save_adapters(model, tmp / "adapters.safetensors")  # collective; rank 0 writes
+        rng_state = _write_rank_files(tmp, optimizer, names, rank, world)
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+        error, rng_state = exc, None
+    if not _all_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise OSError(f"checkpoint {final}: another rank failed to write its files (see its error)")
+
+    def finish() -> None:
+        full = _full_state(optimizer, names, state, step, rng_state)
+        (tmp / "state.json").write_text(json.dumps(full, indent=1))
+        if final.exists():
+            old = temporary_sibling(final, "tmp-old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _prune(root, keep)
+
+    from lora.framework.tp import rank0_call
+
+    try:
+        rank0_call(finish)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -219,35 +374,17 @@ def save_checkpoint(
 ) -> Path:
     """Write ``root/step-<step>/`` (see the module docstring) through a temporary directory and keep the
     last ``keep`` checkpoints. ``names``: the parameter names of the optimizer's parameters, in order."""
-    from safetensors.torch import save_file
-
     root = Path(root)
+    if _rank_world()[1] > 1:
+        return _save_checkpoint_ranks(root, step, model, optimizer, names, state, keep)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     with atomic_output_dir(final, overwrite=True) as tmp:
         save_adapters(model, tmp / "adapters.safetensors")
-        sd = optimizer.state_dict()
-        moments = {}
-        for i, name in enumerate(names):
-            for key, value in sd["state"].get(i, {}).items():
-                moments[f"{name}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        save_file(moments, str(tmp / "optimizer.safetensors"))
-        rng, rng_state = _rng_tensors()
-        save_file(rng, str(tmp / "rng.safetensors"))
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-        full = {
-            "format": CHECKPOINT_FORMAT,
-            "version": 1,
-            **state,
-            "step": step,
-            "optimizer": {"param_names": names, "param_groups": groups},
-            "rng": rng_state,
-        }
+        rng_state = _write_rank_files(tmp, optimizer, names, 0, 1)
+        full = _full_state(optimizer, names, state, step, rng_state)
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-        doomed = temporary_sibling(old, "tmp-delete")
-        os.replace(old, doomed)  # a checkpoint disappears atomically, then its files
-        shutil.rmtree(doomed, ignore_errors=True)
+    _prune(root, keep)
     return final
 
 
@@ -284,8 +421,15 @@ def load_checkpoint(
     if saved_names != names:
         diff = sorted(set(saved_names) ^ set(names))[:4] or "their order"
         raise ValueError(f"{path}: the checkpoint trains other adapter parameters than this model ({diff})")
+    rank, world = _rank_world()
+    for stem in ("optimizer", "rng"):
+        if not (path / _rank_file(stem, rank, world)).is_file():
+            raise ValueError(
+                f"{path}: {_rank_file(stem, rank, world)} is missing (a checkpoint of another process "
+                f"layout; resume with the --tp / --ep / --dp and number of processes it was written with)"
+            )
     load_adapter_file(model, path / "adapters.safetensors")
-    moments = load_file(str(path / "optimizer.safetensors"))
+    moments = load_file(str(path / _rank_file("optimizer", rank, world)))
     sd = optimizer.state_dict()
     new_state = {}
     for i, name in enumerate(names):
@@ -301,7 +445,12 @@ def load_checkpoint(
         for g, old in zip(groups, sd["param_groups"])
     ]
     optimizer.load_state_dict(sd)
-    _restore_rng(load_file(str(path / "rng.safetensors")), state["rng"])
+    from safetensors import safe_open
+
+    rng_file = str(path / _rank_file("rng", rank, world))
+    with safe_open(rng_file, framework="pt") as fh:
+        own = (fh.metadata() or {}).get("state")  # this rank's numpy / Python states (older files: none)
+    _restore_rng(load_file(rng_file), json.loads(own) if own else state["rng"])
     return state
 
 
@@ -360,25 +509,67 @@ def check_resumable(path: str | os.PathLike, cfg: TrainConfig, run_info: dict | 
     return state
 
 
+def _reduce_mean(values: torch.Tensor, group, size: int) -> torch.Tensor:
+    """``values`` averaged over the data-parallel ``group`` (in place; identity without one)."""
+    import torch.distributed as dist
+
+    if group is not None and size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+        values.div_(size)
+    return values
+
+
+def _allreduce_grads(params: list[nn.Parameter], group, size: int) -> None:
+    """Average the adapter gradients over the data-parallel ``group`` (one flat all-reduce; a missing
+    gradient, e.g. of an expert that got no token on this rank, counts as zero)."""
+    if group is None or size == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _reduce_mean(_flatten_dense_tensors(grads), group, size)  # (Σ numel,)
+    for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+        p.grad = g
+
+
 def _train_step(
-    lm: LoadedModel, optimizer, names_params: list, batches, cfg: TrainConfig, k: int, on_cuda: bool
+    lm: LoadedModel,
+    optimizer,
+    names_params: list,
+    batches,
+    cfg: TrainConfig,
+    k: int,
+    on_cuda: bool,
+    dp: tuple[int, int] = (0, 1),
 ):
-    """Update ``k``: set ``lr(k)``, mean token loss of its batch (bf16 autocast on CUDA), backward, clip the
-    gradient norm to ``cfg.grad_clip``, AdamW step. Returns ``(loss, lr, gradient norm before clipping)``.
+    """Update ``k``: set ``lr(k)``; on this data-parallel rank (``dp = (rank, size)``,
+    :func:`micro_batches`) the mean token loss of each micro-batch scaled by ``1/grad_accum`` (bf16
+    autocast on CUDA), backward; gradients averaged over data parallelism; clip the gradient norm to
+    ``cfg.grad_clip``, AdamW step. Returns ``(global mean loss, lr, gradient norm before clipping)``.
     ``FloatingPointError`` naming the step and the first non-finite tensor when the loss, a gradient or an
     updated adapter tensor is not finite (``names_params``: ``[(name, parameter)]``)."""
+    from lora.framework.parallel import data_parallel_group
+
     params = [p for _, p in names_params]
     lr = lr_at(k, cfg)
     for g in optimizer.param_groups:
         g["lr"] = lr
+    dp_rank, dp_size = dp
+    group = data_parallel_group() if dp_size > 1 else None
     batch = batches[batch_index(k, len(batches), cfg.seed)]
-    with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
-        loss = masked_mean(lm.token_losses(batch), batch.get("loss_mask"))  # prompt tokens: no loss
-    value = loss.item()
-    if not math.isfinite(value):
-        raise FloatingPointError(f"step {k + 1}: the loss is {value}")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    local = torch.zeros((), dtype=torch.float64)
+    for mb in micro_batches(batch, dp_rank, dp_size, cfg.grad_accum):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
+            loss = masked_mean(lm.token_losses(mb), mb.get("loss_mask")) / cfg.grad_accum  # prompts: no loss
+        local += loss.detach().double().cpu()
+        if math.isfinite(float(local)):
+            loss.backward()
+    device = params[0].device if group is not None else "cpu"
+    value = float(_reduce_mean(local.to(device), group, dp_size))
+    if not math.isfinite(value):  # the same on every data-parallel rank: all raise
+        raise FloatingPointError(f"step {k + 1}: the loss is {value}")
+    _allreduce_grads(params, group, dp_size)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if not math.isfinite(float(norm)):
         bad = first_non_finite((n, p.grad) for n, p in names_params if p.grad is not None)
@@ -390,16 +581,44 @@ def _train_step(
     return value, lr, float(norm)
 
 
+@torch.no_grad()
+def evaluate(lm: LoadedModel, batches: list[dict]) -> dict:
+    """``{"loss", "perplexity", "tokens"}`` of ``lm`` on the held-out ``batches``: data-parallel rank ``d``
+    of ``n`` runs batches ``d, d+n, …``; the float64 sums of token losses and counts are all-reduced over
+    the data-parallel group. Leaves the model in eval mode."""
+    from lora.framework.parallel import data_parallel_group, data_parallel_rank_size
+
+    d, n = data_parallel_rank_size()
+    lm.model.eval()
+    total = torch.zeros(2, dtype=torch.float64)  # (Σ loss, tokens)
+    for b in batches[d::n]:
+        losses = lm.token_losses(b)  # (b, s)
+        if b.get("loss_mask") is not None:  # prompt / response data: response tokens only
+            losses = losses[b["loss_mask"]]
+        total += torch.tensor([float(losses.double().sum()), losses.numel()], dtype=torch.float64)
+    if n > 1:
+        import torch.distributed as dist
+
+        total = total.to(next(lm.model.parameters()).device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=data_parallel_group())
+        total = total.cpu()
+    loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    ppl = math.exp(loss) if math.isfinite(loss) else loss
+    return {"loss": loss, "perplexity": ppl, "tokens": int(total[1])}
+
+
 @dataclass
 class FinetuneResult:
     """Per-update ``losses`` / ``lrs`` / ``grad_norms`` (all steps, resumed ones included), the step
-    reached, and whether the run stopped early (``stop_at``)."""
+    reached, whether the run stopped early (``stop_at``), and the held-out evaluations
+    (``[{"step", "loss", "perplexity", "tokens"}]``, :func:`evaluate`)."""
 
     losses: list[float]
     lrs: list[float]
     grad_norms: list[float]
     step: int
     stopped: bool
+    evals: list[dict] = dataclasses.field(default_factory=list)
 
 
 def finetune(
@@ -414,13 +633,19 @@ def finetune(
     stop_at: int | None = None,
     run_info: dict | None = None,
     progress: bool = True,
+    eval_batches: list[dict] | None = None,
+    eval_every: int = 0,
 ) -> FinetuneResult:
     """Train the adapters of ``lm.model`` for ``cfg.steps`` updates on ``batches``.
 
     ``run_info`` (JSON) is stored in every checkpoint under ``"run"`` and must equal the resumed
     checkpoint's (the caller puts the data fingerprint and model checkpoint there). ``stop_at``: save a
     checkpoint after that update and return (``stopped=True``). Checkpoints every ``save_every`` updates
-    (0 = only at ``stop_at`` and the end).
+    (0 = only at ``stop_at`` and the end). ``eval_every > 0``: :func:`evaluate` on ``eval_batches`` after
+    every that many updates (logged, stored in the checkpoints and the result).
+
+    Under data parallelism (:func:`lora.framework.parallel.data_parallel_group`) every rank passes the same
+    ``batches`` (the global batches) and runs its micro-batches of each (see the module docstring).
     """
     model = lm.model
     params = adapter_parameters(model)
@@ -433,23 +658,33 @@ def finetune(
     for m in adapter_modules(model).values():
         m.dropout_p = cfg.dropout
     names = list(params)
+    from lora.framework.parallel import data_parallel_rank_size
+
+    dp = data_parallel_rank_size()
+    check_batch_split(batches[0]["tokens"].shape[0], dp[1], cfg.grad_accum)
+    if eval_every and not eval_batches:
+        raise ValueError("eval_every > 0 needs held-out eval_batches")
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_info = run_info or {}
-    losses, lrs, norms, start = [], [], [], 0
+    losses, lrs, norms, evals, start = [], [], [], [], 0
     if resume_from is not None:
         check_resumable(resume_from, cfg, run_info)
         state = load_checkpoint(resume_from, model, optimizer, names)
         start, losses, lrs, norms = state["step"], state["losses"], state["lrs"], state["grad_norms"]
+        evals = state.get("evals", [])
     if stop_at is not None and stop_at <= start:
         raise ValueError(f"--stop-at {stop_at} is not after the resumed checkpoint's step {start}")
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     on_cuda = next(iter(params.values())).is_cuda
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", disable=not progress)
+    show = progress and _rank_world()[0] == 0
+    bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", disable=not show)
     guard = routers_outside_autocast(model) if on_cuda else contextlib.nullcontext()
 
     def checkpoint(step):
         state = {"config": cfg.to_dict(), "run": run_info, "losses": losses, "lrs": lrs, "grad_norms": norms}
+        if eval_every:
+            state["evals"] = evals
         state["data_position"] = {
             "batches": len(batches),
             **dict(zip(("epoch", "index"), divmod(step, len(batches)))),
@@ -462,7 +697,7 @@ def finetune(
             for k in range(start, end):
                 try:
                     value, lr, norm = _train_step(
-                        lm, optimizer, list(params.items()), batches, cfg, k, on_cuda
+                        lm, optimizer, list(params.items()), batches, cfg, k, on_cuda, dp
                     )
                 except FloatingPointError as exc:
                     kept = (
@@ -473,11 +708,19 @@ def finetune(
                 lrs.append(lr)
                 norms.append(norm)
                 bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                postfix = {"loss": f"{value:.4f}", "lr": f"{lr:.2e}"}
+                if eval_every and (k + 1) % eval_every == 0:
+                    evals.append({"step": k + 1, **evaluate(lm, eval_batches)})
+                    model.train()
+                    if show:
+                        tqdm.write(f"step {k + 1}: held-out loss {evals[-1]['loss']:.4f}")
+                if evals:
+                    postfix["eval"] = f"{evals[-1]['loss']:.4f}"
+                bar.set_postfix(postfix)
                 if (save_every and (k + 1) % save_every == 0) or k + 1 == end:
                     checkpoint(k + 1)
                     last_good[0] = Path(checkpoint_dir) / checkpoint_name(k + 1)
     finally:
         bar.close()
     model.eval()
-    return FinetuneResult(losses, lrs, norms, end, stopped=end < cfg.steps)
+    return FinetuneResult(losses, lrs, norms, end, stopped=end < cfg.steps, evals=evals)

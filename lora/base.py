@@ -181,13 +181,14 @@ class SVDQBase(StaticActRange, ResidualStorage, nn.Module):
 
 
 def calibrate_input_ranges(
-    model: nn.Module, forward_loop, bases: dict[str, SVDQBase]
+    model: nn.Module, forward_loop, bases: dict[str, SVDQBase], extra_group=None
 ) -> dict[str, float | None]:
     """Static activation ranges: run ``forward_loop(model)`` once (the bases as they are, normally
     dynamic), record each base's ``max|x/s|``, all-reduce it (MAX) over the base's tensor-parallel group
     and fix it with :meth:`SVDQBase.set_input_amax`. Returns ``{name: amax}``; ``None`` (range left
     dynamic) for bases whose format has no per-tensor range or that saw no token (e.g. an expert that no
     calibration token was routed to). Every rank must call it with the same ``bases`` in the same order.
+    ``extra_group``: a further group to all-reduce (MAX) over, e.g. data parallelism (ranks fed other data).
     """
     static = {n: b for n, b in bases.items() if static_range_supported(b.act_format)}
     local = record_input_amax(model, static, forward_loop, check_finite=False)  # NaN / Inf → inf
@@ -198,6 +199,8 @@ def calibrate_input_ranges(
         a = torch.zeros((), device=base.smooth.device) if a is None else a.clone()
         if group_rank_size(tp_group_of(base.inner))[1] > 1:
             dist.all_reduce(a, op=dist.ReduceOp.MAX, group=tp_group_of(base.inner))
+        if extra_group is not None and dist.get_world_size(extra_group) > 1:
+            dist.all_reduce(a, op=dist.ReduceOp.MAX, group=extra_group)
         value = float(a)
         if value == float("inf"):  # the same on every rank of the group: all of them raise below
             bad.append(name)

@@ -258,19 +258,25 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def branch_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameter name → parameter of the ``lora_down`` / ``lora_up`` branch of every
-    :class:`svdq.SVDQLinear` of a plain torch model (``<layer>.lora_down`` / ``<layer>.lora_up``)."""
+def _branch_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules of a plain torch model that carry an SVDQuant branch: every :class:`svdq.SVDQLinear` and
+    every projection (``<experts>.fc1`` / ``.fc2``) of an :class:`svdq.experts.SVDQExperts`."""
+    from svdq.experts.module import ExpertProjection
     from svdq.layer import SVDQLinear
 
-    ids = {id(p) for m in model.modules() if isinstance(m, SVDQLinear) for p in (m.lora_down, m.lora_up)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (SVDQLinear, ExpertProjection))}
+
+
+def branch_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameter name → parameter of the ``lora_down`` / ``lora_up`` branch of every
+    :class:`svdq.SVDQLinear` and SVDQuant experts projection of a plain torch model
+    (``<layer>.lora_down`` / ``<layer>.lora_up``, ``<experts>.fc1.lora_down`` …)."""
+    ids = {id(p) for m in _branch_modules(model).values() for p in (m.lora_down, m.lora_up)}
     return {n: p for n, p in model.named_parameters() if id(p) in ids}
 
 
 def _branch_metadata(model: nn.Module) -> dict[str, str]:
-    from svdq.layer import SVDQLinear
-
-    layers = {n: m.rank for n, m in model.named_modules() if isinstance(m, SVDQLinear)}
+    layers = {n: m.rank for n, m in _branch_modules(model).items()}
     return {
         "format": FILE_FORMAT,
         "version": FILE_VERSION,

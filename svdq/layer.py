@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from svdq.formats import PackedTensor, QuantFormat, parse_format, trusted_inputs
+from svdq.kernels import triton_available
 from svdq.residual import ResidualStorage, StaticActRange, check_storage, quantize_activation
 from svdq.solvers.linear import SVDQResult
 
@@ -108,9 +109,19 @@ class SVDQLinear(StaticActRange, ResidualStorage, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         with trusted_inputs():  # a NaN input shows in the output anyway: no per-call host sync
             xq = quantize_activation(x, self.smooth, self.act_format, self.input_amax)
+        u = F.linear(x, self.lora_down.to(x.dtype))  # (..., r)
+        if self.storage == "packed" and triton_available():
+            from svdq.kernels.grouped_w4 import grouped_w4_applies, grouped_w4_mm
+
+            x2 = xq.reshape(-1, self.in_features)  # (M, in)
+            residual = self.packed_residual()
+            if grouped_w4_applies(x2, residual):  # dequantize in the prologue, the branch in the epilogue
+                branch = dict(u=u.reshape(-1, self.rank), lora_up=self.lora_up) if self.rank else {}
+                y = grouped_w4_mm(x2, residual, None, **branch).reshape(*x.shape[:-1], self.out_features)
+                return y if self.bias is None else y + self.bias.to(x.dtype)
+        with trusted_inputs():
             base = F.linear(xq, self.residual_weight(x.dtype))
-        branch = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
-        y = base + branch
+        y = base + F.linear(u, self.lora_up.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y

@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from lora.framework.parallel import destroy_parallel, free_port, init_parallel
-
-# Without CUDA, Triton kernels (svdq.kernels) run in Triton's interpreter. Set before any kernel module is
-# imported: @triton.jit reads it when a kernel is defined.
+# Without CUDA, Triton kernels (svdq.kernels) run in Triton's interpreter. Set before anything of the
+# project is imported: @triton.jit reads it when a kernel (or a helper it calls) is defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lora.framework.parallel import destroy_parallel, free_port, init_parallel  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -105,6 +105,11 @@ def add_parser(sub) -> None:
     p.add_argument("--stop-after-layers", type=positive_int, default=None, help=argparse.SUPPRESS)
     add_json_arg(p)
 
+    # --- distributed calibration (svdq/DESIGN.md §17): data-parallel ranks calibrate on disjoint shards
+    from calib.cli.parallel import add_parallel_args
+
+    add_parallel_args(p)
+
 
 PARTIAL = "partial"  # DIR/partial: a partial checkpoint of the layers a layerwise run has finished
 RESUME_KEY = "resume"
@@ -142,7 +147,7 @@ def run(args) -> int:
         quantized_size_estimate,
     )
     from calib.data import fingerprint, load_tokens, token_batches
-    from lora.framework.parallel import destroy_parallel, init_parallel
+    from lora.framework.parallel import destroy_parallel
     from lora.io.svdq_export import export_quantized, load_quantized
     from svdq import SVDQConfig
 
@@ -174,7 +179,14 @@ def run(args) -> int:
     resume = {"model": source.to_dict(), "settings": settings}
     done = _check_resume(partial, resume, ("model", "settings")) if args.resume else {}
     created = not args.out.exists()
-    init_parallel(seed=args.seed)
+    # distributed: tp · ep · dp = WORLD_SIZE checked before any work; data-parallel rank d calibrates on
+    # batches d, d + dp, … (statistics merged over data parallelism, calib.calibrate); rank 0 prints
+    from calib.cli.parallel import check_parallel_args, init_from_args, is_rank0
+    from lora.framework.parallel import data_parallel_rank_size
+
+    check_parallel_args(args, source.backend)
+    init_from_args(args, source.backend)
+    rank0 = is_rank0()
     try:
         lm = build_model(source)
         check_free_space(args.out, quantized_size_estimate(lm.model, args.format))
@@ -201,9 +213,14 @@ def run(args) -> int:
             if args.stop_after_layers is not None and len(stopped) >= args.stop_after_layers:
                 raise KeyboardInterrupt  # what a Ctrl-C here would do (tests)
 
+        dp_rank, dp_size = data_parallel_rank_size()
+        if len(batches) < dp_size:
+            raise ValueError(
+                f"--tokens: {len(batches)} batches cannot be shared by {dp_size} data-parallel ranks"
+            )
         report = calibrate(
             lm.model,
-            lm.forward_loop(batches),
+            lm.forward_loop(batches[dp_rank::dp_size]),
             CalibConfig(
                 svdq=svdq_cfg,
                 layout=layout,
@@ -233,19 +250,22 @@ def run(args) -> int:
         export_quantized(
             lm.model, model_dir, metadata=metadata, overwrite=args.overwrite, progress=args.progress
         )
-        write_hf_config(lm, model_dir)  # a Hugging Face model's config.json travels with it
-        if partial.is_dir():
+        if rank0:
+            write_hf_config(lm, model_dir)  # a Hugging Face model's config.json travels with it
+        if rank0 and partial.is_dir():
             shutil.rmtree(partial)  # the run is complete
     except KeyboardInterrupt:
         if partial.is_dir():
             args.interrupt_note = f"the finished layers are kept in {partial}; continue with --resume"
         raise
     except BaseException:
-        if created and args.out.is_dir() and not any(args.out.iterdir()):
+        if rank0 and created and args.out.is_dir() and not any(args.out.iterdir()):
             args.out.rmdir()  # nothing partial: not even the empty --out this run created
         raise
     finally:
         destroy_parallel()
+    if not rank0:
+        return 0
     report.model = source.spec
     if log.isEnabledFor(logging.INFO):
         report.print()

@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=8, metavar="N", help="sequences per batch")
     p.add_argument("--seed", type=nonneg_int, default=0, help="weight seed of --model tiny")
     add_json_arg(p)
+    # --- distributed evaluation (svdq/DESIGN.md §17): data-parallel ranks evaluate disjoint batches
+    from calib.cli.parallel import add_parallel_args
+
+    add_parallel_args(p)
 
 
 @torch.no_grad()
@@ -59,20 +63,30 @@ def perplexity(lm: LoadedModel, batches: list[dict], progress: bool = True) -> d
 
 
 def run(args) -> int:
-    from calib.cli.common import check_json_arg, finish, open_model_and_data
-    from lora.framework.parallel import destroy_parallel, init_parallel
+    from calib.cli.common import check_json_arg, finish, model_source, open_model_and_data
+    from calib.cli.parallel import check_parallel_args, init_from_args, is_rank0
+    from calib.train import evaluate
+    from lora.framework.parallel import destroy_parallel
 
     if args.checkpoint is None and args.model is None:
         raise ValueError("pass --checkpoint DIR or --model SRC")
     if args.batch < 1:
         raise ValueError("--batch must be ≥ 1")
     check_json_arg(args)
-    init_parallel(seed=args.seed)
+    backend = model_source(args).backend
+    _, _, dp = check_parallel_args(args, backend)
+    init_from_args(args, backend)
+    rank0 = is_rank0()
     try:
         lm, _, batches = open_model_and_data(args, args.batch)
-        result = perplexity(lm, batches, progress=args.progress)
+        if dp == 1:
+            result = perplexity(lm, batches, progress=args.progress)
+        else:  # batches d, d + dp, … on data-parallel rank d; float64 sums all-reduced (calib.train)
+            result = {**evaluate(lm, batches), "batches": len(batches)}
     finally:
         destroy_parallel()
+    if not rank0:
+        return 0
     what = str(args.checkpoint) if args.checkpoint is not None else lm.source.spec
     if args.adapters is not None:
         what += f" + {args.adapters}"

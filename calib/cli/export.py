@@ -118,6 +118,10 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--seed", type=nonneg_int, default=0, help="weight seed of --model tiny")
     add_json_arg(p)
+    # --- distributed export (svdq/DESIGN.md §17): model-parallel only, --dp 1
+    from calib.cli.parallel import add_parallel_args
+
+    add_parallel_args(p)
 
 
 def _check_args(args) -> None:
@@ -178,9 +182,10 @@ def run(args) -> int:
     import torch
 
     from calib.cli.common import finish, log, model_source, open_model_and_data
+    from calib.cli.parallel import check_parallel_args, init_from_args, is_rank0
     from calib.models import base_model_name, write_hf_config
     from lora.fold import fold_summary, format_report
-    from lora.framework.parallel import destroy_parallel, init_parallel
+    from lora.framework.parallel import destroy_parallel
     from lora.io import api
     from lora.io.svdq_export import read_export_metadata
 
@@ -197,7 +202,13 @@ def run(args) -> int:
     measures = api.check_format(args.format, kind).takes("forward_loop")
     if kind == "megatron-hf" and args.data is None and measures:
         _calibration_data(args, previous)  # down_proj's ranges are measured at export (calib.hf.to_hf)
-    init_parallel(seed=args.seed)
+    _, _, dp = check_parallel_args(args, source.backend)
+    if dp != 1:
+        raise ValueError(
+            f"--dp {dp}: export writes one model; run it model-parallel only (--tp × --ep = WORLD_SIZE)"
+        )
+    init_from_args(args, source.backend)
+    rank0 = is_rank0()
     try:
         lm, _, batches = open_model_and_data(args, None if args.data is None else args.batch)
         if batches is not None:
@@ -222,9 +233,12 @@ def run(args) -> int:
         options = api.supported_options(args.format, api.model_kind(lm.model), settings)
         with torch.no_grad():
             exported = api.export(lm.model, args.out, args.format, **options)
-        write_hf_config(lm, args.out)  # a Hugging Face model's config.json (modelopt-hf writes its own)
+        if rank0:
+            write_hf_config(lm, args.out)  # a Hugging Face model's config.json (modelopt-hf writes its own)
     finally:
         destroy_parallel()
+    if not rank0:
+        return 0
     fold = None
     if exported.report is not None:
         if log.isEnabledFor(logging.INFO):  # a result table: stdout, like calibrate's

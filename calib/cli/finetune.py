@@ -4,12 +4,19 @@
                   [--tokenizer tokenizer.json] [--tokens N] [--lr 1e-3] [--warmup 10] [--min-lr-ratio 0.1]
                   [--grad-clip 1.0] [--weight-decay 0] [--dropout 0] [--batch 8] [--save-every 5] [--keep 3]
                   [--seed 0] [--resume] [--stop-at K] [--seq-len N] (hf:DIR models)
+                  [--grad-accum 1] [--eval-every K] [--eval-batches N] [--tp 1] [--ep 1] [--dp WORLD/(tp·ep)]
 
 AdamW on the adapter parameters, linear warmup + cosine decay, gradient-norm clipping, bf16 autocast on
 CUDA (see :mod:`calib.train`). Checkpoints ``FTDIR/checkpoints/step-000005/`` every ``--save-every``
 steps (the last ``--keep`` kept); ``--resume`` continues from the latest complete one exactly as an
 uninterrupted run would; ``--stop-at K`` saves after step K and stops (resume later). At the end:
 ``FTDIR/adapters.safetensors`` (load with ``svdq eval/export --adapters``) and ``FTDIR/losses.json``.
+
+``--grad-accum N``: N micro-batches per step. ``--eval-every K``: the last ``--eval-batches`` batches of
+the data (default a tenth, at least one) are held out and evaluated every K steps (``losses.json`` key
+``evals``). Under ``torchrun`` (:mod:`calib.cli.parallel`): ``--tp`` / ``--ep`` / ``--dp``; each
+data-parallel rank runs its share of every batch, the adapter gradients are averaged over data
+parallelism, global rank 0 writes the files (svdq/DESIGN.md §17).
 """
 
 from __future__ import annotations
@@ -53,22 +60,38 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--stop-at", type=positive_int, default=None, help="save a checkpoint after step K and stop"
     )
+    # --- distributed fine-tuning, accumulation, held-out evaluation (svdq/DESIGN.md §17)
+    from calib.cli.parallel import add_parallel_args
+
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument(
+        "--eval-every", type=nonneg_int, default=0, help="held-out evaluation every K steps (0 = off)"
+    )
+    p.add_argument(
+        "--eval-batches",
+        type=positive_int,
+        default=None,
+        help="batches held out from the data's end for --eval-every (default: a tenth, at least 1)",
+    )
+    add_parallel_args(p)
     add_json_arg(p)
 
 
 def run(args) -> int:
     from calib.cli.common import open_model_and_data
+    from calib.cli.parallel import check_parallel_args, init_from_args, is_rank0
     from calib.data import fingerprint
     from calib.train import (
         TrainConfig,
         adapter_parameters,
+        check_batch_split,
         check_resumable,
         complete_checkpoints,
         finetune,
         remove_stale_temporaries,
         write_json,
     )
-    from lora.framework.parallel import destroy_parallel, init_parallel
+    from lora.framework.parallel import destroy_parallel
     from lora.model import save_adapters
 
     cfg = TrainConfig(
@@ -81,6 +104,7 @@ def run(args) -> int:
         dropout=args.dropout,
         batch=args.batch,
         seed=args.seed,
+        grad_accum=args.grad_accum,
     )
     if args.checkpoint is None:
         raise ValueError("--checkpoint DIR (a quantized checkpoint from svdq calibrate) is required")
@@ -88,6 +112,13 @@ def run(args) -> int:
         raise ValueError("--save-every must be ≥ 0 and --keep ≥ 1")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise ValueError(f"--stop-at must lie in [1, --steps={args.steps}]")
+    # distributed layout, accumulation, evaluation: before any work
+    from calib.cli.common import model_source
+
+    _, _, dp = check_parallel_args(args, model_source(args).backend)
+    check_batch_split(cfg.batch, dp, cfg.grad_accum)
+    if args.eval_batches is not None and not args.eval_every:
+        raise ValueError("--eval-batches needs --eval-every K")
     from calib.cli.common import check_free_space, check_json_arg, check_out_dir, finish
 
     check_out_dir(args.out)
@@ -107,9 +138,19 @@ def run(args) -> int:
         )
 
     t0 = time.perf_counter()
-    init_parallel(seed=args.seed)
+    tp, ep, dp = init_from_args(args)
+    rank0 = is_rank0()
     try:
         lm, ids, batches = open_model_and_data(args, cfg.batch, trainable=True)
+        eval_batches = None
+        if args.eval_every:
+            n_eval = args.eval_batches or max(1, len(batches) // 10)
+            if n_eval >= len(batches):
+                raise ValueError(
+                    f"--eval-batches {n_eval}: the data has only {len(batches)} batches of {cfg.batch}; "
+                    "give more --tokens or fewer --eval-batches"
+                )
+            batches, eval_batches = batches[:-n_eval], batches[-n_eval:]
         # per checkpoint: the adapters and two AdamW moments; --keep of them plus the final file
         adapter_bytes = sum(p.numel() * p.element_size() for p in adapter_parameters(lm.model).values())
         check_free_space(args.out, adapter_bytes * (3 * (args.keep + 1) + 1))
@@ -120,7 +161,11 @@ def run(args) -> int:
             "tokens": int(ids.numel()),
             "seq_len": lm.seq_len,
         }
-        if resume_from is not None:
+        if (tp, ep, dp) != (1, 1, 1):
+            run_info["parallel"] = {"tp": tp, "ep": ep, "dp": dp}
+        if args.eval_every:
+            run_info["eval"] = {"every": args.eval_every, "batches": len(eval_batches)}
+        if resume_from is not None and rank0:
             print(f"resuming from {resume_from}")
         result = finetune(
             lm,
@@ -133,9 +178,12 @@ def run(args) -> int:
             stop_at=args.stop_at,
             run_info=run_info,
             progress=args.progress,
+            eval_batches=eval_batches,
+            eval_every=args.eval_every,
         )
         if result.stopped:
-            print(f"stopped after step {result.step} of {cfg.steps}; continue with --resume")
+            if rank0:
+                print(f"stopped after step {result.step} of {cfg.steps}; continue with --resume")
             return 0
         adapters = save_adapters(lm.model, args.out / "adapters.safetensors")
         n_params = sum(p.numel() for p in adapter_parameters(lm.model).values())
@@ -146,9 +194,15 @@ def run(args) -> int:
             "config": cfg.to_dict(),
             "run": run_info,
         }
-        losses = write_json(args.out / "losses.json", record)
+        if args.eval_every:
+            record["evals"] = result.evals
+        losses = args.out / "losses.json"
+        if rank0:
+            write_json(losses, record)
     finally:
         destroy_parallel()
+    if not rank0:
+        return 0
     first, last = result.losses[0], result.losses[-1]
     seconds = time.perf_counter() - t0
     summary = {"adapters": str(adapters), "losses": str(losses), "parameters": n_params, "steps": cfg.steps}

@@ -39,6 +39,11 @@ def apply_cpu_patches() -> bool:
     # 4. The default causal mask is built with ``device="cuda"``; build it on the CPU instead.
     _patch_causal_mask()
 
+    # 5. Megatron's optimizer (FP32Optimizer, the gradient-norm helpers) allocates its scale and norm
+    #    buffers with ``device="cuda"``: those modules get a ``torch`` whose factories put them on the CPU.
+    #    (``clip_grad > 0`` still asserts CUDA gradients: use ``OptimizerConfig(clip_grad=0.0)`` on CPU.)
+    _patch_optimizer_devices()
+
     _APPLIED = True
     return True
 
@@ -88,3 +93,29 @@ def _patch_causal_mask() -> None:
 
     utils.get_default_causal_mask = get_default_causal_mask
     fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+
+def _patch_optimizer_devices() -> None:
+    import types
+
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+    import megatron.core.utils as utils
+
+    class _CpuTorch(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    def on_cpu(real):
+        def factory(*args, device=None, **kwargs):
+            if device is not None and torch.device(device).type == "cuda":
+                device = "cpu"
+            return real(*args, device=device, **kwargs)
+
+        return factory
+
+    proxy = _CpuTorch("torch")
+    for fn in ("tensor", "zeros", "ones", "empty", "full"):
+        setattr(proxy, fn, on_cpu(getattr(torch, fn)))
+    for module in (clip_grads, optimizer, utils):
+        module.torch = proxy

@@ -31,6 +31,7 @@ from torch import Tensor
 from svdq.experts.ops import expert_mm, quant_rows
 from svdq.experts.storage import ExpertResiduals
 from svdq.formats import QuantFormat, trusted_inputs
+from svdq.kernels import triton_available
 from svdq.solvers.shared_basis import SHARED_DOWN, SHARED_UP
 
 __all__ = ["grouped_projection"]
@@ -67,23 +68,40 @@ def grouped_projection(
         xs = xs if rows is None else xs[rows]
     else:
         xs = (xg.float() / smooth[ids]).to(dt)  # (S, in)
-    if isinstance(residual, ExpertResiduals):
-        weight = residual.dequantize(torch.float32).to(weight_dtype or dt)  # (E, out, in)
-    else:
-        weight = residual
     with trusted_inputs():  # a NaN input shows in the output anyway: no per-call host sync
         xq = quant_rows(xs, ids, act_format, E, input_amax, record)  # (S, in)
-        y = expert_mm(xq, weight.to(dt), counts, offs, grouped)  # (S, out)
+    u = B = None
     if lora_down is not None and lora_down.shape[-2]:
         A, B = lora_down.to(dt), lora_up.to(dt)
+        B = B if scaling == 1.0 else B * scaling
         bx = x if branch_x is None else branch_x
         if layout == SHARED_DOWN:  # one down GEMM over all tokens, before the gather
             u = F.linear(bx, A)
             u = u if rows is None else u[rows]  # (S, r)
         else:
             u = expert_mm(bx if rows is None else bx[rows], A, counts, offs, grouped)  # (S, r)
+    if _kernel_applies(xq, residual):  # dequantize in the prologue, lora_up in the epilogue: one launch
+        from svdq.kernels.grouped_w4 import grouped_w4_mm
+
+        return _add_bias(grouped_w4_mm(xq, residual, offs, u=u, lora_up=B), bias, ids)
+    if isinstance(residual, ExpertResiduals):
+        weight = residual.dequantize(torch.float32).to(weight_dtype or dt)  # (E, out, in)
+    else:
+        weight = residual
+    y = expert_mm(xq, weight.to(dt), counts, offs, grouped)  # (S, out)
+    if u is not None:
         v = F.linear(u, B) if layout == SHARED_UP else expert_mm(u, B, counts, offs, grouped)  # (S, out)
-        y = y + (v if scaling == 1.0 else v * scaling)
-    if bias is not None:
-        y = y + bias.to(dt)[ids]
-    return y
+        y = y + v
+    return _add_bias(y, bias, ids)
+
+
+def _kernel_applies(xq: Tensor, residual: ExpertResiduals | Tensor) -> bool:
+    if not (isinstance(residual, ExpertResiduals) and triton_available()):
+        return False
+    from svdq.kernels.grouped_w4 import grouped_w4_applies  # (imports triton)
+
+    return grouped_w4_applies(xq, residual)
+
+
+def _add_bias(y: Tensor, bias: Tensor | None, ids: Tensor) -> Tensor:
+    return y if bias is None else y + bias.to(y.dtype)[ids]

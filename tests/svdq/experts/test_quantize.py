@@ -157,3 +157,26 @@ def test_svdq_imports_without_transformers():
         "assert 'transformers' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_expert_branches_are_adapters_saved_loaded_and_trained(tmp_path):
+    """The experts' branches (fc1 / fc2 lora_down / lora_up of every SVDQExperts) are adapter parameters of
+    the quantized HF model: save_adapters writes them, load_adapters restores them, finetune trains them."""
+    import lora
+    from calib.train import adapter_parameters
+    from lora.model import branch_parameters
+
+    model = _quantized("qwen3_moe")[0]
+    experts = [n for n, m in model.named_modules() if isinstance(m, SVDQExperts)]
+    expected = {f"{e}.{p}.{f}" for e in experts for p in ("fc1", "fc2") for f in ("lora_down", "lora_up")}
+    params = branch_parameters(model)
+    assert expected <= set(params)
+    assert expected <= set(adapter_parameters(model))
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn_like(p))  # "fine-tuned" values
+    path = lora.save_adapters(model, tmp_path / "adapters.safetensors")
+    other = _quantized("qwen3_moe")[0]
+    assert sorted(lora.load_adapters(other, path)) == sorted(params)
+    for name, p in branch_parameters(other).items():
+        assert torch.equal(p, params[name]), name
