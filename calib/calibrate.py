@@ -154,6 +154,25 @@ def layer_key(name: str) -> str:
     return m.group(1) if m else name
 
 
+def _resumable_work(model: nn.Module, dense: dict, experts: dict, done_layers: dict) -> tuple[list, set]:
+    """``(work, done)``: every ``(kind, name)`` target in module order — those still to calibrate and those
+    of ``done_layers`` (rebuilt from their rows: ``kind`` ``"dense"`` / ``"experts fc1"``, an expert row's
+    layer ``<experts>.linear_fc1``) — and the set of the done ones."""
+    done = set()
+    for layer_rows in done_layers.values():
+        for r in layer_rows:
+            if r["kind"] == "dense":
+                done.add(("dense", r["layer"]))
+            else:
+                done.add(("experts", r["layer"].rsplit(".linear_", 1)[0]))
+    names = {n: k for k, n in done} | dict.fromkeys(dense, "dense") | dict.fromkeys(experts, "experts")
+    work = [(names[n], n) for n, _ in model.named_modules() if n in names]
+    missing = {n for _, n in done} - {n for _, n in work}
+    if missing:
+        raise ValueError(f"resumed layer(s) {sorted(missing)} are not modules of this model")
+    return work, done
+
+
 def stats_nbytes(stats) -> int:
     """Bytes held by :class:`~svdq.stats.InputStats` objects: second moment (``in² × 8``), absmax
     (``in × 4``) and token sample (``k × in × 4``)."""
@@ -174,7 +193,14 @@ def _validate(dense: dict, experts: dict, config: CalibConfig) -> None:
                     raise ValueError(f"{name}.local_experts.{i}.{proj}: weight contains NaN or Inf")
 
 
-def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig()) -> CalibReport:
+def calibrate(
+    model: nn.Module,
+    forward_loop,
+    config: CalibConfig = CalibConfig(),
+    *,
+    done_layers: dict[str, list[dict]] | None = None,
+    on_layer=None,
+) -> CalibReport:
     """Calibrate ``model`` in place (see the module docstring); returns the report.
 
     ``forward_loop(model)`` runs the calibration batches (no gradients needed). It is called once
@@ -182,19 +208,29 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
     ranges. Afterwards every target is an adapter wrapper over a frozen SVDQuant base; only adapter
     parameters require gradients. ``report.peak_stats_bytes``: the most statistics bytes alive at once
     (:func:`stats_nbytes`; all targets in "all" mode, the largest layer in "layerwise" mode).
+
+    Resuming (``mode="layerwise"`` only, see :func:`_resumable_work`): ``on_layer(layer, rows)`` is called
+    after each finished transformer layer with its report rows; ``done_layers`` maps layers finished by
+    an earlier run (already installed in ``model``, e.g. loaded from its partial checkpoint) to their rows:
+    they are skipped, and the result equals an uninterrupted run's.
     """
     t0 = time.perf_counter()
     if not is_megatron_model(model):
         return _calibrate_torch(model, forward_loop, config, t0)
-    dense, experts = find_targets(model, config)
+    done_layers = done_layers or {}
+    if done_layers and config.mode != "layerwise":
+        raise ValueError("resuming a calibration needs mode='layerwise'")
+    if done_layers:
+        try:
+            dense, experts = find_targets(model, config)
+        except ValueError:  # every layer was finished before
+            dense, experts = {}, {}
+    else:
+        dense, experts = find_targets(model, config)
     # the experts module whose linears get the bases (a TEGroupedMLP becomes a SequentialMLP of TE linears)
     experts = {n: family_of(m).experts_for_quantization(model, n) for n, m in experts.items()}
     _validate(dense, experts, config)
-    work = [
-        ("dense" if n in dense else "experts", n)
-        for n, _ in model.named_modules()
-        if n in dense or n in experts
-    ]
+    work, done_items = _resumable_work(model, dense, experts, done_layers)
     layerwise = config.mode == "layerwise"
     if layerwise:
         by_layer: dict[str, list] = {}
@@ -206,6 +242,10 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
     show = config.progress
     rows, results, peak = {}, {}, 0
     for items in tqdm(passes, desc="calibrate (layerwise)", unit="layer", disable=not show or not layerwise):
+        layer = layer_key(items[0][1])
+        if layerwise and layer in done_layers:  # finished by an earlier run: installed, rows recorded
+            rows.update((r["layer"], dict(r)) for r in done_layers[layer])
+            continue
         stats = _collect_stats(model, forward_loop, items, dense, experts, config.svdq)
         peak = max(peak, stats_nbytes(stats.values()))
         for kind, name in tqdm(items, desc="calibrate", unit="layer", disable=not show or layerwise):
@@ -217,6 +257,8 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
                 row["stats_bytes"] = stats_nbytes(stats[f"{name}.{i}.{proj}"] for i in range(res.num_experts))
                 rows[row["layer"]], results[row["layer"]] = row, res
         del stats
+        if layerwise and on_layer is not None:
+            on_layer(layer, [rows[k] for k in rows if layer_key(k) == layer])
     freeze_base(model)
     bases = _svdq_bases(model, work)
     ranges = dict.fromkeys(bases)

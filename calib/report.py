@@ -4,7 +4,14 @@ Row fields: ``layer``, ``kind``, ``rank``, ``layout``, ``alpha``, ``refine_steps
 ``rtn_error`` / ``final_error`` (relative output errors of the decomposition, dynamic activation ranges),
 ``seconds``, and from the calibration pipeline: ``stats_bytes`` (bytes of the layer's calibration statistics),
 ``act_range`` (``"static"`` / ``"dynamic"``) and ``input_amax`` (the static range ``max|x/s|``: a float for
-a dense layer, one value per local expert for an expert projection; ``None`` where dynamic).
+a dense layer, one value per local expert for an expert projection; ``None`` where dynamic). An expert
+projection's row also has ``experts``: per expert ``{"expert", "tokens", "alpha", "rtn_error",
+"final_error"}`` (the expert's own errors; the row's are the activation-weighted totals).
+
+The report as a whole (:meth:`CalibReport.to_dict`, ``report.json``) names the model, the weight and
+activation formats, the rank and the expert layouts; ``report.png`` carries them in its title, a bar per
+layer (RTN vs SVDQuant) and, for expert groups, a second panel with one marker per expert; legends sit
+outside the axes, right of them, so they never cover a bar.
 """
 
 from __future__ import annotations
@@ -97,6 +104,18 @@ def expert_row(name: str, projection: str, result) -> dict:
         "final_error": result.final_error,
         "seconds": result.seconds,
         "layout_figures": result.layout_figures,
+        "experts": [
+            {
+                "expert": int(e),
+                "tokens": int(n),
+                "alpha": a,
+                "rtn_error": float(rtn),
+                "final_error": float(fin),
+            }
+            for e, n, a, rtn, fin in zip(
+                result.expert_indices, result.n_tokens, result.alphas, result.rtn_errors, result.final_errors
+            )
+        ],
     }
 
 
@@ -114,9 +133,14 @@ class CalibReport:
     act_range: str = "dynamic"
     # peak bytes of calibration statistics alive at once (one pass: all targets, or one layer's)
     peak_stats_bytes: int = 0
+    model: str = ""  # the model source (e.g. "tiny", "hf:DIR"), for titles
 
     def to_dict(self) -> dict:
         return {
+            "model": self.model,
+            "weight_format": self.config.get("weight_format"),
+            "act_format": self.config.get("act_format"),
+            "rank": self.config.get("rank"),
             "rows": self.rows,
             "config": self.config,
             "layout": self.layout,
@@ -163,27 +187,85 @@ class CalibReport:
         console = Console()
         Console(width=max(console.width, 110)).print(self.table())
 
-    def plot_png(self, path) -> Path | None:
-        """Bar chart of RTN vs ours per layer (needs matplotlib; returns None without it)."""
-        try:
-            import matplotlib
+    def title(self) -> str:
+        """``model — W nvfp4 / A nvfp4, rank 16, layout fc1=shared-down, fc2=auto (all)``."""
+        layout = self.layout
+        if isinstance(layout, dict):
+            layout = ", ".join(f"{k}={v}" for k, v in layout.items())
+        cfg = self.config
+        return (
+            f"{self.model or 'model'} — W {cfg.get('weight_format')} / A {cfg.get('act_format')}, "
+            f"rank {cfg.get('rank')}, layout {layout} ({self.mode})"
+        )
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return None
-        path = Path(path)
+    def figure(self):
+        """The matplotlib figure of :meth:`plot_png` (Agg backend): ``(figure, layer axes, expert axes or
+        None)``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        groups = [r for r in self.rows if r.get("experts")]
         names = [short_name(r["layer"]) for r in self.rows]
+        width = max(6.0, 0.5 * len(names)) + 2.0  # + the legend column on the right
+        fig, axes = plt.subplots(
+            2 if groups else 1,
+            1,
+            figsize=(width, 7.5 if groups else 4.5),
+            squeeze=False,
+            layout="constrained",
+        )
+        ax = axes[0, 0]
         x = range(len(names))
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
         ax.bar([i - 0.2 for i in x], [r["rtn_error"] for r in self.rows], width=0.4, label="RTN")
         ax.bar([i + 0.2 for i in x], [r["final_error"] for r in self.rows], width=0.4, label="SVDQuant")
         ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("relative output error")
-        ax.legend()
-        fig.tight_layout()
+        ax.set_title("per layer (expert groups: activation-weighted total)", fontsize=9)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        ex = None
+        if groups:
+            ex = axes[1, 0]
+            for i, r in enumerate(groups):
+                n = len(r["experts"])
+                offs = [(j - (n - 1) / 2) * min(0.6 / max(n, 1), 0.08) for j in range(n)]
+                ex.scatter(
+                    [i - 0.15 + o for o in offs],
+                    [e["rtn_error"] for e in r["experts"]],
+                    marker="o",
+                    facecolors="none",
+                    edgecolors="C0",
+                    label="RTN, one per expert" if i == 0 else None,
+                )
+                ex.scatter(
+                    [i + 0.15 + o for o in offs],
+                    [e["final_error"] for e in r["experts"]],
+                    marker="D",
+                    color="C1",
+                    label="SVDQuant, one per expert" if i == 0 else None,
+                )
+            labels = [short_name(r["layer"]) for r in groups]
+            ex.set_xticks(range(len(groups)), labels, rotation=60, ha="right")
+            ex.tick_params(axis="x", labelsize=7)
+            ex.set_xlim(-0.6, len(groups) - 0.4)
+            ex.set_ylabel("relative output error")
+            ex.set_title("per expert", fontsize=9)
+            ex.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        fig.suptitle(self.title(), fontsize=10)
+        return fig, ax, ex
+
+    def plot_png(self, path) -> Path | None:
+        """:meth:`figure` written to ``path`` atomically (needs matplotlib; returns None without it)."""
         try:
-            atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=120))
+            import matplotlib.pyplot as plt
+
+            fig, _, _ = self.figure()
+        except ImportError:
+            return None
+        path = Path(path)
+        try:
+            atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
         finally:
             plt.close(fig)
         return path

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from calib.data import masked_mean
 from calib.models import LoadedModel
 from lora.io.atomic import atomic_output_dir, atomic_write_file, temporary_sibling
 from lora.io.values import first_non_finite
@@ -560,7 +561,7 @@ def _train_step(
     local = torch.zeros((), dtype=torch.float64)
     for mb in micro_batches(batch, dp_rank, dp_size, cfg.grad_accum):
         with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
-            loss = lm.token_losses(mb).mean() / cfg.grad_accum
+            loss = masked_mean(lm.token_losses(mb), mb.get("loss_mask")) / cfg.grad_accum  # prompts: no loss
         local += loss.detach().double().cpu()
         if math.isfinite(float(local)):
             loss.backward()
@@ -592,6 +593,8 @@ def evaluate(lm: LoadedModel, batches: list[dict]) -> dict:
     total = torch.zeros(2, dtype=torch.float64)  # (Σ loss, tokens)
     for b in batches[d::n]:
         losses = lm.token_losses(b)  # (b, s)
+        if b.get("loss_mask") is not None:  # prompt / response data: response tokens only
+            losses = losses[b["loss_mask"]]
         total += torch.tensor([float(losses.double().sum()), losses.numel()], dtype=torch.float64)
     if n > 1:
         import torch.distributed as dist

@@ -8,7 +8,11 @@ its user metadata, ``{"model": ModelSource.to_dict(), ...}``; :func:`open_model_
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -81,12 +85,49 @@ def add_hf_args(p, *, checkpoint: bool = False) -> None:
 
 
 def add_data_args(p, tokens_default: int | None) -> None:
-    p.add_argument("--data", default="builtin", help="'builtin', a text file or directory, or a .npy of ids")
+    """``--data``, ``--tokenizer``, JSON Lines fields (``--text-field``, ``--prompt-field``,
+    ``--response-field``) and ``--tokens``."""
     p.add_argument(
-        "--tokenizer", type=Path, default=None, help="tokenizer.json for text data (default: bytes)"
+        "--data",
+        default="builtin",
+        metavar="SRC",
+        help="'builtin', a text file or directory, a JSON Lines file (.jsonl, or detected by content) or "
+        "a .npy of token ids",
     )
-    help_tokens = "tokens to use" + (f" (default {tokens_default})" if tokens_default else " (default: all)")
-    p.add_argument("--tokens", type=positive_int, default=tokens_default, help=help_tokens)
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="tokenizer for text data: a tokenizer.json file or a local Hugging Face tokenizer directory "
+        "(read offline, never remote code); default: UTF-8 bytes",
+    )
+    p.add_argument("--text-field", default="text", metavar="NAME", help="JSON Lines: the field with the text")
+    p.add_argument(
+        "--prompt-field",
+        default=None,
+        metavar="NAME",
+        help="JSON Lines prompt / response pairs: the prompt field (no loss on its tokens)",
+    )
+    p.add_argument(
+        "--response-field",
+        default=None,
+        metavar="NAME",
+        help="JSON Lines prompt / response pairs: the response field (the only loss targets)",
+    )
+    help_tokens = "tokens to use" + ("" if tokens_default else " (default: all)")
+    p.add_argument("--tokens", type=positive_int, default=tokens_default, metavar="N", help=help_tokens)
+
+
+def jsonl_fields(args):
+    """The :class:`calib.data.JsonlFields` of the arguments (``ValueError`` for a half pair)."""
+    from calib.data import JsonlFields
+
+    return JsonlFields(
+        text=getattr(args, "text_field", "text"),
+        prompt=getattr(args, "prompt_field", None),
+        response=getattr(args, "response_field", None),
+    )
 
 
 def checkpoint_source(path: str | os.PathLike) -> ModelSource:
@@ -130,12 +171,15 @@ def check_trusted(source: ModelSource, checkpoint, trusted: bool) -> None:
 
 
 def load_data(args, vocab_size: int, seq_len: int, batch: int, device=None):
-    """``(ids (N,), batches)`` of ``--data`` / ``--tokenizer`` / ``--tokens`` for a model of that vocabulary
-    and sequence length (input errors raise here, naming the file)."""
-    from calib.data import load_tokens, token_batches
+    """``(ids (N,), batches)`` of ``--data`` / ``--tokenizer`` / JSON Lines fields / ``--tokens`` for a model
+    of that vocabulary and sequence length (input errors raise here, naming the file); prompt / response
+    data puts a ``loss_mask`` in every batch."""
+    from calib.data import load_stream, token_batches
 
-    ids = load_tokens(args.data, vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer)
-    return ids, token_batches(ids, seq_len, batch, device=device)
+    ids, mask = load_stream(
+        args.data, vocab_size, max_tokens=args.tokens, tokenizer=args.tokenizer, fields=jsonl_fields(args)
+    )
+    return ids, token_batches(ids, seq_len, batch, device=device, mask=mask)
 
 
 def open_model_and_data(args, batch: int | None, *, trainable: bool = False):
@@ -169,7 +213,7 @@ def open_model_and_data(args, batch: int | None, *, trainable: bool = False):
         from lora.io.svdq_export import load_quantized
 
         with verification(not getattr(args, "no_verify", False)):
-            load_quantized(lm.model, ckpt, trainable=trainable)
+            load_quantized(lm.model, ckpt, trainable=trainable, progress=getattr(args, "progress", False))
     if adapters is not None:
         load_adapter_file(lm.model, adapters)
     return lm, ids, batches
@@ -306,3 +350,113 @@ def quantized_size_estimate(model: torch.nn.Module, fmt: str) -> int:
     for p in model.parameters():
         total += p.numel() * (per if per is not None else p.element_size())
     return int(total)
+
+
+# ------------------------------------------------------------------------ help, logging, closed sets
+
+LOG_NAME = "svdq"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+log = logging.getLogger(LOG_NAME)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written (the usage blocks of the module docstrings) and every option's
+    default appended to its help, ``(default: X)``, unless the help already tells it or there is
+    nothing to tell (no default, a flag)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or not action.option_strings
+        ):
+            return text
+        shown = ",".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else default
+        return f"{text} (default: {shown})".strip().replace("%", "%%")
+
+
+def configure_logging(level: str = "info", quiet: bool = False) -> None:
+    """Messages of the ``svdq`` logger to stderr as ``svdq: message``, at ``level`` (``--quiet``:
+    warnings and errors only). Calling it again replaces the handler (one per process)."""
+    for h in list(log.handlers):
+        if getattr(h, "_svdq_cli", False):
+            log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("svdq: %(message)s"))
+    handler._svdq_cli = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else getattr(logging, level.upper()))
+    log.propagate = False
+
+
+PROGRESS_MODES = ("auto", "always", "never")
+
+
+def show_progress(quiet: bool, mode: str = "auto", stream=None) -> bool:
+    """Progress bars on: never with ``--quiet``; ``mode`` ``"always"`` / ``"never"``, or ``"auto"``: when
+    stderr (where tqdm writes) is a terminal."""
+    if quiet or mode == "never":
+        return False
+    stream = sys.stderr if stream is None else stream
+    return mode == "always" or bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _format_choices() -> tuple[str, ...]:
+    from svdq.formats.config import FORMAT_NAMES, INT4_GROUP_SIZES
+
+    out = []
+    for name in FORMAT_NAMES:
+        out.append(name)
+        if name == "int4":
+            out += [f"int4-g{g}" for g in INT4_GROUP_SIZES]
+        if name == "fp8":
+            out.append("fp8-channel")
+    return tuple(out)
+
+
+FORMAT_CHOICES = _format_choices()  # the string forms of svdq.formats.QuantFormat
+
+
+def layout_arg(text: str) -> dict:
+    """argparse type of ``--layout``: one layout for both expert projections or ``fc1=L,fc2=L``
+    (:func:`svdq.solvers.shared_basis.expert_layouts`); a bad value is an argparse error naming
+    ``--layout`` (exit 2, before anything is loaded)."""
+    from svdq.solvers.shared_basis import LAYOUT_CHOICES, expert_layouts
+
+    try:
+        return expert_layouts(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {', '.join(LAYOUT_CHOICES)} or 'fc1=L,fc2=L' with L one of them, got {text!r}"
+        ) from None
+
+
+def add_json_arg(p) -> None:
+    """``--json PATH``: the facts of the command's summary line as a JSON file (written atomically)."""
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="also write the summary as JSON to this file"
+    )
+
+
+def check_json_arg(args) -> None:
+    """``ValueError`` naming ``--json`` when its file cannot be written (checked before any work)."""
+    if getattr(args, "json", None) is not None:
+        check_out_file(args.json, "--json")
+
+
+def finish(args, line: str, record: dict) -> int:
+    """End a command: its one-line summary on stdout, ``record`` (JSON-serializable; the command name
+    added) to ``--json`` if given. Returns 0."""
+    path = getattr(args, "json", None)
+    if path is not None:
+        from lora.io.atomic import atomic_write_file
+
+        text = json.dumps({"command": args.command, **record}, indent=1, default=str)
+        atomic_write_file(path, lambda tmp: tmp.write_text(text))
+        line += f" (summary: {path})"
+    print(line, flush=True)
+    return 0

@@ -10,6 +10,9 @@ position of a window but the last predicts the next id. With per-token cross ent
 over the ``N`` predicted tokens::
 
     loss = (1/N) Σ_t ℓ_t   (summed in float64),      perplexity = exp(loss)
+
+With JSON Lines prompt / response data the sum and ``N`` run over the response tokens only (the batches'
+``loss_mask``).
 """
 
 from __future__ import annotations
@@ -20,18 +23,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from calib.cli.common import add_data_args, add_model_args, nonneg_int, positive_int
+from calib.cli.common import add_data_args, add_json_arg, add_model_args, nonneg_int, positive_int
 from calib.models import LoadedModel
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a (quantized) model on a token stream")
     add_model_args(p, checkpoint=True)
-    p.add_argument("--adapters", type=Path, default=None, help="adapter file to load (svdq finetune)")
+    p.add_argument(
+        "--adapters", type=Path, default=None, metavar="FILE", help="adapter file to load (svdq finetune)"
+    )
     add_data_args(p, tokens_default=65536)
-    p.add_argument("--batch", type=positive_int, default=8, help="sequences per batch")
+    p.add_argument("--batch", type=positive_int, default=8, metavar="N", help="sequences per batch")
     p.add_argument("--seed", type=nonneg_int, default=0, help="weight seed of --model tiny")
-    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+    add_json_arg(p)
     # --- distributed evaluation (svdq/DESIGN.md §17): data-parallel ranks evaluate disjoint batches
     from calib.cli.parallel import add_parallel_args
 
@@ -45,27 +50,29 @@ def perplexity(lm: LoadedModel, batches: list[dict], progress: bool = True) -> d
     lm.model.eval()
     total, count = 0.0, 0
     for b in tqdm(batches, desc="eval", unit="batch", disable=not progress):
-        losses = lm.token_losses(b)
+        losses = lm.token_losses(b)  # (b, s)
+        mask = b.get("loss_mask")  # (b, s) bool or None
+        if mask is not None:
+            losses = losses[mask]
         total += float(losses.double().sum())
         count += losses.numel()
+    if count == 0:
+        raise ValueError("the evaluation data holds no loss target (every response is cut off)")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "batches": len(batches)}
 
 
 def run(args) -> int:
-    from calib.cli.common import model_source, open_model_and_data
+    from calib.cli.common import check_json_arg, finish, model_source, open_model_and_data
     from calib.cli.parallel import check_parallel_args, init_from_args, is_rank0
-    from calib.train import evaluate, write_json
+    from calib.train import evaluate
     from lora.framework.parallel import destroy_parallel
 
     if args.checkpoint is None and args.model is None:
         raise ValueError("pass --checkpoint DIR or --model SRC")
     if args.batch < 1:
         raise ValueError("--batch must be ≥ 1")
-    if args.json is not None:
-        from calib.cli.common import check_out_file
-
-        check_out_file(args.json, "--json")
+    check_json_arg(args)
     backend = model_source(args).backend
     _, _, dp = check_parallel_args(args, backend)
     init_from_args(args, backend)
@@ -73,7 +80,7 @@ def run(args) -> int:
     try:
         lm, _, batches = open_model_and_data(args, args.batch)
         if dp == 1:
-            result = perplexity(lm, batches)
+            result = perplexity(lm, batches, progress=args.progress)
         else:  # batches d, d + dp, … on data-parallel rank d; float64 sums all-reduced (calib.train)
             result = {**evaluate(lm, batches), "batches": len(batches)}
     finally:
@@ -83,19 +90,16 @@ def run(args) -> int:
     what = str(args.checkpoint) if args.checkpoint is not None else lm.source.spec
     if args.adapters is not None:
         what += f" + {args.adapters}"
-    print(
+    record = {
+        **result,
+        "model": lm.source.to_dict(),
+        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+        "adapters": None if args.adapters is None else str(args.adapters),
+        "data": str(args.data),
+        "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
+    }
+    line = (
         f"perplexity {result['perplexity']:.4f} (mean loss {result['loss']:.6f} nats/token over "
         f"{result['tokens']} tokens, {result['batches']} batches) — {what}"
     )
-    if args.json is not None:
-        record = {
-            **result,
-            "model": lm.source.to_dict(),
-            "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
-            "adapters": None if args.adapters is None else str(args.adapters),
-            "data": str(args.data),
-            "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
-        }
-        write_json(args.json, record)
-        print(f"wrote {args.json}")
-    return 0
+    return finish(args, line, record)

@@ -62,9 +62,18 @@ work.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from calib.cli.common import MODEL_KEY, add_data_args, add_model_args, nonneg_int, parse_size, positive_int
+from calib.cli.common import (
+    MODEL_KEY,
+    add_data_args,
+    add_json_arg,
+    add_model_args,
+    nonneg_int,
+    parse_size,
+    positive_int,
+)
 
 # the parser is built without importing lora (megatron-core: seconds, and import warnings); the names are
 # those of lora.io.api.EXPORTERS, in its order (tests/calib/cli/test_export_formats.py checks it)
@@ -74,21 +83,24 @@ FORMATS = ("svdq", "folded", "modelopt-hf", "peft", "compressed-tensors")
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a quantized checkpoint with its fine-tuned adapters")
     add_model_args(p, checkpoint=True)
-    p.add_argument("--adapters", type=Path, default=None, help="adapter file (svdq finetune)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--adapters", type=Path, default=None, metavar="FILE", help="adapter file (svdq finetune)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument(
         "--format",
         default="svdq",
         choices=FORMATS,
-        help="svdq (default, ours), folded (adapters merged into the 4-bit weights), modelopt-hf, peft, "
+        help="svdq (ours), folded (adapters merged into the 4-bit weights), modelopt-hf, peft, "
         "compressed-tensors (folded, NVFP4 through the compressed-tensors library)",
     )
     p.add_argument(
-        "--max-shard-size", default=None, help="--format svdq: split files above this size (e.g. 2GB)"
+        "--max-shard-size",
+        default=None,
+        metavar="SIZE",
+        help="--format svdq: split files above this size (e.g. 2GB)",
     )
     add_data_args(p, tokens_default=4096)
     p.set_defaults(data=None)  # no data unless given: only the formats taking a forward loop use it
-    p.add_argument("--batch", type=positive_int, default=8, help="sequences per --data batch")
+    p.add_argument("--batch", type=positive_int, default=8, metavar="N", help="sequences per --data batch")
     p.add_argument(
         "--fold-smoothing",
         default="keep",
@@ -104,7 +116,8 @@ def add_parser(sub) -> None:
         "from the model's activation format",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="weight seed of --model tiny")
+    add_json_arg(p)
     # --- distributed export (svdq/DESIGN.md §17): model-parallel only, --dp 1
     from calib.cli.parallel import add_parallel_args
 
@@ -114,7 +127,7 @@ def add_parser(sub) -> None:
 def _check_args(args) -> None:
     """Every input problem that needs no model (``ValueError`` / ``FileNotFoundError`` /
     ``FileExistsError``, one line each)."""
-    from calib.cli.common import check_free_space, check_out_dir, checkpoint_source, tree_size
+    from calib.cli.common import check_free_space, check_json_arg, check_out_dir, checkpoint_source, tree_size
     from lora.io import api
 
     if args.checkpoint is None:
@@ -133,6 +146,7 @@ def _check_args(args) -> None:
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     check_out_dir(args.out)
+    check_json_arg(args)
     check_free_space(
         args.out, tree_size(args.checkpoint) + (tree_size(args.adapters) if args.adapters else 0)
     )
@@ -147,21 +161,27 @@ def _check_args(args) -> None:
 
 
 def _calibration_data(args, previous: dict) -> None:
+    from calib.cli.common import log
+
     """``--data`` / ``--tokenizer`` / ``--tokens`` of the calibration the checkpoint records (else the
     builtin data), for exports that measure over a forward loop."""
     cal = previous.get("calibration") or {}
     args.data = cal.get("data") or "builtin"
     if args.tokenizer is None and cal.get("tokenizer"):
         args.tokenizer = Path(cal["tokenizer"])
+    if isinstance(cal.get("text_field"), str) and args.text_field == "text":
+        args.text_field = cal["text_field"]
     if isinstance(cal.get("tokens"), int) and cal["tokens"] > 0:
         args.tokens = min(args.tokens, cal["tokens"]) if args.tokens else cal["tokens"]
-    print(f"measuring the Hugging Face down_proj input ranges on the calibration data (--data {args.data})")
+    log.info(
+        "measuring the Hugging Face down_proj input ranges on the calibration data (--data %s)", args.data
+    )
 
 
 def run(args) -> int:
     import torch
 
-    from calib.cli.common import model_source, open_model_and_data
+    from calib.cli.common import finish, log, model_source, open_model_and_data
     from calib.cli.parallel import check_parallel_args, init_from_args, is_rank0
     from calib.models import base_model_name, write_hf_config
     from lora.fold import fold_summary, format_report
@@ -208,6 +228,7 @@ def run(args) -> int:
             "base_model_name_or_path": base_model_name(lm.source),
             "overwrite": args.overwrite,
             "verbose": False,
+            "progress": args.progress,
         }
         options = api.supported_options(args.format, api.model_kind(lm.model), settings)
         with torch.no_grad():
@@ -218,12 +239,26 @@ def run(args) -> int:
         destroy_parallel()
     if not rank0:
         return 0
+    fold = None
     if exported.report is not None:
-        print("error added by folding the adapters into the 4-bit weights (per linear, relative):")
-        print(format_report(exported.report))
-        print(fold_summary(exported.report))
+        if log.isEnabledFor(logging.INFO):  # a result table: stdout, like calibrate's
+            print("error added by folding the adapters into the 4-bit weights (per linear, relative):")
+            print(format_report(exported.report))
+        fold = fold_summary(exported.report)
     files = sorted(p for p in args.out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)
     what = f"{args.format} format" + (f", {exported.layout}" if exported.layout else "")
-    print(f"exported {lm.source.spec} ({what}) to {args.out}: {len(files)} files, {size / 1e6:.2f} MB")
-    return 0
+    record = {
+        "model": lm.source.spec,
+        "checkpoint": str(args.checkpoint),
+        "adapters": None if args.adapters is None else str(args.adapters),
+        "format": args.format,
+        "layout": exported.layout,
+        "out": str(args.out),
+        "files": [str(p.relative_to(args.out)) for p in files],
+        "bytes": size,
+        "fold_summary": fold,
+        "fold_report": exported.report,
+    }
+    line = f"exported {lm.source.spec} ({what}) to {args.out}: {len(files)} files, {size / 1e6:.2f} MB"
+    return finish(args, line + (f"; {fold}" if fold else ""), record)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from calib.cli.common import (
     add_data_args,
+    add_json_arg,
     add_model_args,
     nonneg_float,
     nonneg_int,
@@ -73,6 +74,7 @@ def add_parser(sub) -> None:
         help="batches held out from the data's end for --eval-every (default: a tenth, at least 1)",
     )
     add_parallel_args(p)
+    add_json_arg(p)
 
 
 def run(args) -> int:
@@ -117,9 +119,10 @@ def run(args) -> int:
     check_batch_split(cfg.batch, dp, cfg.grad_accum)
     if args.eval_batches is not None and not args.eval_every:
         raise ValueError("--eval-batches needs --eval-every K")
-    from calib.cli.common import check_free_space, check_out_dir
+    from calib.cli.common import check_free_space, check_json_arg, check_out_dir, finish
 
     check_out_dir(args.out)
+    check_json_arg(args)
     ckpt_root = args.out / "checkpoints"
     resume_from = None
     if args.resume:
@@ -174,6 +177,7 @@ def run(args) -> int:
             resume_from=resume_from,
             stop_at=args.stop_at,
             run_info=run_info,
+            progress=args.progress,
             eval_batches=eval_batches,
             eval_every=args.eval_every,
         )
@@ -200,8 +204,11 @@ def run(args) -> int:
     if not rank0:
         return 0
     first, last = result.losses[0], result.losses[-1]
-    print(
+    seconds = time.perf_counter() - t0
+    summary = {"adapters": str(adapters), "losses": str(losses), "parameters": n_params, "steps": cfg.steps}
+    summary.update(tokens=int(ids.numel()), seconds=seconds, first_loss=first, last_loss=last)
+    line = (
         f"fine-tuned {n_params} adapter parameters for {cfg.steps} steps on {ids.numel()} tokens in "
-        f"{time.perf_counter() - t0:.1f} s: loss {first:.4f} → {last:.4f}\nwrote {adapters} and {losses}"
+        f"{seconds:.1f} s: loss {first:.4f} → {last:.4f}; wrote {adapters} and {losses}"
     )
-    return 0
+    return finish(args, line, summary)

@@ -18,8 +18,16 @@ argument, file or model (``ValueError``; ``FileNotFoundError``, ``FileExistsErro
 ``IsADirectoryError``, ``NotADirectoryError``), found before any work wherever the inputs tell it;
 1 an I/O fault while working (any other ``OSError``: a full disk, a failing device) or a run that
 diverged (``ArithmeticError``: a non-finite loss or tensor); 130 Ctrl-C (``interrupted``). Each prints one
-line ``svdq CMD: error: ...``; no command leaves a partial output file. Any other exception is a bug in
+line ``svdq CMD: error: ...``; no command leaves a partial output file (``calibrate --mode layerwise``
+keeps ``DIR/partial`` on purpose, for ``--resume``). Any other exception is a bug in
 svdq and keeps its traceback.
+
+Output: every subcommand ends with one summary line on stdout and, with ``--json PATH``, writes the same
+facts as JSON (atomically). Other messages go through the ``svdq`` logger (``logging``) to stderr:
+``--log-level debug|info|warning|error`` (default info) or ``--quiet`` (warnings and errors only; the
+summary line stays), before or after the subcommand. Progress bars show only on a terminal
+(``--progress auto``; ``always`` / ``never`` force it) and never with ``--quiet``. Closed sets
+(formats, layouts, modes) are argparse choices, checked before any work.
 """
 
 from __future__ import annotations
@@ -34,7 +42,17 @@ from calib.cli import eval as cli_eval
 from calib.cli import export as cli_export
 from calib.cli import finetune as cli_finetune
 from calib.cli import save_model as cli_save_model
-from calib.cli.common import check_out_dir, check_out_file, positive_float, positive_int
+from calib.cli.common import (
+    LOG_LEVELS,
+    PROGRESS_MODES,
+    HelpFormatter,
+    check_out_dir,
+    check_out_file,
+    configure_logging,
+    positive_float,
+    positive_int,
+    show_progress,
+)
 
 COMMANDS = {
     "calibrate": cli_calibrate,
@@ -48,6 +66,10 @@ COMMANDS = {
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``svdq CMD: error: --flag must be ..., got '...'`` (exit 2)."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         m = re.fullmatch(r"argument ([^:]+): (must be .*)", message)
         if m:
@@ -55,26 +77,71 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def version() -> str:
+    """The installed package's version (``importlib.metadata``), else the source tree's pyproject."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("svdq")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        from pathlib import Path
+
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+def _add_output_args(p, top: bool) -> None:
+    """``--log-level`` / ``--quiet``: on the top-level parser (with defaults) and on every subcommand
+    (without: given after the subcommand they override, absent they leave the top-level value)."""
+    extra = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="messages shown on stderr" + (" (default: info)" if not top else ""),
+        **({"default": "info"} if top else extra),
+    )
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="warnings and errors only, no progress bars (the summary line still prints)",
+        **extra,
+    )
+    p.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        help="progress bars on stderr: auto (only on a terminal), always or never"
+        + (" (default: auto)" if not top else ""),
+        **({"default": "auto"} if top else extra),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="svdq", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="svdq",
+        description="svdq: SVDQuant 4-bit calibration, adapter fine-tuning and export for MoE models. "
+        "Run 'svdq COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"svdq {version()}")
+    _add_output_args(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     quick = sub.add_parser(
         "quickstart", help="quantize → calibrate → fine-tune → export on a pretrained GPT-MoE (a table)"
     )
-    quick.add_argument(
-        "--steps", type=positive_int, default=100, help="fine-tuning steps, ours and baseline (100)"
-    )
-    quick.add_argument("--rank", type=positive_int, default=32, help="SVDQuant / LoRA rank (32)")
-    quick.add_argument(
-        "--lr", type=positive_float, default=1e-3, help="peak fine-tuning learning rate (1e-3)"
-    )
-    quick.add_argument(
-        "--calib-batches", type=positive_int, default=8, help="calibration batches of 8 × seq (8)"
-    )
+    quick.add_argument("--steps", type=positive_int, default=100, help="fine-tuning steps, ours and baseline")
+    quick.add_argument("--rank", type=positive_int, default=32, help="SVDQuant / LoRA rank")
+    quick.add_argument("--lr", type=positive_float, default=1e-3, help="peak fine-tuning learning rate")
+    quick.add_argument("--calib-batches", type=positive_int, default=8, help="calibration batches of 8 × seq")
     quick.add_argument(
         "--eval-tokens", type=positive_int, default=16384, help="tokens per held-out evaluation"
     )
-    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--seed", type=int, default=0, help="random seed")
     quick.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     quick.add_argument(
         "--model-config", default=None, help="JSON of TinyMoEConfig fields: a bigger model, trained now"
@@ -86,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--json", default=None, help="write every figure as JSON")
     for module in COMMANDS.values():
         module.add_parser(sub)
+    for p in sub.choices.values():
+        _add_output_args(p, top=False)
     return parser
 
 
@@ -138,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or an argument error (2, its line printed)
         return int(exc.code or 0)
+    configure_logging(args.log_level, args.quiet)
+    args.progress = show_progress(args.quiet, args.progress)
     # megatron-core and modelopt warn at import about optional kernels (Apex, TE) we do not use
     warnings.filterwarnings("ignore", module=r"(megatron|modelopt)\..*")
     try:
@@ -149,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             raise
         if code == 130:
-            print(f"svdq {args.command}: interrupted (no partial output written)", file=sys.stderr)
+            note = getattr(args, "interrupt_note", None) or "no partial output written"
+            print(f"svdq {args.command}: interrupted ({note})", file=sys.stderr)
         else:
             kind = "I/O error" if isinstance(exc, OSError) and code == 1 else "error"
             print(f"svdq {args.command}: {kind}: {_one_line(exc)}", file=sys.stderr)

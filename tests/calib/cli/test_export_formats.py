@@ -42,8 +42,8 @@ def _report(stdout: str) -> tuple[dict[str, dict], str]:
     cols = lines[start].split()[1:]
     rows = {}
     for line in lines[start + 1 :]:
-        if line.startswith("folded "):
-            return rows, line
+        if line.startswith("exported ") and "; folded " in line:  # the summary line ends with the fold's
+            return rows, line[line.index("; folded ") + 2 :]
         name, *vals = line.split()
         rows[name] = {c: None if v == "-" else float(v) for c, v in zip(cols, vals)}
     raise AssertionError(f"no summary line in {stdout!r}")

@@ -388,6 +388,7 @@ def test_ctrl_c_is_interrupted_and_130(world, tmp_path, command):
         argv = ["eval", "--checkpoint", world["ckpt"], "--tokens", "200000", "--batch", "1"]
     else:
         argv = ["finetune", "--checkpoint", world["ckpt"], "--out", tmp_path / "ft", "--steps", "500", *FT]
-    code, err = interrupt(*argv, ready=lambda s: f"{command}: " in s and "%|" in s)
+    # stderr is a pipe: progress bars only on request (they show the command is working)
+    code, err = interrupt(*argv, "--progress", "always", ready=lambda s: f"{command}: " in s and "%|" in s)
     assert code == 130 and f"svdq {command}: interrupted" in err, err[-2000:]
     assert "Traceback" not in err and not no_temporaries(tmp_path)

@@ -131,7 +131,8 @@ def test_resume_refuses_changed_settings_and_other_data(calibrated, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_leaves_no_partial_output(calibrated, tmp_path):
     out = tmp_path / "c"
-    code, err = interrupt("calibrate", "--out", out, "--tokens", "4096", ready=lambda e: "calibrate:" in e)
+    argv = ["calibrate", "--out", out, "--tokens", "4096", "--progress", "always"]  # stderr is a pipe
+    code, err = interrupt(*argv, ready=lambda e: "calibrate:" in e)
     assert code == 130 and "interrupted" in err, err[-2000:]
     assert not out.exists() or not any(out.iterdir())
 
