@@ -77,10 +77,20 @@ def add_parser(sub) -> None:
     add_json_arg(p)
 
 
+def _file_parameters(path) -> int:
+    """Number of values in the tensors of a safetensors file (its header only)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118
+
+
 def run(args) -> int:
     from calib.cli.common import open_model_and_data
     from calib.cli.parallel import check_parallel_args, init_from_args, is_rank0
-    from calib.data import fingerprint
+    from calib.data import fingerprint, mask_fingerprint
     from calib.train import (
         TrainConfig,
         adapter_parameters,
@@ -161,6 +171,9 @@ def run(args) -> int:
             "tokens": int(ids.numel()),
             "seq_len": lm.seq_len,
         }
+        mask = mask_fingerprint(batches + (eval_batches or []))  # prompt / response data: its loss mask
+        if mask is not None:
+            run_info["loss_mask"] = mask
         if (tp, ep, dp) != (1, 1, 1):
             run_info["parallel"] = {"tp": tp, "ep": ep, "dp": dp}
         if args.eval_every:
@@ -186,7 +199,7 @@ def run(args) -> int:
                 print(f"stopped after step {result.step} of {cfg.steps}; continue with --resume")
             return 0
         adapters = save_adapters(lm.model, args.out / "adapters.safetensors")
-        n_params = sum(p.numel() for p in adapter_parameters(lm.model).values())
+        n_params = _file_parameters(adapters) if rank0 else 0  # the whole model's (TP / EP gathered)
         record = {
             "losses": result.losses,
             "lrs": result.lrs,
