@@ -551,11 +551,17 @@ class GradLayout:
     times and their gradients (summed over the EP group inside autograd, :mod:`lora.adapters.layers`) are
     ``ep`` times the one-process ones. ``replicas``: parameter id → how many ranks of ``group`` (the
     tensor- and expert-parallel ranks of one data shard) hold the same tensor, so the squared gradient
-    norm summed over ``group`` counts every element once. ``group=None``: one model-parallel rank."""
+    norm summed over ``group`` counts every element once. ``ep_mean``: ids of the dense factors, whose
+    gradients are averaged over the expert-parallel group ``ep_group``: they are the same on every EP
+    rank up to round-off (a GEMM's rounding depends on a token's row in the batch, and the dispatcher puts
+    each rank's copy of a token in another row), and averaging keeps the replicas bit-identical.
+    ``group=None``: one model-parallel rank."""
 
     ep_scale: dict[int, float]
     replicas: dict[int, int]
     group: object = None
+    ep_mean: frozenset = frozenset()
+    ep_group: object = None
 
 
 def grad_layout(model: nn.Module) -> GradLayout:
@@ -574,7 +580,7 @@ def grad_layout(model: nn.Module) -> GradLayout:
     size = parallel_state.get_expert_tensor_and_model_parallel_world_size()
     if size == 1:
         return GradLayout({}, {})
-    scale, replicas = {}, {}
+    scale, replicas, dense = {}, {}, set()
     for m in adapter_modules(model).values():
         if isinstance(m, ExpertGroup):
             shared = {id(f.param) for f in m.shared_factors()}
@@ -586,7 +592,31 @@ def grad_layout(model: nn.Module) -> GradLayout:
         else:  # a dense layer: replicated over the expert-parallel ranks
             for f in m.factors():
                 replicas[id(f.param)] = (1 if f.dim is not None else f.tp_size) * ep
-    return GradLayout(scale, replicas, parallel_state.get_expert_tensor_and_model_parallel_group())
+                dense.add(id(f.param))
+    group = parallel_state.get_expert_tensor_and_model_parallel_group()
+    if ep == 1:
+        return GradLayout(scale, replicas, group)
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    return GradLayout(scale, replicas, group, frozenset(dense), ep_group)
+
+
+def _sync_dense_grads(params: list[nn.Parameter], layout: GradLayout) -> None:
+    """Average the gradients of the dense factors over the expert-parallel group (:class:`GradLayout`);
+    one flat all-reduce."""
+    if layout.ep_group is None:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    dense = [p for p in params if id(p) in layout.ep_mean]
+    if not dense:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
+    flat = _flatten_dense_tensors(grads)  # (Σ numel,)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=layout.ep_group)
+    flat.div_(dist.get_world_size(layout.ep_group))
+    for p, g in zip(dense, _unflatten_dense_tensors(flat, grads)):
+        p.grad = g
 
 
 def _clip_grads(params: list[nn.Parameter], max_norm: float, layout: GradLayout) -> torch.Tensor:
@@ -654,6 +684,7 @@ def _train_step(
     if not math.isfinite(value):  # the same on every data-parallel rank: all raise
         raise FloatingPointError(f"step {k + 1}: the loss is {value}")
     _allreduce_grads(params, group)
+    _sync_dense_grads(params, layout)
     for p in params:
         if p.grad is not None and id(p) in layout.ep_scale:
             p.grad.mul_(layout.ep_scale[id(p)])
