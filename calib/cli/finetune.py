@@ -15,8 +15,10 @@ uninterrupted run would; ``--stop-at K`` saves after step K and stops (resume la
 ``--grad-accum N``: N micro-batches per step. ``--eval-every K``: the last ``--eval-batches`` batches of
 the data (default a tenth, at least one) are held out and evaluated every K steps (``losses.json`` key
 ``evals``). Under ``torchrun`` (:mod:`calib.cli.parallel`): ``--tp`` / ``--ep`` / ``--dp``; each
-data-parallel rank runs its share of every batch, the adapter gradients are averaged over data
-parallelism, global rank 0 writes the files (svdq/DESIGN.md §17).
+data-parallel rank runs its share of every batch, the loss is the global token-weighted mean (prompt /
+response masks included) and the adapter gradients are summed over data parallelism; expert-parallel
+ranks take the one-process steps; global rank 0 writes the files and shows the progress (svdq/DESIGN.md
+§17). ``--resume`` refuses another layout, data or prompt / response split (its loss mask's fingerprint).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 * dp=2 × grad_accum=1 against one process × grad_accum=2 on the same global batches: the same micro-batches
   in another place, so the losses agree to fp32 round-off (rtol 1e-5) and the adapters after 4 AdamW
-  steps to 1e-5 relative (the gradient average is ``(g0 + g1) / 2`` vs ``g0/2 + g1/2``).
+  steps to 1e-5 relative (the gradient sum is ``g0 + g1`` in another order).
 * one process × grad_accum=2 against grad_accum=1 (the whole batch at once): the same mean loss and step to
   fp32 round-off.
 * exact resume under dp=2: 2 steps, stop; resume in fresh processes for 2 more — the losses, gradient norms,
