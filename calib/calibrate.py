@@ -181,6 +181,11 @@ def stats_nbytes(stats) -> int:
     )
 
 
+def _is_rank0() -> bool:
+    """Global rank 0, or no process group (who shows the progress bars)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _validate(dense: dict, experts: dict, config: CalibConfig) -> None:
     """Shape / format / finiteness checks for every target, before any calibration work."""
     for name, lin in dense.items():
@@ -239,7 +244,7 @@ def calibrate(
         passes = list(by_layer.values())
     else:
         passes = [work]
-    show = config.progress
+    show = config.progress and _is_rank0()  # one set of bars under data parallelism
     rows, results, peak = {}, {}, 0
     for items in tqdm(passes, desc="calibrate (layerwise)", unit="layer", disable=not show or not layerwise):
         layer = layer_key(items[0][1])

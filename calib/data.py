@@ -363,13 +363,32 @@ def load_stream(
     return ids, mask
 
 
-def masked_mean(losses: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked_mean(losses: torch.Tensor, mask: torch.Tensor | None, total: int | None = None) -> torch.Tensor:
     """Mean of per-token ``losses (b, s)`` over the positions where ``mask (b, s)`` is true (all of them
-    without a mask); a batch without any target gives ``0`` (with a gradient, zero)."""
+    without a mask); a batch without any target gives ``0`` (with a gradient, zero).
+
+    ``total``: divide the masked sum by this count instead of this batch's own (the targets of the whole
+    global batch when ``losses`` is one micro-batch of it: then the micro-batch terms add up to the global
+    token-weighted mean, :func:`loss_targets`)."""
     if mask is None:
-        return losses.mean()
+        return losses.mean() if total is None else losses.sum() / max(int(total), 1)
     m = mask.to(losses.dtype)  # (b, s)
-    return (losses * m).sum() / m.sum().clamp_min(1)
+    count = m.sum().clamp_min(1) if total is None else max(int(total), 1)
+    return (losses * m).sum() / count
+
+
+def loss_targets(batch: dict) -> int:
+    """Number of loss targets of a batch (dict with ``labels (b, s)`` and an optional bool ``loss_mask
+    (b, s)``): the true mask positions, else every position."""
+    mask = batch.get("loss_mask")
+    return int(mask.sum()) if mask is not None else int(batch["labels"].numel())
+
+
+def mask_fingerprint(batches: list[dict]) -> str | None:
+    """:func:`fingerprint` of the loss masks of ``batches`` in order (``None`` when they have none): what
+    identifies the prompt / response split of a data set across runs."""
+    masks = [b["loss_mask"].reshape(-1).cpu() for b in batches if b.get("loss_mask") is not None]
+    return fingerprint(torch.cat(masks)) if masks else None
 
 
 def fingerprint(ids: torch.Tensor) -> str:

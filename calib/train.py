@@ -12,12 +12,20 @@ the data position is a function of the step.
 
 Data parallelism and gradient accumulation (svdq/DESIGN.md §17): the global batch of update ``k`` is cut
 into ``dp · grad_accum`` equal row chunks; data-parallel rank ``d`` runs chunks ``j · dp + d`` for
-``j = 0 … grad_accum−1`` (:func:`micro_batches`), each micro-batch's mean token loss scaled by
-``1/grad_accum``; the adapter gradients are then averaged over the data-parallel group
-(:func:`lora.framework.parallel.data_parallel_group`) and the logged loss is the global mean. So
-``dp=2, grad_accum=1`` and ``dp=1, grad_accum=2`` take the same optimizer step as ``dp=1, grad_accum=1`` on
-that batch (to float round-off). ``eval_every`` evaluates held-out batches (sharded over data parallelism,
+``j = 0 … grad_accum−1`` (:func:`micro_batches`). The loss is the global token-weighted mean: each
+micro-batch contributes the sum of its target losses divided by ``T``, the number of loss targets of the
+whole global batch (every rank holds that batch, so ``T`` — the sum of the micro-batches' counts over all
+ranks — needs no communication; with a prompt / response mask the counts differ between micro-batches);
+the adapter gradients are then summed over the data-parallel group
+(:func:`lora.framework.parallel.data_parallel_group`) and so is the logged loss. So ``dp=2, grad_accum=1``
+and ``dp=1, grad_accum=2`` take the same optimizer step as ``dp=1, grad_accum=1`` on that batch (to float
+round-off), masked or not. ``eval_every`` evaluates held-out batches (sharded over data parallelism,
 summed in float64 over all ranks) every that many updates.
+
+Tensor and expert parallelism: the expert-parallel ranks of a data shard run the same micro-batches, so
+expert factors get ``ep`` times the gradient and are scaled by ``1/ep`` (:func:`grad_layout`); the clipped
+gradient norm is that of the whole model, each replicated tensor counted once (:func:`_clip_grads`). An
+``ep = 2`` run takes the one-process steps (to float round-off).
 
 A checkpoint ``checkpoints/step-000005/`` holds ``adapters.safetensors`` (:func:`lora.save_adapters`),
 ``optimizer.safetensors`` (AdamW moments and step counts per parameter name), ``rng.safetensors`` (torch
@@ -50,7 +58,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calib.data import masked_mean
+from calib.data import loss_targets, masked_mean
 from calib.models import LoadedModel
 from lora.io.atomic import atomic_output_dir, atomic_write_file, temporary_sibling
 from lora.io.values import first_non_finite
@@ -504,32 +512,133 @@ def check_resumable(path: str | os.PathLike, cfg: TrainConfig, run_info: dict | 
         diff = {k: (v, now.get(k)) for k, v in was.items() if now.get(k) != v}
         raise ValueError(f"--resume: the checkpoint {path} was made with other settings (was, now): {diff}")
     if run_info is not None and state.get("run") != run_info:
-        diff = {k: (v, run_info.get(k)) for k, v in state.get("run", {}).items() if run_info.get(k) != v}
+        was = state.get("run") or {}
+        keys = {**was, **run_info}
+        diff = {k: (was.get(k), run_info.get(k)) for k in keys if was.get(k) != run_info.get(k)}
         raise ValueError(f"--resume: the checkpoint {path} belongs to another run (was, now): {diff}")
     return state
 
 
-def _reduce_mean(values: torch.Tensor, group, size: int) -> torch.Tensor:
-    """``values`` averaged over the data-parallel ``group`` (in place; identity without one)."""
+def _reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
+    """``values`` summed over the data-parallel ``group`` (in place; identity without one)."""
     import torch.distributed as dist
 
-    if group is not None and size > 1:
+    if group is not None:
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-        values.div_(size)
     return values
 
 
-def _allreduce_grads(params: list[nn.Parameter], group, size: int) -> None:
-    """Average the adapter gradients over the data-parallel ``group`` (one flat all-reduce; a missing
-    gradient, e.g. of an expert that got no token on this rank, counts as zero)."""
-    if group is None or size == 1:
+def _allreduce_grads(params: list[nn.Parameter], group) -> None:
+    """Sum the adapter gradients over the data-parallel ``group`` (one flat all-reduce; a missing
+    gradient, e.g. of an expert that got no token on this rank, counts as zero). Each rank's loss is
+    already divided by the global batch's target count, so the sum is the gradient of the global mean."""
+    if group is None:
         return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = _reduce_mean(_flatten_dense_tensors(grads), group, size)  # (Σ numel,)
+    flat = _reduce_sum(_flatten_dense_tensors(grads), group)  # (Σ numel,)
     for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
         p.grad = g
+
+
+@dataclass
+class GradLayout:
+    """How the adapter gradients of a tensor- / expert-parallel model relate to those of one process.
+
+    ``ep_scale``: parameter id → ``1 / ep`` for the factors of expert layers: the expert-parallel ranks run
+    the same micro-batches (svdq/DESIGN.md §17), so the dispatcher hands every expert each token ``ep``
+    times and their gradients (summed over the EP group inside autograd, :mod:`lora.adapters.layers`) are
+    ``ep`` times the one-process ones. ``replicas``: parameter id → how many ranks of ``group`` (the
+    tensor- and expert-parallel ranks of one data shard) hold the same tensor, so the squared gradient
+    norm summed over ``group`` counts every element once. ``ep_mean``: ids of the dense factors, whose
+    gradients are averaged over the expert-parallel group ``ep_group``: they are the same on every EP
+    rank up to round-off (a GEMM's rounding depends on a token's row in the batch, and the dispatcher puts
+    each rank's copy of a token in another row), and averaging keeps the replicas bit-identical.
+    ``group=None``: one model-parallel rank."""
+
+    ep_scale: dict[int, float]
+    replicas: dict[int, int]
+    group: object = None
+    ep_mean: frozenset = frozenset()
+    ep_group: object = None
+
+
+def grad_layout(model: nn.Module) -> GradLayout:
+    """The :class:`GradLayout` of ``model``'s adapter factors under the current parallel state."""
+    import torch.distributed as dist
+
+    from lora.adapters.layers import ExpertGroup
+
+    if not dist.is_initialized():
+        return GradLayout({}, {})
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return GradLayout({}, {})
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    size = parallel_state.get_expert_tensor_and_model_parallel_world_size()
+    if size == 1:
+        return GradLayout({}, {})
+    scale, replicas, dense = {}, {}, set()
+    for m in adapter_modules(model).values():
+        if isinstance(m, ExpertGroup):
+            shared = {id(f.param) for f in m.shared_factors()}
+            for f in m.factors():
+                tp_copies = 1 if f.dim is not None else f.tp_size
+                replicas[id(f.param)] = tp_copies * (m.ep_size if id(f.param) in shared else 1)
+                if m.ep_size > 1:
+                    scale[id(f.param)] = 1.0 / m.ep_size
+        else:  # a dense layer: replicated over the expert-parallel ranks
+            for f in m.factors():
+                replicas[id(f.param)] = (1 if f.dim is not None else f.tp_size) * ep
+                dense.add(id(f.param))
+    group = parallel_state.get_expert_tensor_and_model_parallel_group()
+    if ep == 1:
+        return GradLayout(scale, replicas, group)
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    return GradLayout(scale, replicas, group, frozenset(dense), ep_group)
+
+
+def _sync_dense_grads(params: list[nn.Parameter], layout: GradLayout) -> None:
+    """Average the gradients of the dense factors over the expert-parallel group (:class:`GradLayout`);
+    one flat all-reduce."""
+    if layout.ep_group is None:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    dense = [p for p in params if id(p) in layout.ep_mean]
+    if not dense:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
+    flat = _flatten_dense_tensors(grads)  # (Σ numel,)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=layout.ep_group)
+    flat.div_(dist.get_world_size(layout.ep_group))
+    for p, g in zip(dense, _unflatten_dense_tensors(flat, grads)):
+        p.grad = g
+
+
+def _clip_grads(params: list[nn.Parameter], max_norm: float, layout: GradLayout) -> torch.Tensor:
+    """Clip the gradients to ``max_norm`` (``0``: off) by their global norm, which is returned: the norm
+    of the whole model's adapter gradient over the tensor- and expert-parallel ranks of one data shard
+    (``layout``), equal on those ranks; one model-parallel rank: :func:`torch.nn.utils.clip_grad_norm_`."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    if layout.group is None:
+        return torch.nn.utils.clip_grad_norm_(params, limit)
+    import torch.distributed as dist
+
+    with_grad = [p for p in params if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for p in with_grad:
+        sq += p.grad.double().pow(2).sum() / layout.replicas.get(id(p), 1)
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=layout.group)
+    norm = sq.sqrt().float()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # what clip_grad_norm_ does
+        for p in with_grad:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
 
 
 def _train_step(
@@ -541,36 +650,45 @@ def _train_step(
     k: int,
     on_cuda: bool,
     dp: tuple[int, int] = (0, 1),
+    layout: GradLayout | None = None,
 ):
     """Update ``k``: set ``lr(k)``; on this data-parallel rank (``dp = (rank, size)``,
-    :func:`micro_batches`) the mean token loss of each micro-batch scaled by ``1/grad_accum`` (bf16
-    autocast on CUDA), backward; gradients averaged over data parallelism; clip the gradient norm to
-    ``cfg.grad_clip``, AdamW step. Returns ``(global mean loss, lr, gradient norm before clipping)``.
-    ``FloatingPointError`` naming the step and the first non-finite tensor when the loss, a gradient or an
-    updated adapter tensor is not finite (``names_params``: ``[(name, parameter)]``)."""
+    :func:`micro_batches`) the summed target losses of each micro-batch divided by the number of targets of
+    the whole global batch (bf16 autocast on CUDA), backward; gradients summed over data parallelism (so
+    the step is that of the global token-weighted mean loss, prompt / response masks included); expert
+    gradients divided by the expert-parallel size (``layout``, :func:`grad_layout`); clip the global
+    gradient norm to ``cfg.grad_clip``, AdamW step. Returns ``(global mean loss, lr, gradient norm before
+    clipping)``. ``FloatingPointError`` naming the step and the first non-finite tensor when the loss, a
+    gradient or an updated adapter tensor is not finite (``names_params``: ``[(name, parameter)]``)."""
     from lora.framework.parallel import data_parallel_group
 
     params = [p for _, p in names_params]
+    layout = layout or GradLayout({}, {})
     lr = lr_at(k, cfg)
     for g in optimizer.param_groups:
         g["lr"] = lr
     dp_rank, dp_size = dp
     group = data_parallel_group() if dp_size > 1 else None
     batch = batches[batch_index(k, len(batches), cfg.seed)]
+    targets = loss_targets(batch)  # of the global batch (every rank holds it): Σ over ranks and micro-batches
     optimizer.zero_grad(set_to_none=True)
     local = torch.zeros((), dtype=torch.float64)
     for mb in micro_batches(batch, dp_rank, dp_size, cfg.grad_accum):
         with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
-            loss = masked_mean(lm.token_losses(mb), mb.get("loss_mask")) / cfg.grad_accum  # prompts: no loss
+            loss = masked_mean(lm.token_losses(mb), mb.get("loss_mask"), targets)  # prompts: no loss
         local += loss.detach().double().cpu()
         if math.isfinite(float(local)):
             loss.backward()
     device = params[0].device if group is not None else "cpu"
-    value = float(_reduce_mean(local.to(device), group, dp_size))
+    value = float(_reduce_sum(local.to(device), group))
     if not math.isfinite(value):  # the same on every data-parallel rank: all raise
         raise FloatingPointError(f"step {k + 1}: the loss is {value}")
-    _allreduce_grads(params, group, dp_size)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    _allreduce_grads(params, group)
+    _sync_dense_grads(params, layout)
+    for p in params:
+        if p.grad is not None and id(p) in layout.ep_scale:
+            p.grad.mul_(layout.ep_scale[id(p)])
+    norm = _clip_grads(params, cfg.grad_clip, layout)
     if not math.isfinite(float(norm)):
         bad = first_non_finite((n, p.grad) for n, p in names_params if p.grad is not None)
         raise FloatingPointError(f"step {k + 1}: the gradient of {bad} is not finite")
@@ -661,6 +779,7 @@ def finetune(
     from lora.framework.parallel import data_parallel_rank_size
 
     dp = data_parallel_rank_size()
+    layout = grad_layout(model)
     check_batch_split(batches[0]["tokens"].shape[0], dp[1], cfg.grad_accum)
     if eval_every and not eval_batches:
         raise ValueError("eval_every > 0 needs held-out eval_batches")
@@ -697,7 +816,7 @@ def finetune(
             for k in range(start, end):
                 try:
                     value, lr, norm = _train_step(
-                        lm, optimizer, list(params.items()), batches, cfg, k, on_cuda, dp
+                        lm, optimizer, list(params.items()), batches, cfg, k, on_cuda, dp, layout
                     )
                 except FloatingPointError as exc:
                     kept = (

@@ -397,9 +397,10 @@ PROGRESS_MODES = ("auto", "always", "never")
 
 
 def show_progress(quiet: bool, mode: str = "auto", stream=None) -> bool:
-    """Progress bars on: never with ``--quiet``; ``mode`` ``"always"`` / ``"never"``, or ``"auto"``: when
-    stderr (where tqdm writes) is a terminal."""
-    if quiet or mode == "never":
+    """Progress bars on: never with ``--quiet`` nor on a process other than global rank 0 of a torchrun
+    world (``RANK`` of the environment); ``mode`` ``"always"`` / ``"never"``, or ``"auto"``: when stderr
+    (where tqdm writes) is a terminal."""
+    if quiet or mode == "never" or os.environ.get("RANK", "0").strip() not in ("", "0"):
         return False
     stream = sys.stderr if stream is None else stream
     return mode == "always" or bool(getattr(stream, "isatty", lambda: False)())

@@ -15,8 +15,10 @@ uninterrupted run would; ``--stop-at K`` saves after step K and stops (resume la
 ``--grad-accum N``: N micro-batches per step. ``--eval-every K``: the last ``--eval-batches`` batches of
 the data (default a tenth, at least one) are held out and evaluated every K steps (``losses.json`` key
 ``evals``). Under ``torchrun`` (:mod:`calib.cli.parallel`): ``--tp`` / ``--ep`` / ``--dp``; each
-data-parallel rank runs its share of every batch, the adapter gradients are averaged over data
-parallelism, global rank 0 writes the files (svdq/DESIGN.md §17).
+data-parallel rank runs its share of every batch, the loss is the global token-weighted mean (prompt /
+response masks included) and the adapter gradients are summed over data parallelism; expert-parallel
+ranks take the one-process steps; global rank 0 writes the files and shows the progress (svdq/DESIGN.md
+§17). ``--resume`` refuses another layout, data or prompt / response split (its loss mask's fingerprint).
 """
 
 from __future__ import annotations
@@ -77,10 +79,20 @@ def add_parser(sub) -> None:
     add_json_arg(p)
 
 
+def _file_parameters(path) -> int:
+    """Number of values in the tensors of a safetensors file (its header only)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118
+
+
 def run(args) -> int:
     from calib.cli.common import open_model_and_data
     from calib.cli.parallel import check_parallel_args, init_from_args, is_rank0
-    from calib.data import fingerprint
+    from calib.data import fingerprint, mask_fingerprint
     from calib.train import (
         TrainConfig,
         adapter_parameters,
@@ -161,6 +173,9 @@ def run(args) -> int:
             "tokens": int(ids.numel()),
             "seq_len": lm.seq_len,
         }
+        mask = mask_fingerprint(batches + (eval_batches or []))  # prompt / response data: its loss mask
+        if mask is not None:
+            run_info["loss_mask"] = mask
         if (tp, ep, dp) != (1, 1, 1):
             run_info["parallel"] = {"tp": tp, "ep": ep, "dp": dp}
         if args.eval_every:
@@ -186,7 +201,7 @@ def run(args) -> int:
                 print(f"stopped after step {result.step} of {cfg.steps}; continue with --resume")
             return 0
         adapters = save_adapters(lm.model, args.out / "adapters.safetensors")
-        n_params = sum(p.numel() for p in adapter_parameters(lm.model).values())
+        n_params = _file_parameters(adapters) if rank0 else 0  # the whole model's (TP / EP gathered)
         record = {
             "losses": result.losses,
             "lrs": result.lrs,

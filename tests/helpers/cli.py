@@ -66,7 +66,7 @@ def interrupt(*args, ready, timeout: float = 120) -> tuple[int, str]:
     return code, b"".join(chunks).decode(errors="replace")
 
 
-def _cases_in_process(rank, world, cases):
+def _cases_in_process(rank, world, cases, ports=None):
     import warnings
 
     import torch
@@ -77,7 +77,9 @@ def _cases_in_process(rank, world, cases):
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     results = []
-    for argv in cases:
+    for i, argv in enumerate(cases):
+        if ports is not None:  # a fresh rendezvous per command: a re-made process group must not meet
+            os.environ["MASTER_PORT"] = str(ports[i])  # the store keys of the one before
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main([str(a) for a in argv])
@@ -89,6 +91,36 @@ def run_cli_cases(cases: list[list], timeout: float = 300) -> list[tuple[int, st
     """``calib.cli.main(argv)`` for every ``argv`` in order, in one spawned process; returns
     ``[(exit code, stdout, stderr)]``. A command that raises (not an input error) fails the caller."""
     return run_on_processes(_cases_in_process, 1, cases, timeout=timeout)[0]
+
+
+def run_cli_ranks(cases: list[list], world: int, timeout: float = 300) -> list[list[tuple[int, str, str]]]:
+    """:func:`run_cli_cases` on ``world`` spawned processes of one torch.distributed world (``RANK`` /
+    ``WORLD_SIZE`` set as torchrun sets them): ``[rank][case] = (exit code, stdout, stderr)``."""
+    from lora.framework.parallel import free_port
+
+    ports = []
+    while len(ports) < len(cases):
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return run_on_processes(_cases_in_process, world, cases, ports, timeout=timeout)
+
+
+def torchrun(nproc: int, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node N --master-port P -m calib.cli ARGS`` (a free
+    local port) in a fresh process, as a user starts it."""
+    from lora.framework.parallel import free_port
+
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    launcher += ["--master-port", str(free_port()), "-m", "calib.cli"]
+    return subprocess.run(
+        [sys.executable, *launcher, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**ENV, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def no_temporaries(root: Path) -> list[Path]:
