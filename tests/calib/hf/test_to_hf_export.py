@@ -358,7 +358,8 @@ def test_cli_exports_a_megatron_twin_checkpoint_in_both_variants(tmp_path):
     ]
     results = run_cli_cases(cases)
     assert [r[0] for r in results] == [0, 0, 0], [r[2][-3000:] for r in results]
-    assert "on the calibration data (--data builtin)" in results[1][1]  # no --data: the calibration's
+    # no --data: the calibration's data is used, and said so on stderr (the svdq logger)
+    assert "on the calibration data (--data builtin)" in results[1][2]
     assert "modelopt HF NVFP4 layout, Hugging Face names" in results[2][1]
     hf_cfg = json.loads((qwen / "config.json").read_text())
     for out, algo in ((k, "NVFP4_SVD"), (f, "NVFP4")):
