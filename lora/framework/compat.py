@@ -5,9 +5,21 @@ Keep version checks here and nowhere else.
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 from packaging.version import Version
+
+
+class _DropGPTModelDeprecation(logging.Filter):
+    """megatron-core 0.19 logs "GPTModel IS DEPRECATED …" (a warning about its roadmap, not about the
+    caller) every time a GPTModel is built; the CLI's error output must stay one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("GPTModel IS DEPRECATED")
+
+
+logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(_DropGPTModelDeprecation())
 
 
 @lru_cache(maxsize=1)

@@ -44,8 +44,25 @@ def apply_cpu_patches() -> bool:
     #    (``clip_grad > 0`` still asserts CUDA gradients: use ``OptimizerConfig(clip_grad=0.0)`` on CPU.)
     _patch_optimizer_devices()
 
+    # 6. megatron-core 0.19's DDP waits on the current CUDA stream for CUDA-graph gradient events before
+    #    a gradient reduction; without CUDA there are no such events: a stream whose waits do nothing.
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
+
     _APPLIED = True
     return True
+
+
+class _NoStream:
+    """What ``torch.cuda.current_stream()`` returns on CPU: waiting and synchronizing do nothing."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 def _patch_rng_tracker() -> None:
