@@ -61,6 +61,12 @@ def add_parser(sub) -> None:
         choices=["static", "dynamic"],
         help="activation quantization range: calibrated per layer (static) or per call (dynamic)",
     )
+    p.add_argument(
+        "--rank-allocation",
+        default="uniform",
+        choices=["uniform", "sensitivity"],
+        help="'sensitivity': the uniform --rank's branch budget spread over layers by measured sensitivity",
+    )
     p.add_argument("--batch", type=positive_int, default=8, help="sequences per calibration batch")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model")
@@ -118,6 +124,7 @@ def run(args) -> int:
                 storage=args.storage,
                 mode=args.mode,
                 act_range=args.act_range,
+                rank_allocation=args.rank_allocation,
             ),
         )
         args.out.mkdir(parents=True, exist_ok=True)
