@@ -56,7 +56,7 @@ def test_quickstart_dense_layers_output_error_not_worse_than_uniform(megatron_wo
             ).final_error
             for n, m in linears.items()
         ]
-        return sum(r.final_error**2 for r in errs)
+        return sum(e**2 for e in errs)
 
     uniform, allocated = total(lambda n: 16), total(ranks.__getitem__)
     assert allocated <= uniform
