@@ -294,7 +294,7 @@ class _Solver:
         packed, residual_quant = quantize_tensor(R, self.wq), "rtn"
         # GPTQ fits the calibration tokens; with fewer than ~4·in of them it over-fits (its error on
         # held-out tokens rises above RTN's even while the calibration error falls), so it is skipped.
-        if self.cfg.residual_quant == "gptq" and self.n_tokens >= GPTQ_MIN_TOKENS_PER_INPUT * self.W.shape[1]:
+        if self.cfg.use_gptq and self.n_tokens >= GPTQ_MIN_TOKENS_PER_INPUT * self.W.shape[1]:
             H = self.C / torch.outer(s, s).double()  # Hessian of the smoothed inputs x/s
             Rq_g, packed_g = gptq_quantize(R, H, self.wq, self.cfg.damp)
             err_g = self.error(s, Rq_g, B, A_raw)
