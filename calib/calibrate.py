@@ -240,7 +240,7 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
             ranges[layer] if layer in bases else [ranges[k] for k in bases if k.startswith(layer + "#")]
         )
         row["act_range"] = act_range_label(row["input_amax"])
-    return CalibReport(
+    report = CalibReport(
         rows=list(rows.values()),
         config=config.svdq.to_dict(),
         layout=config.layout,
@@ -250,6 +250,9 @@ def calibrate(model: nn.Module, forward_loop, config: CalibConfig = CalibConfig(
         act_range=config.act_range,
         peak_stats_bytes=peak,
     )
+    if show and config.svdq.residual_quant != "rtn":
+        tqdm.write(report.residual_quant_line())
+    return report
 
 
 def _collect_stats(model, forward_loop, items, dense: dict, experts: dict, cfg: SVDQConfig) -> dict:

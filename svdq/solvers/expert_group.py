@@ -239,9 +239,9 @@ class MoEGroupResult:
 
 
 def _quant_label(quants: Sequence[str]) -> str:
-    """``"rtn"``, ``"gptq"`` or ``"gptq 5/8"`` (experts that got GPTQ)."""
+    """``"rtn"`` or ``"gptq 5/8"`` (5 of the 8 experts got GPTQ)."""
     n = sum(q == "gptq" for q in quants)
-    return "rtn" if n == 0 else "gptq" if n == len(quants) else f"gptq {n}/{len(quants)}"
+    return "rtn" if n == 0 else f"gptq {n}/{len(quants)}"
 
 
 # --------------------------------------------------------------------------------------------- entry

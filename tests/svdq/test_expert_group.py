@@ -1,6 +1,7 @@
 """svdq.solvers.expert_group: SVDQuant of MoE expert groups: optimality, refinement, budget, robustness,
 expert parallelism."""
 
+import dataclasses
 import json
 import math
 
@@ -431,3 +432,19 @@ def test_cuda_group_matches_cpu():
                 num += w * float((gpu.expert_forward(i, x) - y_ref).double().square().sum())
                 den += w * float(y_ref.double().square().sum())
         assert gpu.final_error == pytest.approx(math.sqrt(num / den), rel=1e-5)
+
+
+@pytest.mark.parametrize("projection", ["fc1", "fc2"])
+def test_gptq_per_expert_hessians_lower_the_error_and_match_the_packed_result(projection):
+    """residual_quant="gptq": experts with ≥ 4·in routed tokens get GPTQ residuals from their own
+    Hessian, kept only where they lower the expert's error; the figures are those of the packed result."""
+    W, stats, _ = _group(counts=(300, 0, 40, 500, 3, 400))  # ≥ 256 = 4·in tokens: experts 0, 3, 5
+    rtn = decompose_expert_group(W, stats, CFG, projection=projection, layout="per-expert")
+    cfg = dataclasses.replace(CFG, residual_quant="gptq")
+    res = decompose_expert_group(W, stats, cfg, projection=projection, layout="per-expert")
+    assert all(res.residual_quants[i] == "rtn" for i in (1, 2, 4))  # too few tokens: never GPTQ
+    assert "gptq" in res.residual_quants
+    assert res.summary()["residual_quant"] == f"gptq {res.residual_quants.count('gptq')}/6"
+    assert res.final_error < rtn.final_error
+    assert all(res.final_errors[i] <= rtn.final_errors[i] * (1 + 1e-9) for i in range(6) if stats[i].n_tokens)
+    assert res.final_error == pytest.approx(_reported_total(res, W, stats), rel=1e-5)
