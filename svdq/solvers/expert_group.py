@@ -35,9 +35,9 @@ parameter budget**. :func:`decompose_expert_group` does, for the local experts o
    the refinement, one that lowers it by less than ``config.refine_tol`` (relative) is the last. At most
    ``config.refine_steps`` steps.
 5. **GPTQ** (``config.residual_quant`` ``"gptq"`` / ``"auto"``): each expert with at least
-   ``GPTQ_MIN_TOKENS_PER_INPUT·in`` routed tokens gets its residual GPTQ-quantized with its own Hessian
-   ``diag(1/s_i)·X_iᵀX_i·diag(1/s_i)``, kept where it lowers that expert's error
-   (``residual_quants``).
+   ``GPTQ_MIN_TOKENS_PER_INPUT·in`` routed tokens outside its scoring sample gets its residual
+   GPTQ-quantized with its own Hessian ``diag(1/s_i)·X_iᵀX_i·diag(1/s_i)`` of those tokens, kept where it
+   lowers that expert's error on the (held-out) sample (``residual_quants``).
 
 ``layout="auto"`` fits all three layouts at the same budget (steps 1–3), keeps the one with the lowest
 total error and refines it; ``layout_figures`` records what it chose from.
@@ -569,6 +569,7 @@ class _ExpertProjection:
         for i, x in enumerate(samples):
             if x is not None:
                 self.X[i, : k[i]] = x
+        self.k_samples = k  # sampled tokens per expert
         self.weight = torch.tensor(
             [n / ki if ki else 0.0 for n, ki in zip(self.counts, k)], dtype=_F64, device=dev
         )
@@ -757,18 +758,21 @@ class _ExpertProjection:
 
     def gptq(self, st: _State, R: Tensor, residuals: tuple):
         """GPTQ of each expert's residual ``R_i`` (smoothed, ``out × in``) with its own Hessian
-        ``diag(1/s_i)·X_iᵀX_i·diag(1/s_i)``, for experts with at least ``GPTQ_MIN_TOKENS_PER_INPUT·in``
-        routed tokens; kept per expert where it lowers that expert's output error on its sampled tokens.
+        ``diag(1/s_i)·X_iᵀX_i·diag(1/s_i)`` of the routed tokens outside its scoring sample, for experts with
+        at least ``GPTQ_MIN_TOKENS_PER_INPUT·in`` of those; kept per expert where it lowers that expert's
+        output error on its sampled tokens (held-out for GPTQ, see ``decompose_linear``).
         Returns ``(state, residuals, per-expert quantizer names, whether any expert changed)``."""
         E, _, n_in = self.shape
         Xq, Yb = self.xq(st.s), self.branch_out(st.B, st.A, None)  # (E × k × in), (E × k × out)
         residuals, quants, nums = list(residuals), ["rtn"] * E, st.nums.clone()
         Rq = st.Rq
         for i in range(E):
-            if self.counts[i] < GPTQ_MIN_TOKENS_PER_INPUT * n_in:
+            k_i = self.k_samples[i]
+            if self.counts[i] - k_i < GPTQ_MIN_TOKENS_PER_INPUT * n_in:
                 continue
             si = self._s3(st.s)[0 if st.s.dim() == 1 else i, 0].to(_F64)  # (in,)
-            H = self.covs[i] / torch.outer(si, si)  # Hessian of the smoothed inputs x/s_i
+            Xs = self.X[i, :k_i].to(_F64) / si  # (k_i, in) expert i's scoring sample, smoothed
+            H = self.covs[i] / torch.outer(si, si) - Xs.T @ Xs  # Hessian of its other tokens' x/s_i
             Rq_i, packed = gptq_quantize(R[i], H, self.wq, self.cfg.damp)
             num = float((Xq[i] @ Rq_i.mT + Yb[i] - self.Y_ref[i]).square().sum(dtype=_F64))
             if num < float(nums[i]):
