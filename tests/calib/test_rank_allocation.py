@@ -60,3 +60,43 @@ def test_quickstart_dense_layers_output_error_not_worse_than_uniform(megatron_wo
 
     uniform, allocated = total(lambda n: 16), total(ranks.__getitem__)
     assert allocated <= uniform
+
+
+def test_calibrate_with_sensitivity_allocation_keeps_the_budget_and_reports_ranks(megatron_world):
+    """calibrate(rank_allocation="sensitivity") on a tiny GPT-MoE: the report's ranks are the allocation,
+    the installed adapters have them, the branch parameters stay within the uniform budget, and the
+    quantized model still tracks the unquantized one."""
+    from calib.calibrate import calibrate
+    from calib.tiny_moe import TinyMoEConfig, build_tiny_gpt_moe, tiny_moe_batch
+    from svdq.solvers.shared_basis import param_count
+
+    cfg = TinyMoEConfig()
+    batches = [tiny_moe_batch(cfg, batch=8, seed=s) for s in range(3)]
+    model = build_tiny_gpt_moe(cfg, seed=1)
+    test = batches[0]
+    with torch.no_grad():
+        ref = model(test["tokens"], test["position_ids"], None)
+    rank = 8
+    report = calibrate(
+        model,
+        lambda m: [m(b["tokens"], b["position_ids"], None) for b in batches[1:]],
+        CalibConfig(svdq=SVDQConfig(rank=rank), progress=False, rank_allocation="sensitivity"),
+    )
+    with torch.no_grad():
+        out = model(test["tokens"], test["position_ids"], None)
+    used = budget = 0
+    for row in report.rows:
+        res = report.results[row["layer"]]
+        if row["kind"] == "dense":
+            out_f, in_f = res.lora_up.shape[0], res.lora_down.shape[1]
+            used += row["rank"] * (in_f + out_f)
+            budget += rank * (in_f + out_f)
+            assert res.lora_down.shape[0] == row["rank"]
+        else:
+            E, (out_f, in_f) = res.num_experts, res.residuals[0].shape
+            used += row["branch_params"]
+            budget += param_count("per-expert", rank, E, out_f, in_f)
+            assert row["rank"] == res.rank
+    assert used <= budget
+    assert len({row["rank"] for row in report.rows}) > 1  # not simply uniform on these layers
+    assert float((out - ref).norm() / ref.norm()) < 0.2
