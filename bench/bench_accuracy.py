@@ -10,7 +10,8 @@ the head stay 16-bit), evaluated on the held-out split of the base domain:
 
 Formats: NVFP4 W4A4 and INT4 W4A16 (group 64). Rows per model and format: unquantized, RTN (weights
 round-to-nearest, no smoothing, no branch), ours at average rank 32 with ``rank_allocation`` uniform /
-sensitivity and ``residual_quant`` rtn / auto (GPTQ where ≥ 4 tokens per input channel), and modelopt.
+sensitivity and ``residual_quant`` rtn / auto (GPTQ where ≥ 4 tokens per input channel), at NVFP4 also
+with per-call (dynamic) activation ranges like RTN's, and modelopt.
 Every row records its perplexity, its share of the RTN-to-unquantized gap closed and the calibration time.
 
     python bench/bench_accuracy.py    # both models, CPU; writes bench/results/accuracy_cpu.json
@@ -32,12 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_result  # noqa: E402
 
 FORMATS = {"nvfp4": ("nvfp4", "nvfp4"), "int4": ("int4-g64", "none")}  # name: (weights, activations)
-OURS = {  # row name: (rank_allocation, residual_quant)
-    "ours uniform": ("uniform", "rtn"),
-    "ours + allocation": ("sensitivity", "rtn"),
-    "ours + GPTQ": ("uniform", "auto"),
-    "ours + allocation + GPTQ": ("sensitivity", "auto"),
+OURS = {  # row name: (rank_allocation, residual_quant, act_range)
+    "ours uniform": ("uniform", "rtn", "static"),
+    "ours + allocation": ("sensitivity", "rtn", "static"),
+    "ours + GPTQ": ("uniform", "auto", "static"),
+    "ours + allocation + GPTQ": ("sensitivity", "auto", "static"),
+    # NVFP4 only (INT4 W4A16 has no activation range): per-call activation ranges, as RTN and modelopt's
+    # dynamic rows use; the static range of the default clips held-out activations above the calibrated max
+    "ours uniform, dynamic act range": ("uniform", "rtn", "dynamic"),
+    "ours + allocation, dynamic act range": ("sensitivity", "rtn", "dynamic"),
 }
+
+
+def _ours_rows(fmt: str) -> dict:
+    return {k: v for k, v in OURS.items() if fmt == "nvfp4" or v[2] == "static"}
+
+
 MODELOPT = {  # row name: (modelopt config, algorithm override); INT4 rows at block 64 like ours
     "nvfp4": {
         "modelopt NVFP4_DEFAULT_CFG": ("NVFP4_DEFAULT_CFG", None),
@@ -126,11 +137,12 @@ def quickstart(formats, rank: int, seed: int) -> dict:
         rows: dict = {"unquantized": {"perplexity": fp, "seconds": 0.0}}
         reference = {}
 
-        def ours(alloc, rq, wf=wf, af=af, reference=reference):
+        def ours(alloc, rq, act, wf=wf, af=af, reference=reference):
             m = fresh()
             t0 = time.perf_counter()
             svdq_cfg = SVDQConfig(rank=rank, weight_format=wf, act_format=af, residual_quant=rq, seed=seed)
-            rep = calibrate(m, loop, CalibConfig(svdq=svdq_cfg, progress=False, rank_allocation=alloc))
+            cc = CalibConfig(svdq=svdq_cfg, progress=False, rank_allocation=alloc, act_range=act)
+            rep = calibrate(m, loop, cc)
             seconds = time.perf_counter() - t0
             reference.setdefault("model", m)
             return {
@@ -144,8 +156,8 @@ def quickstart(formats, rank: int, seed: int) -> dict:
                 },
             }
 
-        for name, (alloc, rq) in OURS.items():
-            _row(rows, name, lambda a=alloc, q=rq: ours(a, q))
+        for name, (alloc, rq, act) in _ours_rows(fmt).items():
+            _row(rows, name, lambda a=alloc, q=rq, r=act: ours(a, q, r))
 
         def rtn(wf=wf, af=af, reference=reference):
             m = fresh()
@@ -153,7 +165,7 @@ def quickstart(formats, rank: int, seed: int) -> dict:
             return {"perplexity": ppl(m), "seconds": 0.0}
 
         _row(rows, "RTN", rtn)
-        rows = {k: rows[k] for k in ["unquantized", "RTN", *OURS]}
+        rows = {k: rows[k] for k in ["unquantized", "RTN", *_ours_rows(fmt)]}
         rows["modelopt"] = {"error": "not measured on the Megatron model in this benchmark (see the hf rows)"}
         _gap_closed(rows, fp)
         out["formats"][fmt] = {"weight_format": wf, "act_format": af, "rows": rows}
@@ -185,11 +197,12 @@ def hf(formats, rank: int, calib_tokens: int, eval_tokens: int, modelopt: bool) 
 
         _row(rows, "RTN", rtn)
 
-        def ours(alloc, rq, wf=wf, af=af):
+        def ours(alloc, rq, act, wf=wf, af=af):
             m = copy.deepcopy(base)
             t0 = time.perf_counter()
             cfg = SVDQConfig(weight_format=wf, act_format=af, rank=rank, residual_quant=rq)
-            svdq.quantize(m, cfg, forward_loop(calib), progress=False, report=False, rank_allocation=alloc)
+            loop = forward_loop(calib)
+            svdq.quantize(m, cfg, loop, progress=False, report=False, rank_allocation=alloc, act_range=act)
             seconds = time.perf_counter() - t0
             ranks = {}
             for n, mod in m.named_modules():
@@ -200,8 +213,8 @@ def hf(formats, rank: int, calib_tokens: int, eval_tokens: int, modelopt: bool) 
                     ranks[n] = s["rank"]
             return {"perplexity": perplexity(m, held), "seconds": round(seconds, 2), "ranks": ranks}
 
-        for name, (alloc, rq) in OURS.items():
-            _row(rows, name, lambda a=alloc, q=rq: ours(a, q))
+        for name, (alloc, rq, act) in _ours_rows(fmt).items():
+            _row(rows, name, lambda a=alloc, q=rq, r=act: ours(a, q, r))
         if modelopt:
             import modelopt.torch.quantization as mtq
 
