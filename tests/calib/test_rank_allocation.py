@@ -100,3 +100,16 @@ def test_calibrate_with_sensitivity_allocation_keeps_the_budget_and_reports_rank
     assert used <= budget
     assert len({row["rank"] for row in report.rows}) > 1  # not simply uniform on these layers
     assert float((out - ref).norm() / ref.norm()) < 0.2
+
+
+def test_residual_quant_line_counts_layers_and_experts():
+    from calib.report import CalibReport
+
+    rows = [
+        {"kind": "dense", "residual_quant": "gptq"},
+        {"kind": "dense", "residual_quant": "rtn"},
+        {"kind": "experts fc1", "residual_quant": "gptq 6/8"},
+        {"kind": "experts fc2", "residual_quant": "rtn"},
+    ]
+    line = CalibReport(rows=rows).residual_quant_line()
+    assert "GPTQ in 2 of 4 layers (in expert groups: 6 of 8 experts)" in line
