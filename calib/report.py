@@ -130,7 +130,7 @@ class CalibReport:
             if r["kind"].startswith("experts") and q.startswith("gptq "):
                 k, n = (int(v) for v in q.split()[1].split("/"))
                 experts, n_experts = experts + k, n_experts + n
-        part = f" (in expert groups: {experts} of {n_experts} experts)" if n_experts else ""
+        part = f" (in the expert groups using it: {experts} of {n_experts} experts)" if n_experts else ""
         return (
             f"residual quantization: GPTQ in {layers} of {len(self.rows)} layers{part}, round-to-nearest "
             "elsewhere (GPTQ needs residual_quant 'gptq' / 'auto', ≥ 4 tokens per input channel, lower error)"

@@ -112,4 +112,4 @@ def test_residual_quant_line_counts_layers_and_experts():
         {"kind": "experts fc2", "residual_quant": "rtn"},
     ]
     line = CalibReport(rows=rows).residual_quant_line()
-    assert "GPTQ in 2 of 4 layers (in expert groups: 6 of 8 experts)" in line
+    assert "GPTQ in 2 of 4 layers (in the expert groups using it: 6 of 8 experts)" in line
