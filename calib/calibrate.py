@@ -52,6 +52,7 @@ uniform sample of the same tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 import time
@@ -75,6 +76,7 @@ from lora.model import freeze_base
 from svdq import SVDQConfig, decompose_linear
 from svdq.config_base import ConfigBase
 from svdq.residual import ACT_RANGES
+from svdq.solvers.allocation import ALLOCATIONS, allocate_ranks, dense_site, expert_site
 from svdq.solvers.expert_group import decompose_expert_group
 from svdq.solvers.linear import validate_layer
 from svdq.solvers.shared_basis import DEFAULT_EXPERT_LAYOUT, expert_layouts
@@ -97,7 +99,10 @@ class CalibConfig(ConfigBase):
     ``per-expert``. ``storage``: ``"packed"`` or ``"fake"`` residuals. ``mode``: ``"all"`` (one statistics
     pass for every target) or ``"layerwise"`` (one transformer layer at a time, bounded memory; see the
     module docstring). ``act_range``: ``"static"`` (calibrated per-tensor activation ranges) or
-    ``"dynamic"`` (per call, the behaviour before static ranges existed).
+    ``"dynamic"`` (per call, the behaviour before static ranges existed). ``rank_allocation``:
+    ``"uniform"`` (``svdq.rank`` everywhere) or ``"sensitivity"`` (the same total branch budget spread over
+    the layers of each statistics pass by measured sensitivity, svdq/DESIGN.md §19; in ``"all"`` mode one
+    global budget; ranks are in the report).
     """
 
     svdq: SVDQConfig = field(default_factory=SVDQConfig)
@@ -108,6 +113,7 @@ class CalibConfig(ConfigBase):
     progress: bool = True
     mode: str = "all"
     act_range: str = "static"
+    rank_allocation: str = "uniform"
 
     def normalize(self) -> None:
         object.__setattr__(self, "layout", expert_layouts(self.layout))
@@ -120,6 +126,10 @@ class CalibConfig(ConfigBase):
             raise ValueError(f"CalibConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.act_range not in ACT_RANGES:
             raise ValueError(f"CalibConfig.act_range must be one of {ACT_RANGES}, got {self.act_range!r}")
+        if self.rank_allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"CalibConfig.rank_allocation must be one of {ALLOCATIONS}, got {self.rank_allocation!r}"
+            )
 
 
 def _match(name: str, patterns) -> bool:
@@ -253,11 +263,14 @@ def calibrate(
             continue
         stats = _collect_stats(model, forward_loop, items, dense, experts, config.svdq)
         peak = max(peak, stats_nbytes(stats.values()))
+        alloc = _allocate(model, items, dense, experts, stats, config)
         for kind, name in tqdm(items, desc="calibrate", unit="layer", disable=not show or layerwise):
             if kind == "dense":
-                rows[name], results[name] = _calibrate_dense(model, name, dense[name], stats[name], config)
+                rows[name], results[name] = _calibrate_dense(
+                    model, name, dense[name], stats[name], config, alloc.get(name)
+                )
                 continue
-            for proj, res in _calibrate_experts(model, name, experts[name], stats, config).items():
+            for proj, res in _calibrate_experts(model, name, experts[name], stats, config, alloc).items():
                 row = expert_row(name, proj, res)
                 row["stats_bytes"] = stats_nbytes(stats[f"{name}.{i}.{proj}"] for i in range(res.num_experts))
                 rows[row["layer"]], results[row["layer"]] = row, res
@@ -274,7 +287,7 @@ def calibrate(
             ranges[layer] if layer in bases else [ranges[k] for k in bases if k.startswith(layer + "#")]
         )
         row["act_range"] = act_range_label(row["input_amax"])
-    return CalibReport(
+    report = CalibReport(
         rows=list(rows.values()),
         config=config.svdq.to_dict(),
         layout=config.layout,
@@ -284,6 +297,9 @@ def calibrate(
         act_range=config.act_range,
         peak_stats_bytes=peak,
     )
+    if show and config.svdq.residual_quant != "rtn":
+        tqdm.write(report.residual_quant_line())
+    return report
 
 
 def _collect_stats(model, forward_loop, items, dense: dict, experts: dict, cfg: SVDQConfig) -> dict:
@@ -373,10 +389,40 @@ def _raise_if_nonfinite(model: nn.Module, stats: dict[str, InputStats]) -> None:
         raise ValueError(f"{bad[0]}: calibration activations contain NaN or Inf")
 
 
-def _calibrate_dense(model, name: str, linear: nn.Module, stats: InputStats, config: CalibConfig):
+def _allocate(model, items, dense: dict, experts: dict, stats: dict, config: CalibConfig) -> dict:
+    """``rank_allocation="sensitivity"``: the ranks of one statistics pass (svdq/DESIGN.md §19) —
+    ``{dense name: rank, "<experts>.linear_fc1" / "….linear_fc2": branch parameter budget}``; ``{}`` for
+    uniform allocation. Expert groups need all experts in this process (expert-parallel size 1)."""
+    if config.rank_allocation == "uniform":
+        return {}
+    cfg, sites = config.svdq, []
+    for kind, name in items:
+        if kind == "dense":
+            w = family_of(dense[name]).full_weight(dense[name], is_glu_fc1(model, name))
+            sites.append(dense_site(name, w.detach(), stats[name], cfg))
+            continue
+        moe = experts[name]
+        if group_rank_size(moe.ep_group)[1] > 1:
+            raise ValueError(
+                f"{name}: rank_allocation='sensitivity' needs expert-parallel size 1 (every expert local)"
+            )
+        glu = bool(moe.config.gated_linear_unit)
+        for proj in ("fc1", "fc2"):
+            linears = [getattr(e, f"linear_{proj}") for e in moe.local_experts]
+            weights = [family_of(lin).full_weight(lin, glu and proj == "fc1").detach() for lin in linears]
+            group_stats = [stats[f"{name}.{i}.{proj}"] for i in range(len(linears))]
+            sites.append(expert_site(f"{name}.linear_{proj}", weights, group_stats, cfg, config.layout[proj]))
+    ranks = allocate_ranks(sites)
+    return {s.name: ranks[s.name] * (1 if s.layout == "-" else s.cost) for s in sites}
+
+
+def _calibrate_dense(
+    model, name: str, linear: nn.Module, stats: InputStats, config: CalibConfig, rank: int | None = None
+):
     """Decompose one dense linear on its full weight and install its quantized base with the branch as
-    the adapter; returns ``(report row, SVDQResult)``."""
-    cfg = config.svdq
+    the adapter (``rank``: an allocated rank instead of ``config.svdq.rank``); returns
+    ``(report row, SVDQResult)``."""
+    cfg = config.svdq if rank is None else dataclasses.replace(config.svdq, rank=rank)
     glu = is_glu_fc1(model, name)
     result = decompose_linear(family_of(linear).full_weight(linear, glu), stats, cfg, name=name)
     install_linear(
@@ -433,6 +479,7 @@ def _calibrate_torch(model: nn.Module, forward_loop, config: CalibConfig, t0: fl
         storage=config.storage,
         progress=config.progress,
         act_range=config.act_range,
+        rank_allocation=config.rank_allocation,
     )
     rows = [
         summary_row(name, m.svdq_summary) for name, m in model.named_modules() if isinstance(m, SVDQLinear)
@@ -446,10 +493,11 @@ def _calibrate_torch(model: nn.Module, forward_loop, config: CalibConfig, t0: fl
     )
 
 
-def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
+def _calibrate_experts(model, name, moe, stats, config: CalibConfig, alloc: dict | None = None) -> dict:
     """Decompose fc1 and fc2 of one SequentialMLP on the full expert weights (gathered over expert tensor
-    parallelism; a GLU fc1 as ``[gate; up]``), add its adapters and quantized bases (this rank's shards);
-    returns ``{"fc1": MoEGroupResult, "fc2": MoEGroupResult}``."""
+    parallelism; a GLU fc1 as ``[gate; up]``), add its adapters and quantized bases (this rank's shards;
+    ``alloc``: allocated branch budgets by ``"<name>.linear_<proj>"``); returns
+    ``{"fc1": MoEGroupResult, "fc2": MoEGroupResult}``."""
     cfg = config.svdq
     ep_group = moe.ep_group if group_rank_size(moe.ep_group)[1] > 1 else None
     glu = bool(moe.config.gated_linear_unit)
@@ -465,6 +513,7 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig) -> dict:
             cfg,
             projection=proj,
             layout=config.layout[proj],
+            budget=(alloc or {}).get(f"{name}.linear_{proj}"),
             ep_group=ep_group,
             name=f"{name}.linear_{proj}",
         )

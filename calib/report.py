@@ -2,6 +2,8 @@
 
 Row fields: ``layer``, ``kind``, ``rank``, ``layout``, ``alpha``, ``refine_steps``, ``tokens``, ``fallbacks``,
 ``rtn_error`` / ``final_error`` (relative output errors of the decomposition, dynamic activation ranges),
+``residual_quant`` (``rtn`` / ``gptq``; experts: ``gptq k/E`` when k of E experts got GPTQ), ``branch_params``
+(expert rows: the group's branch parameters; the rank column is each layer's rank, allocated or uniform),
 ``seconds``, and from the calibration pipeline: ``stats_bytes`` (bytes of the layer's calibration statistics),
 ``act_range`` (``"static"`` / ``"dynamic"``) and ``input_amax`` (the static range ``max|x/s|``: a float for
 a dense layer, one value per local expert for an expert projection; ``None`` where dynamic). An expert
@@ -49,6 +51,7 @@ def dense_row(name: str, result) -> dict:
         "fallbacks": "weight-only" if result.weight_only else "",
         "rtn_error": result.rtn_error,
         "final_error": result.final_error,
+        "residual_quant": result.residual_quant,
         "seconds": result.seconds,
     }
 
@@ -66,6 +69,7 @@ def summary_row(name: str, summary: dict) -> dict:
         "fallbacks": "weight-only" if summary["weight_only"] else "",
         "rtn_error": summary["rtn_error"],
         "final_error": summary["final_error"],
+        "residual_quant": summary.get("residual_quant", "rtn"),
         "seconds": summary["seconds"],
         "act_range": summary.get("act_range", "dynamic"),
         "input_amax": summary.get("input_amax"),
@@ -102,6 +106,8 @@ def expert_row(name: str, projection: str, result) -> dict:
         "fallbacks": ",".join(f"expert {g}: no tokens" for g in result.fallback_experts),
         "rtn_error": result.rtn_error,
         "final_error": result.final_error,
+        "residual_quant": result.summary()["residual_quant"] if result.residual_quants else "rtn",
+        "branch_params": result.num_params,
         "seconds": result.seconds,
         "layout_figures": result.layout_figures,
         "experts": [
@@ -134,6 +140,21 @@ class CalibReport:
     # peak bytes of calibration statistics alive at once (one pass: all targets, or one layer's)
     peak_stats_bytes: int = 0
     model: str = ""  # the model source (e.g. "tiny", "hf:DIR"), for titles
+
+    def residual_quant_line(self) -> str:
+        """One line: which residual quantizer the layers got (expert groups: per expert)."""
+        layers = experts = n_experts = 0
+        for r in self.rows:
+            q = str(r.get("residual_quant", "rtn"))
+            layers += q != "rtn"
+            if r["kind"].startswith("experts") and q.startswith("gptq "):
+                k, n = (int(v) for v in q.split()[1].split("/"))
+                experts, n_experts = experts + k, n_experts + n
+        part = f" (in the expert groups using it: {experts} of {n_experts} experts)" if n_experts else ""
+        return (
+            f"residual quantization: GPTQ in {layers} of {len(self.rows)} layers{part}, round-to-nearest "
+            "elsewhere (GPTQ needs residual_quant 'gptq' / 'auto', ≥ 4 tokens per input channel, lower error)"
+        )
 
     def to_dict(self) -> dict:
         return {

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from svdq.config_base import ConfigBase
 from svdq.formats import QuantFormat, parse_format
 
+RESIDUAL_QUANTS = ("rtn", "gptq", "auto")
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -22,8 +23,11 @@ class SVDQConfig(ConfigBase):
       quantized layer (branch included) on the sampled calibration tokens. ``()`` disables smoothing.
     * ``refine_steps``: cap on branch/residual refinement steps; a step that lowers the output error by
       less than ``refine_tol`` (relative) is the last one.
-    * ``residual_quant``: ``"rtn"`` (round-to-nearest) or ``"gptq"`` (Hessian-aware, slower; kept only
-      when it lowers the output error).
+    * ``residual_quant``: ``"rtn"`` (round-to-nearest), ``"gptq"`` (Hessian-aware, slower; kept only
+      when it lowers the output error; needs an nvfp4 / int4 weight format) or ``"auto"`` (GPTQ where the
+      weight format allows it, else RTN). Dense layers and experts use GPTQ only where they saw at least
+      ``GPTQ_MIN_TOKENS_PER_INPUT`` (4) calibration tokens per input channel (per expert: its own
+      Hessian ``X_iᵀX_i``); the result says which quantizer each layer / expert got.
     * ``whiten``: fit the branch to the output error ``‖(W − BA)Xᵀ‖`` instead of the weight error.
     * ``damp``: Cholesky damping, relative to the mean diagonal of ``XᵀX``.
     * ``include`` / ``exclude``: ``fnmatch`` patterns on module names (exclude wins).
@@ -67,8 +71,8 @@ class SVDQConfig(ConfigBase):
             raise ValueError(f"refine_steps must be ≥ 0, got {self.refine_steps}")
         if any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise ValueError(f"alphas must lie in [0, 1], got {self.alphas}")
-        if self.residual_quant not in ("rtn", "gptq"):
-            raise ValueError(f"residual_quant must be 'rtn' or 'gptq', got {self.residual_quant!r}")
+        if self.residual_quant not in RESIDUAL_QUANTS:
+            raise ValueError(f"residual_quant must be one of {RESIDUAL_QUANTS}, got {self.residual_quant!r}")
         if self.residual_quant == "gptq" and parse_format(self.weight_format).name not in ("nvfp4", "int4"):
             raise ValueError(
                 f"residual_quant='gptq' needs an nvfp4 or int4 weight format, not {self.weight_format}"
@@ -87,6 +91,13 @@ class SVDQConfig(ConfigBase):
     @property
     def act_quant(self) -> QuantFormat:
         return parse_format(self.act_format)
+
+    @property
+    def use_gptq(self) -> bool:
+        """GPTQ residuals wanted (``"gptq"``, or ``"auto"`` with an nvfp4 / int4 weight format)."""
+        return self.residual_quant == "gptq" or (
+            self.residual_quant == "auto" and self.weight_quant.name in ("nvfp4", "int4")
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

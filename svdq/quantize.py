@@ -18,6 +18,7 @@ all calibration batches is recorded (:func:`svdq.stats.record_input_amax`; per e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
@@ -30,6 +31,7 @@ from svdq.experts.module import ProjectionState, install_svdq_experts
 from svdq.experts.stats import register_experts_hooks, start_recording, stop_recording
 from svdq.layer import install_svdq_linear
 from svdq.residual import ACT_RANGES, static_range_supported
+from svdq.solvers.allocation import ALLOCATIONS, allocate_ranks, dense_site, expert_site
 from svdq.solvers.expert_group import decompose_expert_group
 from svdq.solvers.linear import SVDQResult, decompose_linear, validate_layer
 from svdq.solvers.shared_basis import expert_layouts
@@ -66,6 +68,7 @@ def quantize(
     layout: str | Mapping[str, str] | None = None,
     allow_unsupported: bool = False,
     report: bool = True,
+    rank_allocation: str = "uniform",
 ) -> nn.Module:
     """Calibrate and replace the targeted modules of ``model`` in place; returns ``model``.
 
@@ -81,9 +84,13 @@ def quantize(
     nvfp4, fp8; layers / experts that see no data in that pass stay dynamic); ``"dynamic"`` keeps per-call
     ranges. ``layout``: expert layouts (a layout for both projections, ``{"fc1": …, "fc2": …}`` or
     ``"fc1=…,fc2=…"``). ``report``: print the coverage summary (``model.svdq_coverage``).
+    ``rank_allocation``: ``"uniform"`` (``config.rank`` everywhere) or ``"sensitivity"`` (the same total
+    branch budget spread over the layers by measured sensitivity, svdq/DESIGN.md §19).
     """
     if act_range not in ACT_RANGES:
         raise ValueError(f"act_range must be one of {ACT_RANGES}, got {act_range!r}")
+    if rank_allocation not in ALLOCATIONS:
+        raise ValueError(f"rank_allocation must be one of {ALLOCATIONS}, got {rank_allocation!r}")
     if isinstance(config, str):
         config = SVDQConfig.preset(config)
     elif isinstance(config, dict):
@@ -112,9 +119,11 @@ def quantize(
         expert_stats, more = register_experts_hooks(experts, config.sample_tokens, config.seed)
         run_with_hooks(model, forward_loop, handles + more)
 
+    alloc = _allocate(targets, experts, stats, expert_stats, config, layouts, rank_allocation)
     results: dict[str, SVDQResult] = {}
     for name, module in tqdm(targets.items(), desc="svdq decompose", unit="layer", disable=not progress):
-        results[name] = decompose_linear(module.weight, stats.get(name), config, name=name)
+        cfg = config if name not in alloc else dataclasses.replace(config, rank=alloc[name])
+        results[name] = decompose_linear(module.weight, stats.get(name), cfg, name=name)
     expert_results = {}
     for name, (module, handler) in tqdm(
         experts.items(), desc="svdq experts", unit="module", disable=not progress or not experts
@@ -129,6 +138,7 @@ def quantize(
                 config,
                 projection=proj,
                 layout=layouts[proj],
+                budget=alloc.get(f"{name}.{proj}"),
                 name=f"{name}.{proj}",
             )
             for proj, W in (("fc1", W1), ("fc2", W2))
@@ -193,6 +203,22 @@ def quantize(
         for name, layer in expert_layers.items():
             tqdm.write(f"  {name}: {_layouts_line(layer.svdq_summary)}")
     return model
+
+
+def _allocate(targets, experts, stats, expert_stats, config, layouts, rank_allocation) -> dict:
+    """``{linear name: rank, "<experts>.fc1" / ".fc2": branch parameter budget}`` of a sensitivity
+    allocation (svdq/DESIGN.md §19); ``{}`` for uniform ranks."""
+    if rank_allocation == "uniform":
+        return {}
+    sites = [dense_site(n, m.weight.detach(), stats.get(n), config) for n, m in targets.items()]
+    for name, (module, handler) in experts.items():
+        W1, W2, _, _ = handler.weights(module)
+        st = expert_stats.get(name, {})
+        for proj, W in (("fc1", W1), ("fc2", W2)):
+            group = st.get(proj, [None] * W.shape[0])
+            sites.append(expert_site(f"{name}.{proj}", W.detach(), group, config, layouts[proj]))
+    ranks = allocate_ranks(sites)
+    return {s.name: ranks[s.name] * (1 if s.layout == "-" else s.cost) for s in sites}
 
 
 def _layouts_line(summary: dict) -> str:

@@ -91,6 +91,12 @@ def add_parser(sub) -> None:
         help="activation quantization range: calibrated per layer (static) or per call (dynamic)",
     )
     p.add_argument(
+        "--rank-allocation",
+        default="uniform",
+        choices=["uniform", "sensitivity"],
+        help="'sensitivity': the uniform --rank's branch budget spread over layers by measured sensitivity",
+    )
+    p.add_argument(
         "--batch", type=positive_int, default=8, metavar="N", help="sequences per calibration batch"
     )
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (token samples, tiny weights)")
@@ -228,6 +234,7 @@ def run(args) -> int:
                 mode=args.mode,
                 act_range=args.act_range,
                 progress=args.progress,
+                rank_allocation=args.rank_allocation,
             ),
             done_layers=dict(done),
             on_layer=save_layer if args.mode == "layerwise" else None,

@@ -33,8 +33,11 @@ parameter budget**. :func:`decompose_expert_group` does, for the local experts o
    shared-down B-step + ``refine_alternations`` A-steps, the closed-form layouts by subspace iteration
    from the current basis), re-quantize; a step that does not lower the total error is dropped and ends
    the refinement, one that lowers it by less than ``config.refine_tol`` (relative) is the last. At most
-   ``config.refine_steps`` steps. Residuals are always round-to-nearest (``config.residual_quant`` is
-   not applied to expert groups).
+   ``config.refine_steps`` steps.
+5. **GPTQ** (``config.residual_quant`` ``"gptq"`` / ``"auto"``): each expert with at least
+   ``GPTQ_MIN_TOKENS_PER_INPUT·in`` routed tokens outside its scoring sample gets its residual
+   GPTQ-quantized with its own Hessian ``diag(1/s_i)·X_iᵀX_i·diag(1/s_i)`` of those tokens, kept where it
+   lowers that expert's error on the (held-out) sample (``residual_quants``).
 
 ``layout="auto"`` fits all three layouts at the same budget (steps 1–3), keeps the one with the lowest
 total error and refines it; ``layout_figures`` records what it chose from.
@@ -81,7 +84,8 @@ from svdq.formats import (
     quantize_tensor,
     trusted_inputs,
 )
-from svdq.solvers.linear import named_errors
+from svdq.solvers.gptq import gptq_quantize
+from svdq.solvers.linear import GPTQ_MIN_TOKENS_PER_INPUT, named_errors
 from svdq.solvers.lowrank import relative_error
 from svdq.solvers.shared_basis import (
     AUTO,
@@ -158,6 +162,7 @@ class MoEGroupResult:
     step_errors: tuple[float, ...]
     layout_figures: dict
     seconds: float
+    residual_quants: tuple[str, ...] = ()
 
     @property
     def num_experts(self) -> int:
@@ -214,7 +219,8 @@ class MoEGroupResult:
             "num_params": self.num_params,
             "weight_format": self.weight_format,
             "act_format": self.act_format,
-            "residual_quant": "rtn",
+            "residual_quant": _quant_label(self.residual_quants),
+            "residual_quants": list(self.residual_quants),
             "alphas": list(self.alphas),
             "expert_indices": list(self.expert_indices),
             "n_tokens": list(self.n_tokens),
@@ -230,6 +236,12 @@ class MoEGroupResult:
             "layout_figures": {k: dict(v) for k, v in self.layout_figures.items()},
             "seconds": self.seconds,
         }
+
+
+def _quant_label(quants: Sequence[str]) -> str:
+    """``"rtn"`` or ``"gptq 5/8"`` (5 of the 8 experts got GPTQ)."""
+    n = sum(q == "gptq" for q in quants)
+    return "rtn" if n == 0 else f"gptq {n}/{len(quants)}"
 
 
 # --------------------------------------------------------------------------------------------- entry
@@ -557,6 +569,7 @@ class _ExpertProjection:
         for i, x in enumerate(samples):
             if x is not None:
                 self.X[i, : k[i]] = x
+        self.k_samples = k  # sampled tokens per expert
         self.weight = torch.tensor(
             [n / ki if ki else 0.0 for n, ki in zip(self.counts, k)], dtype=_F64, device=dev
         )
@@ -593,6 +606,7 @@ class _ExpertProjection:
             for st, n in zip(stats, self.counts)
         ]
         self.ex = _prepare(self.W64, covs, self.counts, config.damp, ep_group)
+        self.covs = covs  # raw X_iᵀX_i (in × in) float64: the per-expert GPTQ Hessians
 
     # -- helpers -------------------------------------------------------------------------------------
     def _reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
@@ -742,11 +756,46 @@ class _ExpertProjection:
         s, alphas, table = self.search_alpha(B, A, D)
         return self.evaluate(layout, rank, B, A, s, alphas, table, D=D)
 
+    def gptq(self, st: _State, R: Tensor, residuals: tuple):
+        """GPTQ of each expert's residual ``R_i`` (smoothed, ``out × in``) with its own Hessian
+        ``diag(1/s_i)·X_iᵀX_i·diag(1/s_i)`` of the routed tokens outside its scoring sample, for experts with
+        at least ``GPTQ_MIN_TOKENS_PER_INPUT·in`` of those; kept per expert where it lowers that expert's
+        output error on its sampled tokens (held-out for GPTQ, see ``decompose_linear``).
+        Returns ``(state, residuals, per-expert quantizer names, whether any expert changed)``."""
+        E, _, n_in = self.shape
+        Xq, Yb = self.xq(st.s), self.branch_out(st.B, st.A, None)  # (E × k × in), (E × k × out)
+        residuals, quants, nums = list(residuals), ["rtn"] * E, st.nums.clone()
+        Rq = st.Rq
+        for i in range(E):
+            k_i = self.k_samples[i]
+            if self.counts[i] - k_i < GPTQ_MIN_TOKENS_PER_INPUT * n_in:
+                continue
+            si = self._s3(st.s)[0 if st.s.dim() == 1 else i, 0].to(_F64)  # (in,)
+            Xs = self.X[i, :k_i].to(_F64) / si  # (k_i, in) expert i's scoring sample, smoothed
+            H = self.covs[i] / torch.outer(si, si) - Xs.T @ Xs  # Hessian of its other tokens' x/s_i
+            Rq_i, packed = gptq_quantize(R[i], H, self.wq, self.cfg.damp)
+            num = float((Xq[i] @ Rq_i.mT + Yb[i] - self.Y_ref[i]).square().sum(dtype=_F64))
+            if num < float(nums[i]):
+                if Rq is st.Rq:
+                    Rq = st.Rq.clone()
+                residuals[i], quants[i], nums[i], Rq[i] = packed, "gptq", num, Rq_i
+        changed = "gptq" in quants
+        changed_any = bool(self._reduce(torch.tensor([int(changed)], device=nums.device), dist.ReduceOp.MAX))
+        if changed_any:
+            error = self.totals(nums.unsqueeze(0), self.dens(None))[0]
+            st = _State(st.layout, st.rank, st.B, st.A, st.s, st.alphas, st.alpha_errors, Rq, nums, error)
+        return st, tuple(residuals), tuple(quants), changed_any
+
     def result(self, st: _State, budget: int, steps, figures, seconds: float) -> MoEGroupResult:
         E, out, n_in = self.shape
         R = self.raw_residual(st.B, st.A)
         R *= self._s3(st.s)
         residuals = tuple(quantize_tensor(R[i], self.wq) for i in range(E))
+        quants = ("rtn",) * E
+        if self.cfg.use_gptq:
+            st, residuals, quants, changed = self.gptq(st, R, residuals)
+            if changed:
+                steps = (*steps, st.error)
         del R
         dens = self.dens(None)
         errs = [relative_error(n, d) for n, d in zip(st.nums.tolist(), dens.tolist())]
@@ -785,4 +834,5 @@ class _ExpertProjection:
             step_errors=tuple(steps),
             layout_figures=figures,
             seconds=seconds,
+            residual_quants=quants,
         )

@@ -11,8 +11,9 @@
 * ``R = (W − B·A')·diag(s)``: the residual in smoothed coordinates, quantized round-to-nearest.
 * Refinement: refit the branch to ``W − Q_w(R)·diag(1/s)``, re-quantize, keep going while the output error
   falls (never returns a worse result than the best seen).
-* Optionally (``residual_quant="gptq"``) the final residual is quantized by GPTQ with the Hessian of the
-  smoothed inputs instead of round-to-nearest, kept when it lowers the output error.
+* Optionally (``residual_quant="gptq"`` / ``"auto"``) the final residual is quantized by GPTQ with the
+  Hessian of the smoothed inputs outside the scoring sample instead of round-to-nearest, kept when it lowers
+  the output error on that (held-out) sample (svdq/DESIGN.md §19).
 """
 
 from __future__ import annotations
@@ -292,15 +293,19 @@ class _Solver:
             if improved < self.cfg.refine_tol:
                 break
         packed, residual_quant = quantize_tensor(R, self.wq), "rtn"
-        # GPTQ fits the calibration tokens; with fewer than ~4·in of them it over-fits (its error on
-        # held-out tokens rises above RTN's even while the calibration error falls), so it is skipped.
-        if self.cfg.residual_quant == "gptq" and self.n_tokens >= GPTQ_MIN_TOKENS_PER_INPUT * self.W.shape[1]:
-            H = self.C / torch.outer(s, s).double()  # Hessian of the smoothed inputs x/s
-            Rq_g, packed_g = gptq_quantize(R, H, self.wq, self.cfg.damp)
-            err_g = self.error(s, Rq_g, B, A_raw)
-            if err_g < err:
-                err, packed, residual_quant = err_g, packed_g, "gptq"
-                step_errors.append(err)
+        # GPTQ fits the calibration tokens and can over-fit them (its error on other tokens rising above
+        # RTN's while the calibration error falls). It is therefore fitted on the Hessian of the tokens
+        # *outside* the scoring sample (≥ GPTQ_MIN_TOKENS_PER_INPUT per input channel, else skipped) and
+        # judged on the sample: held-out for GPTQ, and RTN fits nothing.
+        if self.cfg.use_gptq and self.X is not None:
+            Xs = (self.X / s).double()  # (k, in) the scoring sample, smoothed
+            if self.n_tokens - Xs.shape[0] >= GPTQ_MIN_TOKENS_PER_INPUT * self.W.shape[1]:
+                H = self.C / torch.outer(s, s).double() - Xs.T @ Xs  # Hessian of the other tokens' x/s
+                Rq_g, packed_g = gptq_quantize(R, H, self.wq, self.cfg.damp)
+                err_g = self.error(s, Rq_g, B, A_raw)
+                if err_g < err:
+                    err, packed, residual_quant = err_g, packed_g, "gptq"
+                    step_errors.append(err)
         smooth_only = self.error(s, fake_quant(self.W * s, self.wq), None, None)
         return dict(
             smooth=s.float(),

@@ -1,6 +1,7 @@
 """svdq.solvers.expert_group: SVDQuant of MoE expert groups: optimality, refinement, budget, robustness,
 expert parallelism."""
 
+import dataclasses
 import json
 import math
 
@@ -431,3 +432,35 @@ def test_cuda_group_matches_cpu():
                 num += w * float((gpu.expert_forward(i, x) - y_ref).double().square().sum())
                 den += w * float(y_ref.double().square().sum())
         assert gpu.final_error == pytest.approx(math.sqrt(num / den), rel=1e-5)
+
+
+def _correlated_group(counts, E=4, out=48, n_in=64, seed=7):
+    """Experts whose routed tokens have strongly correlated channels (GPTQ's case) — tokens ``z·M`` with
+    a fixed mixing ``M`` of decaying scales. Returns float32 weights ``(E × out × in)`` and InputStats."""
+    g = _gen(seed)
+    M = torch.randn(n_in, n_in, generator=g) * torch.logspace(0, -1.5, n_in)[:, None]  # (in, in)
+    W = torch.randn(E, out, n_in, generator=g) / n_in**0.5
+    stats = []
+    for i, n in enumerate(counts):
+        st = InputStats(n_in, sample_size=CFG.sample_tokens, seed=i)
+        if n:
+            st.update(torch.randn(n, n_in, generator=g) @ M)
+        stats.append(st)
+    return W, stats
+
+
+@pytest.mark.parametrize("projection", ["fc1", "fc2"])
+def test_gptq_per_expert_hessians_lower_the_error_and_match_the_packed_result(projection):
+    """residual_quant="gptq": experts with ≥ 4·in routed tokens outside their scoring sample get GPTQ
+    residuals from their own Hessian, kept only where they lower the expert's (held-out) error; the
+    figures are those of the packed result."""
+    W, stats = _correlated_group(counts=(3000, 0, 200, 2000))  # ≥ 256 = 4·in unsampled: experts 0 and 3
+    rtn = decompose_expert_group(W, stats, CFG, projection=projection, layout="per-expert")
+    cfg = dataclasses.replace(CFG, residual_quant="gptq")
+    res = decompose_expert_group(W, stats, cfg, projection=projection, layout="per-expert")
+    assert res.residual_quants[1] == res.residual_quants[2] == "rtn"  # too few tokens: never GPTQ
+    assert res.residual_quants[0] == res.residual_quants[3] == "gptq"
+    assert res.summary()["residual_quant"] == "gptq 2/4"
+    assert res.final_error < rtn.final_error
+    assert all(res.final_errors[i] <= rtn.final_errors[i] * (1 + 1e-9) for i in range(4) if stats[i].n_tokens)
+    assert res.final_error == pytest.approx(_reported_total(res, W, stats), rel=1e-5)
