@@ -380,8 +380,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def configure_logging(level: str = "info", quiet: bool = False) -> None:
-    """Messages of the ``svdq`` logger to stderr as ``svdq: message``, at ``level`` (``--quiet``:
-    warnings and errors only). Calling it again replaces the handler (one per process)."""
+    """Messages of the ``svdq`` logger to stderr as ``svdq: message``, at ``level`` (``--quiet``, and every
+    process but global rank 0 of a torchrun world: warnings and errors only). Calling it again replaces the
+    handler (one per process)."""
     for h in list(log.handlers):
         if getattr(h, "_svdq_cli", False):
             log.removeHandler(h)
@@ -389,7 +390,9 @@ def configure_logging(level: str = "info", quiet: bool = False) -> None:
     handler.setFormatter(logging.Formatter("svdq: %(message)s"))
     handler._svdq_cli = True  # type: ignore[attr-defined]
     log.addHandler(handler)
-    log.setLevel(logging.WARNING if quiet else getattr(logging, level.upper()))
+    other_rank = os.environ.get("RANK", "0").strip() not in ("", "0")
+    wanted = getattr(logging, level.upper())
+    log.setLevel(max(wanted, logging.WARNING) if quiet or other_rank else wanted)
     log.propagate = False
 
 

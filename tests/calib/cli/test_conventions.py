@@ -138,3 +138,25 @@ def test_report_json_has_per_expert_errors_and_png_title_and_clear_legend(runs):
                 assert not legend.contains(x, y)
         assert len(axes.collections) in (0, 2 * len(groups))  # per-expert panel: RTN + ours per group
     assert sum(len(c.get_offsets()) for c in ex.collections) == 2 * 4 * len(groups)
+
+
+def test_only_global_rank_0_logs_below_warnings(monkeypatch, capsys):
+    """Under torchrun every process runs the CLI: info messages come from global rank 0 only, warnings and
+    errors from every rank."""
+    from calib.cli.common import configure_logging, log
+
+    saved = (list(log.handlers), log.level, log.propagate)
+    try:
+        for rank, shown in (("0", True), ("1", False)):
+            monkeypatch.setenv("RANK", rank)
+            configure_logging("info")
+            log.info("an info line")
+            log.warning("a warning line")
+            err = capsys.readouterr().err
+            assert ("svdq: an info line" in err) == shown, (rank, err)
+            assert "svdq: a warning line" in err
+    finally:
+        monkeypatch.delenv("RANK")
+        log.handlers[:] = saved[0]
+        log.setLevel(saved[1])
+        log.propagate = saved[2]

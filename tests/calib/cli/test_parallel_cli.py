@@ -105,6 +105,7 @@ def test_expert_and_tensor_parallel_commands_match_one_process(single):
     for i, ((c0, _, e0), (c1, out1, e1)) in enumerate(zip(r0, r1)):
         assert c0 == 0 and c1 == 0, (i, e0[-2000:], e1[-2000:])
         assert out1 == "", (i, out1)  # rank 1 prints nothing: no summary line, no table
+        assert not [ln for ln in e1.splitlines() if ln.startswith("svdq: ")], (i, e1[-2000:])  # no info log
     resumed = run_cli_ranks(
         [["finetune", "--checkpoint", ckpt, "--out", root / "ft_cut", *FT, *ep, "--resume"]], 2
     )
