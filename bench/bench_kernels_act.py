@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,26 +24,13 @@ if not torch.cuda.is_available():  # the kernels run interpreted on CPU; set bef
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import sync, write_result  # noqa: E402
+from bench.common import median_time, write_result  # noqa: E402
 from svdq.formats import fake_quant, trusted_inputs  # noqa: E402
 from svdq.kernels.act_quant import quantize_act  # noqa: E402
 
 SHAPES = {"default": ["4096x2048", "4096x4096", "4096x8192", "16384x4096"], "tiny": ["16x64"]}
 CASES = [("nvfp4", "dynamic", 0), ("nvfp4", "static", 0), ("nvfp4", "dynamic", 32)]
 CASES += [("int4-g64", "dynamic", 32)]
-
-
-def bench(fn, device, iters: int) -> float:
-    """Median seconds of ``fn()`` over ``iters`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None) -> None:
@@ -78,9 +64,9 @@ def main(argv=None) -> None:
                 with trusted_inputs():
                     return quantize_act(x, s, fmt, ga, A)
 
-            t_copy = bench(x.clone, device, iters)
-            t_ref = bench(reference, device, iters)
-            t_ker = bench(kernel, device, iters)
+            t_copy = median_time(x.clone, device, 1, iters)
+            t_ref = median_time(reference, device, 1, iters)
+            t_ker = median_time(kernel, device, 1, iters)
             nbytes = 2 * x.numel() * x.element_size()
             row = {
                 "shape": shape,

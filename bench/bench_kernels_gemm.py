@@ -25,15 +25,13 @@ Triton's autotuning).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import sync, write_result  # noqa: E402
+from bench.common import median_time, write_result  # noqa: E402
 from svdq.experts.storage import ExpertResiduals  # noqa: E402
 from svdq.formats import quantize_tensor  # noqa: E402
 
@@ -43,19 +41,6 @@ SHAPES = {
     "tiny": {"experts": 4, "hidden": 128, "ffn": 128, "tokens": 16, "topk": 2},
 }
 FORMATS = {"nvfp4": {"name": "nvfp4"}, "int4": {"name": "int4", "group_size": 128}}
-
-
-def _time(fn, device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _grouped_mm(x, w, offs):
@@ -109,10 +94,10 @@ def bench_projection(E, S, n, k, fmt, rank, device, warmup, iters) -> dict:
         ("torch_bf16", torch_fwd, torch_fwd_bwd),
         ("torch_dequant", dequant_fwd, None),
     ]:
-        t = _time(fwd, device, warmup, iters)
+        t = median_time(fwd, device, warmup, iters)
         row = {"forward_ms": t * 1e3, "forward_tflops": flops / t / 1e12}
         if fwd_bwd is not None:
-            tb = _time(fwd_bwd, device, warmup, iters)
+            tb = median_time(fwd_bwd, device, warmup, iters)
             row.update(fwd_bwd_ms=tb * 1e3, fwd_bwd_tflops=2 * flops / tb / 1e12)
         rows[name] = row
     y = kernel_fwd().float()

@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import time
 from importlib import metadata
 from pathlib import Path
@@ -74,6 +75,13 @@ def timed(fn, device):
     out = fn()
     sync(device)
     return out, time.perf_counter() - t0
+
+
+def median_time(fn, device, warmup: int = 1, iters: int = 10) -> float:
+    """Median seconds of ``fn()`` over ``iters`` synchronized runs, after ``warmup`` unmeasured ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn, device)[1] for _ in range(iters))
 
 
 def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:

@@ -5,33 +5,20 @@ errors). Real CLI runs of the tiny GPT-MoE in one spawned process."""
 
 import json
 import re
-import subprocess
-import sys
 from importlib.metadata import version
 
 import pytest
 
 from calib.cli.common import FORMAT_CHOICES
 from svdq.formats import QuantFormat
-from tests.helpers import ROOT
-from tests.helpers.cli import ENV, run_cli_cases
+from tests.helpers.cli import run_cli_cases, svdq
 
 COMMANDS = ["quickstart", "calibrate", "eval", "finetune", "export", "save-model"]
 TOKENS = ["--tokens", "2048"]
 
 
-def _svdq(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "calib.cli", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
-
-
 def test_version_prints_the_package_version():
-    proc = _svdq("--version")
+    proc = svdq("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"svdq {version('svdq')}"
 
 
@@ -65,7 +52,7 @@ def test_format_choices_are_the_quant_format_string_forms():
     ],
 )
 def test_bad_closed_set_values_exit_2_before_loading_anything(tmp_path, argv, needle):
-    proc = _svdq(*(a.format(tmp=tmp_path) for a in argv))
+    proc = svdq(*(a.format(tmp=tmp_path) for a in argv))
     assert proc.returncode == 2 and needle in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "o").exists() and "Traceback" not in proc.stderr
 
