@@ -104,9 +104,10 @@ def _why_not(group, parallel_cls) -> str | None:
 def _stack_smooth(bases: list[SVDQBase]) -> Tensor:
     """``(in,)`` when every expert has the same smoothing (one division per token), else ``(E, in)``."""
     first = bases[0].smooth
-    if all(b.smooth is first or torch.equal(b.smooth, first) for b in bases[1:]):
+    if all(b.smooth is first for b in bases[1:]):
         return first
-    return torch.stack([b.smooth for b in bases])
+    stacked = torch.stack([b.smooth for b in bases])  # (E, in)
+    return first if bool((stacked == first).all()) else stacked  # one host sync, not one per expert
 
 
 def _stack_amax(bases: list[SVDQBase]) -> Tensor | None:
