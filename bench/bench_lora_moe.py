@@ -5,9 +5,13 @@ Variants (one MoE layer of a Megatron GPT-MoE, SequentialMLP experts, top-2, bf1
   quantized base (NVFP4 W4A4 SVDQuant residual, packed or fake-quant) × adapters:
   none / shared-down (fc1 one lora_down per layer, fc2 one lora_up per layer: the `moe` preset) /
   per-expert LoRA of the same rank.
+  bf16 base + shared-down adapters (bf16 LoRA) — the reference for adapter cost.
+Every quantized variant runs once per kernel backend of ``--kernels`` (``torch``: the PyTorch reference;
+``auto``: the Triton kernels of svdq/kernels, DESIGN §16), side by side in one process.
 Reported: median step time (forward + backward), peak memory, base expert-weight bytes.
-Targets (issue 5): shared-down step ≤ 1.15× the step without adapters; ≥ 1.5× faster than per-expert
-LoRA at 64 experts; packed base weight memory ≤ 0.35× the bf16 base.
+Targets: shared-down step ≤ 1.15× the step without adapters; ≥ 1.5× faster than per-expert LoRA at 64
+experts; packed base weight memory ≤ 0.35× the bf16 base; with the kernels, packed base + shared-down
+adapters ≤ 1.25× the bf16 base step without adapters.
 
     python bench/bench_lora_moe.py                   # GPU: mixtral-like (8 experts) and fine (64 experts)
     python bench/bench_lora_moe.py --shapes tiny     # quick CPU smoke
@@ -147,9 +151,7 @@ def run_variant(shape, name, quant, adapters, storage, rank, steps, warmup, devi
     }
     if not quant:
         row["base_weight_bytes"] = sum(
-            lin.weight.numel() * lin.weight.element_size()
-            for e in layer.experts.local_experts
-            for lin in (e.linear_fc1, e.linear_fc2)
+            getattr(h, a).weight.numel() * getattr(h, a).weight.element_size() for h, a in expert_linears(layer)
         )
     del layer, x
     return row
@@ -163,14 +165,26 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--name", default=None)
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=None,
+        choices=["torch", "auto"],
+        help="kernel backends for the quantized variants (default: torch and auto on CUDA, torch on CPU)",
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     from lora.framework.parallel import destroy_parallel, init_parallel
+    from svdq.kernels import kernel_backend
 
     init_parallel()
     shapes = args.shapes or (["mixtral-half", "fine-64"] if args.device == "cuda" else ["tiny"])
-    variants = [
+    backends = args.kernels or (["torch", "auto"] if args.device == "cuda" else ["torch"])
+    bf16_variants = [
         ("bf16 base, no adapters", False, "none", "fake"),
+        ("bf16 base, shared-down adapters", False, "shared-down", "fake"),
+    ]
+    quant_variants = [
         ("packed base, no adapters", True, "none", "packed"),
         ("packed base, shared-down adapters", True, "shared-down", "packed"),
         ("packed base, per-expert LoRA", True, "per-expert", "packed"),
@@ -178,24 +192,31 @@ def main(argv=None) -> int:
         ("fake-quant base, shared-down adapters", True, "shared-down", "fake"),
         ("fake-quant base, per-expert LoRA", True, "per-expert", "fake"),
     ]
+    variants = [(name, "torch", *rest) for name, *rest in bf16_variants]
+    variants += [(f"{name} [{b}]", b, *rest) for b in backends for name, *rest in quant_variants]
     results = []
     try:
         for shape_name in shapes:
             shape = SHAPES[shape_name]
             rows = {}
-            for name, quant, adapters, storage in variants:
-                rows[name] = run_variant(
-                    shape, name, quant, adapters, storage, args.rank, args.steps, args.warmup, args.device
-                )
-            checks = {}
-            for storage in ("packed", "fake-quant"):
-                none = rows[f"{storage} base, no adapters"]["seconds"]
-                shared = rows[f"{storage} base, shared-down adapters"]["seconds"]
-                per = rows[f"{storage} base, per-expert LoRA"]["seconds"]
-                checks[f"{storage}: shared-down / no adapters"] = shared / none
-                checks[f"{storage}: per-expert / shared-down"] = per / shared
+            for name, backend, quant, adapters, storage in variants:
+                with kernel_backend(backend):
+                    rows[name] = run_variant(
+                        shape, name, quant, adapters, storage, args.rank, args.steps, args.warmup, args.device
+                    )
+                rows[name]["kernels"] = backend
+            base = rows["bf16 base, no adapters"]["seconds"]
+            checks = {"bf16: shared-down / no adapters": rows["bf16 base, shared-down adapters"]["seconds"] / base}
+            for b in backends:
+                for storage in ("packed", "fake-quant"):
+                    none = rows[f"{storage} base, no adapters [{b}]"]["seconds"]
+                    shared = rows[f"{storage} base, shared-down adapters [{b}]"]["seconds"]
+                    per = rows[f"{storage} base, per-expert LoRA [{b}]"]["seconds"]
+                    checks[f"{storage} [{b}]: shared-down / no adapters"] = shared / none
+                    checks[f"{storage} [{b}]: per-expert / shared-down"] = per / shared
+                    checks[f"{storage} [{b}]: shared-down / bf16 base step"] = shared / base
             checks["packed / bf16 base weight memory"] = (
-                rows["packed base, no adapters"]["base_weight_bytes"]
+                rows[f"packed base, no adapters [{backends[0]}]"]["base_weight_bytes"]
                 / rows["bf16 base, no adapters"]["base_weight_bytes"]
             )
             results.append({"shape": shape_name, **shape, "rows": rows, "ratios": checks})
@@ -206,14 +227,16 @@ def main(argv=None) -> int:
                 )
                 mib = row["base_weight_bytes"] / 2**20
                 print(
-                    f"  {name:40s} {row['seconds'] * 1e3:9.2f} ms  peak {peak}  base weights {mib:8.1f} MiB"
+                    f"  {name:48s} {row['seconds'] * 1e3:9.2f} ms  peak {peak}  base weights {mib:8.1f} MiB"
                 )
             for k, v in checks.items():
                 print(f"  {k:45s} {v:.3f}")
     finally:
         destroy_parallel()
     name = args.name or f"lora_moe_{'gpu' if args.device == 'cuda' else 'cpu'}"
-    path = write_result(name, {"rank": args.rank, "steps": args.steps, "shapes": results})
+    path = write_result(
+        name, {"rank": args.rank, "steps": args.steps, "kernels": backends, "shapes": results}
+    )
     print(f"\nwrote {path}")
     return 0
 
