@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
 # The Triton-kernel session on one CUDA GPU (svdq/DESIGN.md §16): gpu-marked kernel tests with the kernels
 # on, then the kernel and MoE-layer benchmarks with both backends side by side, then a profile. Each step
-# has its own time limit and the next runs whatever the last did; everything lands in $OUT (one tarball).
-#   bash bench/gpu_kernels.sh [steps...]     steps: tests act gemm moe profile (default: all)
+# has its own time limit and the next runs whatever the last did; everything lands in $OUT/kernels.tgz,
+# rewritten after every step (so a run cut short still returns what it finished).
+#   bash bench/gpu_kernels.sh [steps...]     steps: tests act gemm moe8 moe64 profile (default: all)
 # With megatron-core / modelopt as wheels in .whl (no network): they are installed into /tmp/site first.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/k"
+OUT=${OUT:-/tmp/out}; K=/tmp/svdq-kernels/k; rm -rf "$K"; mkdir -p "$OUT" "$K"
 if [ -d .whl ] && ! python3 -c "import megatron.core" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT="$OUT/k"
-steps=("$@"); [ ${#steps[@]} = 0 ] && steps=(tests act gemm moe profile)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/k/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/k/gpu.txt"
+FINAL=$OUT; export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT="$K"
+steps=("$@"); [ ${#steps[@]} = 0 ] && steps=(tests act gemm moe8 moe64 profile)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$K/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$K/gpu.txt"
 step() { local name=$1 limit=$2; shift 2; echo "=== $name ($limit s): $*"; local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/k/$name.log" 2>&1; local rc=$?
-  echo "=== $name rc=$rc in $((SECONDS - t0)) s"; tail -n 25 "$OUT/k/$name.log"; }
+  timeout "$limit" "$@" > "$K/$name.log" 2>&1; local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-20}" "$K/$name.log"
+  tar -C "$(dirname "$K")" -czf "$FINAL/kernels.tgz.tmp" k && mv "$FINAL/kernels.tgz.tmp" "$FINAL/kernels.tgz"; }
 for s in "${steps[@]}"; do case $s in
   tests) SVDQ_KERNELS=auto step tests "${T_TESTS:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider -rfE \
            tests/svdq/kernels tests/lora/test_grouped_svdq.py tests/svdq/experts ;;
   act) step act "${T_ACT:-60}" python3 bench/bench_kernels_act.py ;;
   gemm) step gemm "${T_GEMM:-120}" python3 bench/bench_kernels_gemm.py ;;
-  moe) step moe "${T_MOE:-200}" python3 bench/bench_lora_moe.py --kernels torch auto --name lora_moe_gpu_kernels ;;
+  moe8) step moe8 "${T_MOE:-150}" python3 bench/bench_lora_moe.py --shapes mixtral-half --kernels torch auto \
+          --name lora_moe_gpu_kernels_mixtral-half ;;
+  moe64) step moe64 "${T_MOE:-150}" python3 bench/bench_lora_moe.py --shapes fine-64 --kernels torch auto \
+          --name lora_moe_gpu_kernels_fine-64 ;;
   profile) step profile "${T_PROF:-90}" python3 bench/profile_lora_moe.py --shape mixtral-half --presets none moe \
-             --out "$OUT/k/profile_lora_moe.txt" ;;
+             --out "$K/profile_lora_moe.txt" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
-tar -C "$OUT" -czf "$OUT/kernels.tgz" k && rm -rf "$OUT/k"
