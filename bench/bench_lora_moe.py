@@ -151,7 +151,8 @@ def run_variant(shape, name, quant, adapters, storage, rank, steps, warmup, devi
     }
     if not quant:
         row["base_weight_bytes"] = sum(
-            getattr(h, a).weight.numel() * getattr(h, a).weight.element_size() for h, a in expert_linears(layer)
+            getattr(h, a).weight.numel() * getattr(h, a).weight.element_size()
+            for h, a in expert_linears(layer)
         )
     del layer, x
     return row
@@ -211,7 +212,9 @@ def main(argv=None) -> int:
                     )
                 rows[name]["kernels"] = backend
             base = rows["bf16 base, no adapters"]["seconds"]
-            checks = {"bf16: shared-down / no adapters": rows["bf16 base, shared-down adapters"]["seconds"] / base}
+            checks = {
+                "bf16: shared-down / no adapters": rows["bf16 base, shared-down adapters"]["seconds"] / base
+            }
             for b in backends:
                 for storage in ("packed", "fake-quant"):
                     if f"{storage} base, no adapters [{b}]" not in rows:

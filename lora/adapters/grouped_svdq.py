@@ -184,6 +184,7 @@ def grouped_forward(group, hidden: Tensor, tokens_per_expert: Tensor, probs: Ten
             scaling=group.scaling,
             branch_x=branch_x,
             weight_dtype=bases[0].residual_dtype,
+            ranges_static=all(b.input_amax is not None for b in bases),
         )
         if proj == "fc1":
             h = _activation(config, h, probs)

@@ -57,23 +57,36 @@ def grouped_projection(
     grouped: bool | None = None,
     record: Tensor | None = None,
     weight_dtype: torch.dtype | None = None,
+    ranges_static: bool = False,
 ) -> Tensor:
     """``y (S, out)`` of the module docstring. ``grouped``: ``torch._grouped_mm`` choice of
     :func:`svdq.experts.ops.expert_mm`; ``record (E,)``: updated with each expert's ``max|x/s|``;
-    ``weight_dtype``: the dtype a packed residual is dequantized to (default x's) before the product."""
+    ``weight_dtype``: the dtype a packed residual is dequantized to (default x's) before the product;
+    ``ranges_static``: the caller knows every entry of ``input_amax`` is a static range (none 0), which
+    lets rows already in expert order (``rows is None``) with shared smoothing and a shared ``lora_down``
+    take the fused kernel (:func:`svdq.kernels.quantize_act_ste`: smoothing, each row's quantization and
+    ``x · Aᵀ`` in one pass over ``x``, bit-identical quantization) without a host sync."""
     dt, E = x.dtype, int(residual.shape[0])
-    xg = x if rows is None else x[rows]  # (S, in)
-    if smooth.dim() == 1:  # shared smoothing: once per token, then gathered
-        xs = (x.float() / smooth).to(dt)
-        xs = xs if rows is None else xs[rows]
-    else:
-        xs = (xg.float() / smooth[ids]).to(dt)  # (S, in)
-    with trusted_inputs():  # a NaN input shows in the output anyway: no per-call host sync
-        xq = quant_rows(xs, ids, act_format, E, input_amax, record)  # (S, in)
-    u = B = None
-    if lora_down is not None and lora_down.shape[-2]:
+    has_branch = lora_down is not None and lora_down.shape[-2] > 0
+    A = B = u = None
+    if has_branch:
         A, B = lora_down.to(dt), lora_up.to(dt)
         B = B if scaling == 1.0 else B * scaling
+    if _fused_applies(x, smooth, act_format, input_amax, ranges_static, A, layout, rows, branch_x, record):
+        from svdq.kernels.act_quant import quantize_act_ste
+
+        with trusted_inputs():  # one pass over x: Q_a(x / s) with each row's expert range, and x · Aᵀ
+            xq, u = quantize_act_ste(x, smooth, act_format, input_amax[ids], lora_down=A)  # (S, in), (S, r)
+    else:
+        xg = x if rows is None else x[rows]  # (S, in)
+        if smooth.dim() == 1:  # shared smoothing: once per token, then gathered
+            xs = (x.float() / smooth).to(dt)
+            xs = xs if rows is None else xs[rows]
+        else:
+            xs = (xg.float() / smooth[ids]).to(dt)  # (S, in)
+        with trusted_inputs():  # a NaN input shows in the output anyway: no per-call host sync
+            xq = quant_rows(xs, ids, act_format, E, input_amax, record)  # (S, in)
+    if has_branch and u is None:
         bx = x if branch_x is None else branch_x
         if layout == SHARED_DOWN:  # one down GEMM over all tokens, before the gather
             u = F.linear(bx, A)
@@ -93,6 +106,20 @@ def grouped_projection(
         v = F.linear(u, B) if layout == SHARED_UP else expert_mm(u, B, counts, offs, grouped)  # (S, out)
         y = y + v
     return _add_bias(y, bias, ids)
+
+
+def _fused_applies(x, smooth, fmt, input_amax, ranges_static, A, layout, rows, branch_x, record) -> bool:
+    """Whether the fused activation kernel computes ``xq`` and the shared-down ``u`` (see
+    :func:`grouped_projection`'s ``ranges_static``)."""
+    if not (ranges_static and input_amax is not None and fmt.name == "nvfp4" and triton_available()):
+        return False
+    if rows is not None or smooth.dim() != 1 or record is not None or A is None or layout != SHARED_DOWN:
+        return False
+    if branch_x is not None and branch_x is not x:  # the branch reads another input (adapter dropout)
+        return False
+    from svdq.kernels.act_quant import fused_act_applies  # (imports triton)
+
+    return fused_act_applies(x, fmt, smooth, A)
 
 
 def _kernel_applies(xq: Tensor, residual: ExpertResiduals | Tensor) -> bool:
