@@ -102,6 +102,7 @@ from svdq.solvers.shared_basis import (
 )
 from svdq.solvers.smoothing import smoothing_vector
 from svdq.stats import InputStats
+from svdq.timing import phase
 
 __all__ = ["LAYOUT_CHOICES", "PROJECTIONS", "MoEGroupResult", "decompose_expert_group", "fake_quant_experts"]
 
@@ -301,11 +302,15 @@ def decompose_expert_group(
     offset = _expert_offset(W.shape[0], ep_group, W.device) if expert_offset is None else int(expert_offset)
     _validate_everywhere(W, stats, config, name, offset, ep_group)
     with named_errors(name), trusted_inputs():  # weights and statistics are validated: no NaN syncs
-        g = _ExpertProjection(W, list(stats), config, projection, layout, ep_group, name, offset, score_rows)
+        with phase("setup"):
+            g = _ExpertProjection(
+                W, list(stats), config, projection, layout, ep_group, name, offset, score_rows
+            )
         del W
         state, steps, figures, budget = _search(g, layout, budget, alternations, cg_iters)
         state, steps = _refine(g, state, steps, refine_alternations, cg_iters)
-        return g.result(state, budget, tuple(steps), figures, time.perf_counter() - t0)
+        with phase("residual"):
+            return g.result(state, budget, tuple(steps), figures, time.perf_counter() - t0)
 
 
 def _fit_options(config: SVDQConfig) -> dict:
@@ -326,16 +331,17 @@ def _search(g: _ExpertProjection, layout: str, budget: int | None, alternations:
                 raise ValueError(f"{g.name}: {exc}") from None
             figures[lay] = {"rank": None, "skipped": str(exc)}
             continue
-        B, A, _ = _fit(
-            lay,
-            g.ex,
-            rank,
-            ep_group=g.ep_group,
-            max_iters=alternations,
-            cg_iters=cg_iters,
-            cache=g.fit_cache,
-            **_fit_options(g.cfg),
-        )
+        with phase("branch"):
+            B, A, _ = _fit(
+                lay,
+                g.ex,
+                rank,
+                ep_group=g.ep_group,
+                max_iters=alternations,
+                cg_iters=cg_iters,
+                cache=g.fit_cache,
+                **_fit_options(g.cfg),
+            )
         cand = g.first_pass(lay, rank, B, A)
         figures[lay] = {
             "rank": rank,
@@ -355,20 +361,22 @@ def _refine(g: _ExpertProjection, state: _State, steps: list[float], alternation
     """Refit the branch to ``W_i − Q_w(R_i)·diag(1/s_i)`` and re-quantize while the total error falls."""
     opts = {**_fit_options(g.cfg), "power_iters": 0}  # warm start: one orthogonalization + Rayleigh–Ritz
     for _ in range(g.cfg.refine_steps):
-        target = g.ex.with_weights(g.target(state.Rq, state.s))
-        B, A, _ = _fit(
-            state.layout,
-            target,
-            state.rank,
-            init=(state.B, state.A),
-            ep_group=g.ep_group,
-            max_iters=alternations,
-            cg_iters=cg_iters,
-            cache=g.fit_cache,
-            **opts,
-        )
-        del target
-        new = g.evaluate(state.layout, state.rank, B, A, state.s, state.alphas, state.alpha_errors)
+        with phase("branch"):
+            target = g.ex.with_weights(g.target(state.Rq, state.s))
+            B, A, _ = _fit(
+                state.layout,
+                target,
+                state.rank,
+                init=(state.B, state.A),
+                ep_group=g.ep_group,
+                max_iters=alternations,
+                cg_iters=cg_iters,
+                cache=g.fit_cache,
+                **opts,
+            )
+            del target
+        with phase("residual"):
+            new = g.evaluate(state.layout, state.rank, B, A, state.s, state.alphas, state.alpha_errors)
         if not new.error < state.error:
             break
         gain = (state.error - new.error) / state.error
@@ -752,9 +760,11 @@ class _ExpertProjection:
 
     def first_pass(self, layout: str, rank: int, B: Tensor, A: Tensor) -> _State:
         """α search and full evaluation of a freshly fitted branch."""
-        D = self.raw_residual(B, A)
-        s, alphas, table = self.search_alpha(B, A, D)
-        return self.evaluate(layout, rank, B, A, s, alphas, table, D=D)
+        with phase("smoothing"):
+            D = self.raw_residual(B, A)
+            s, alphas, table = self.search_alpha(B, A, D)
+        with phase("residual"):
+            return self.evaluate(layout, rank, B, A, s, alphas, table, D=D)
 
     def gptq(self, st: _State, R: Tensor, residuals: tuple):
         """GPTQ of each expert's residual ``R_i`` (smoothed, ``out × in``) with its own Hessian

@@ -32,6 +32,7 @@ from svdq.solvers.gptq import gptq_quantize
 from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd, randomized_svd_product
 from svdq.solvers.smoothing import smoothing_vector
 from svdq.stats import InputStats
+from svdq.timing import phase
 
 GPTQ_MIN_TOKENS_PER_INPUT = 4
 
@@ -153,7 +154,9 @@ def _decompose_linear(weight: Tensor, stats: InputStats | None, config: SVDQConf
         )
     W = weight.detach().float()
     with trusted_inputs():  # W and the statistics are validated above: skip per-call NaN syncs
-        out = _Solver(W, stats if has_data else None, config).run()
+        with phase("setup"):
+            solver = _Solver(W, stats if has_data else None, config)
+        out = solver.run()
     return SVDQResult(
         **out,
         weight_only=not has_data,
@@ -224,6 +227,10 @@ class _Solver:
         ``A_raw`` is re-gauged to orthonormal rows (a whitened ``A`` would otherwise scale like
         ``1/sqrt(tokens)``, bad for fine-tuning it as lora_down); ``B·A_raw`` is unchanged.
         """
+        with phase("branch"):
+            return self._branch(target_raw, s, whiten)
+
+    def _branch(self, target_raw: Tensor, s: Tensor, whiten: bool) -> tuple[Tensor, Tensor]:
         r = self.cfg.rank
         if whiten:
             U, S, Vh = randomized_svd_product(target_raw, self.L, r, **self.svd_kw)
@@ -255,7 +262,16 @@ class _Solver:
            falls by less than ``config.refine_tol`` (relative); the best step is kept.
         """
         ones = torch.ones_like(self.w_absmax)
-        rtn = self.error(ones, fake_quant(self.W, self.wq), None, None)
+        with phase("setup"):
+            rtn = self.error(ones, fake_quant(self.W, self.wq), None, None)
+        with phase("smoothing"):
+            alpha, whiten, s, B, A_raw, alpha_errors = self._search()
+        with phase("residual"):
+            return self._finish(rtn, alpha, whiten, s, B, A_raw, alpha_errors)
+
+    def _search(self):
+        """Steps 1–2: ``(α, whitened, s, B, A_raw, alpha_errors)`` of the best candidate."""
+        ones = torch.ones_like(self.w_absmax)
         alphas = self.cfg.alphas if self.x_absmax is not None else ()
         candidates = [(a, smoothing_vector(self.x_absmax, self.w_absmax, a)) for a in alphas]
         if not candidates:
@@ -278,6 +294,10 @@ class _Solver:
                 alpha_errors.append((alpha, False, err2))
             if err2 < err:
                 whiten, B, A_raw = False, B2, A2
+        return alpha, whiten, s, B, A_raw, alpha_errors
+
+    def _finish(self, rtn, alpha, whiten, s, B, A_raw, alpha_errors) -> dict:
+        """Steps 3–4 (residual, refinement, GPTQ) for the chosen candidate."""
         R, Rq = self.residual(s, B, A_raw)
         err = self.error(s, Rq, B, A_raw)
         step_errors = [err]
