@@ -76,14 +76,13 @@ from torch import Tensor
 from svdq.config import SVDQConfig
 from svdq.formats import (
     PackedTensor,
-    QuantFormat,
     dequantize,
     fake_quant,
-    fp8,
-    nvfp4,
     quantize_tensor,
     trusted_inputs,
 )
+from svdq.solvers.batched import chunks as _chunks
+from svdq.solvers.batched import fake_quant_experts
 from svdq.solvers.gptq import gptq_quantize
 from svdq.solvers.linear import GPTQ_MIN_TOKENS_PER_INPUT, named_errors
 from svdq.solvers.lowrank import relative_error
@@ -387,36 +386,6 @@ def _refine(g: _ExpertProjection, state: _State, steps: list[float], alternation
     return state, steps
 
 
-def fake_quant_experts(
-    x: Tensor, fmt: QuantFormat | str, amax: Tensor | None = None, *, max_elements: int = 1 << 28
-) -> Tensor:
-    """Fake-quantize every ``x[i]`` of ``x (E × … × K)`` float32 **as its own tensor**, batched.
-
-    Equals ``torch.stack([fake_quant(x[i], fmt) for i in range(E)])`` bit for bit (and
-    ``dequantize(quantize_tensor(x[i], fmt))``): the per-tensor scales of NVFP4 (global FP32 scale) and FP8
-    (per-tensor scale) are taken per expert, grouped formats work on any leading shape anyway. ``amax (E,)``
-    replaces the per-expert ``max|x[i]|`` (e.g. the amax of the full tensor when ``x`` holds a subset of its
-    rows). Runs in chunks of experts of at most ``max_elements`` elements.
-    """
-    fmt = QuantFormat.from_str(fmt) if isinstance(fmt, str) else fmt
-    if not fmt.is_quantized:
-        return x
-    per_tensor = fmt.name == "nvfp4" or (fmt.name == "fp8" and not fmt.per_channel)
-    out = torch.empty_like(x)
-    for c in _chunks(x.shape[0], x[0].numel(), max_elements):
-        xc = x[c]
-        if not per_tensor:
-            out[c] = fake_quant(xc, fmt)
-            continue
-        ga = xc.abs().amax(dim=tuple(range(1, xc.dim()))) if amax is None else amax[c]
-        ga = ga.float().reshape(-1, *([1] * (xc.dim() - 1)))
-        if fmt.name == "nvfp4":
-            out[c] = nvfp4.decode(*nvfp4.encode(xc, ga, fmt))
-        else:
-            out[c] = fp8.decode(*fp8.encode(xc, False, ga, fmt))
-    return out
-
-
 # --------------------------------------------------------------------------------------------- internals
 
 
@@ -435,11 +404,6 @@ class _State:
     Rq: Tensor
     nums: Tensor
     error: float
-
-
-def _chunks(n: int, per_item: int, max_elements: int) -> list[slice]:
-    step = max(1, max_elements // max(per_item, 1))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def _stack(weights, name: str) -> Tensor:

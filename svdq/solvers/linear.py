@@ -28,6 +28,7 @@ from torch import Tensor
 from svdq.config import SVDQConfig
 from svdq.formats import PackedTensor, QuantFormat, fake_quant, quantize_tensor, trusted_inputs
 from svdq.metrics import relative_norm
+from svdq.solvers.batched import chunks, fake_quant_experts, relative_norms
 from svdq.solvers.gptq import gptq_quantize
 from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd, randomized_svd_product
 from svdq.solvers.smoothing import smoothing_vector
@@ -35,6 +36,7 @@ from svdq.stats import InputStats
 from svdq.timing import phase
 
 GPTQ_MIN_TOKENS_PER_INPUT = 4
+SCORE_BATCH_ELEMENTS = 1 << 25  # elements per candidate-batched tensor of the α search (float32: 128 MiB)
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,28 @@ class _Solver:
         _, Rq = self.residual(s, B, A_raw, subset=True)
         return self.error(s, Rq, self._sub(B, True), A_raw, subset=True, as_tensor=True)
 
+    def score_batch(self, smooths: list[Tensor], B: Tensor, A_raw: Tensor) -> Tensor:
+        """:meth:`score` of every smoothing ``s (in,)`` of ``smooths`` with one branch ``(B, A_raw)``, batched
+        over the candidates (``(n,)`` float64, no host sync): the unsmoothed residual ``W − B·A_raw`` and
+        the branch output are computed once, each candidate's ``R·diag(s)`` and ``X/s`` are quantized as
+        their own tensors (:func:`~svdq.solvers.batched.fake_quant_experts`: the same values as
+        :meth:`score`'s ``fake_quant``), and the products run as one batched matmul per chunk of
+        candidates (at most :data:`SCORE_BATCH_ELEMENTS` elements per tensor)."""
+        if self.X is None:
+            return torch.stack([self.score(s, B, A_raw) for s in smooths])
+        B_sub = self._sub(B, True)
+        D = self._sub(self.W, True) - B_sub @ A_raw  # (rows, in), unsmoothed
+        y_ref = self.y_ref if self.rows is None else self.y_ref[:, self.rows]  # (k, rows)
+        y_branch = (self.X @ A_raw.T) @ B_sub.T - y_ref  # (k, rows): branch output minus reference
+        S = torch.stack(smooths)  # (n, in)
+        errs = []
+        for c in chunks(S.shape[0], max(D.shape[0], self.X.shape[0]) * D.shape[1], SCORE_BATCH_ELEMENTS):
+            Sc = S[c].unsqueeze(1)  # (c, 1, in)
+            Rq = fake_quant_experts(D * Sc, self.wq)  # (c, rows, in)
+            Xq = fake_quant_experts(self.X / Sc, self.aq)  # (c, k, in)
+            errs.append(relative_norms(torch.baddbmm(y_branch, Xq, Rq.mT), y_ref))
+        return torch.cat(errs)
+
     # -- search --------------------------------------------------------------------------------------
     def run(self) -> dict:
         """α search, branch kind, then refinement of the best candidate.
@@ -279,7 +303,11 @@ class _Solver:
         whiten = self.L is not None
         shared = self.branch(self.W, ones, True) if whiten else None
         scored = []  # (alpha, whiten, s, B, A_raw, error tensor): no host sync inside the loop
-        for alpha, s in candidates:
+        if whiten and len(candidates) > 1:  # one branch for every α: score them batched
+            B, A_raw = shared
+            errs = self.score_batch([s for _, s in candidates], B, A_raw)
+            scored = [(a, True, s, B, A_raw, e) for (a, s), e in zip(candidates, errs)]
+        for alpha, s in candidates if not scored else ():
             B, A_raw = shared if whiten else self.branch(self.W, s, False)
             scored.append((alpha, whiten, s, B, A_raw, self.score(s, B, A_raw)))
         errors = torch.stack([c[-1] for c in scored]).tolist()
