@@ -80,3 +80,49 @@ def test_decompose_linear_unchanged_by_batched_search(preset, monkeypatch):
         assert e1 == pytest.approx(e2, rel=1e-5)
     assert new.final_error == pytest.approx(old.final_error, rel=1e-5)
     assert torch.equal(new.lora_down, old.lora_down) and torch.equal(new.smooth, old.smooth)
+
+
+def test_wide_svd_matches_float64_svd():
+    """The Gram-eigh Rayleigh–Ritz SVD gives the top-r triplets of a float64 SVD: values to relative 1e-10,
+    the rank-r truncation to 1e-9; rank-deficient input falls back to torch.linalg.svd."""
+    from svdq.solvers.lowrank import wide_svd
+
+    g = torch.Generator().manual_seed(4)
+    k, n, r = 48, 300, 32
+    U0 = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    Y = U0 @ torch.diag(torch.logspace(0, -2.5, k, dtype=torch.float64)) @ V0.T  # (k × n)
+    U, S, Vh = wide_svd(Y, r)
+    Ur, Sr, Vhr = torch.linalg.svd(Y, full_matrices=False)
+    torch.testing.assert_close(S, Sr[:r], rtol=1e-10, atol=0)
+    torch.testing.assert_close((U * S) @ Vh, (Ur[:, :r] * Sr[:r]) @ Vhr[:r], rtol=0, atol=1e-9)
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-9)
+    Y32 = Y.float()
+    assert wide_svd(Y32, r)[0].dtype == torch.float32
+    low = Y[:, :] * 0
+    low[:10] = Y[:10]  # rank 10 < r: fallback
+    U, S, Vh = wide_svd(low, r)
+    torch.testing.assert_close((U * S) @ Vh, low, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(384, 384), (1536, 384), (384, 1536)])
+def test_decompose_linear_unchanged_by_wide_svd(shape, monkeypatch):
+    """decompose_linear with the Gram-eigh small SVD equals the previous torch.linalg.svd (float32) one:
+    same α and branch kind, branch B·A to relative 1e-4 (no refinement), output errors to 1e-4."""
+    from svdq.solvers import lowrank
+
+    W, st = _layer(5, *shape, n=1500)
+    cfg = SVDQConfig(rank=32, refine_steps=0)
+    new = decompose_linear(W, st, cfg)
+
+    def old_wide(Y, rank):
+        U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+        return U[:, :rank], S[:rank], Vh[:rank]
+
+    monkeypatch.setattr(lowrank, "wide_svd", old_wide)
+    old = decompose_linear(W, st, cfg)
+    assert (new.alpha, new.whitened) == (old.alpha, old.whitened)
+    ba_new = new.lora_up.double() @ new.lora_down.double()
+    ba_old = old.lora_up.double() @ old.lora_down.double()
+    assert ((ba_new - ba_old).norm() / ba_old.norm()).item() < 1e-4
+    assert new.final_error == pytest.approx(old.final_error, rel=1e-4)
