@@ -31,7 +31,7 @@ from svdq.metrics import relative_norm
 from svdq.solvers.batched import chunks, fake_quant_experts, relative_norms
 from svdq.solvers.gptq import gptq_quantize
 from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd, randomized_svd_product
-from svdq.solvers.smoothing import smoothing_vector
+from svdq.solvers.smoothing import smoothing_vectors
 from svdq.stats import InputStats
 from svdq.timing import phase
 
@@ -297,7 +297,8 @@ class _Solver:
         """Steps 1–2: ``(α, whitened, s, B, A_raw, alpha_errors)`` of the best candidate."""
         ones = torch.ones_like(self.w_absmax)
         alphas = self.cfg.alphas if self.x_absmax is not None else ()
-        candidates = [(a, smoothing_vector(self.x_absmax, self.w_absmax, a)) for a in alphas]
+        grid = smoothing_vectors(self.x_absmax, self.w_absmax, alphas) if alphas else ()
+        candidates = list(zip(alphas, grid))
         if not candidates:
             candidates = [(None, ones)]
         whiten = self.L is not None

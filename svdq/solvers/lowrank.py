@@ -88,18 +88,24 @@ def _orth(Y: Tensor) -> Tensor:
 
     CPU: Householder QR. CUDA: shifted Cholesky-QR, three passes (Gram matrix and triangular solves in
     float64), which avoids the slow tall-skinny QR kernels and stays accurate for ill-conditioned ``Y``
-    (the shift keeps the first Cholesky positive definite; the later passes restore orthogonality).
+    (the shift keeps the first Cholesky positive definite; the later passes restore orthogonality). The
+    three factorizations are unchecked (``cholesky_ex``) and their status read once: one host sync instead
+    of three; if one failed (a rank-deficient ``Y``) the basis comes from Householder QR.
     """
     if not Y.is_cuda:
         return torch.linalg.qr(Y).Q
     Q = Y.double()
     eye = torch.eye(Y.shape[1], dtype=torch.float64, device=Y.device)
+    failed = torch.zeros((), dtype=torch.bool, device=Y.device)
     for i in range(3):
         G = Q.mT @ Q
         if i == 0:
             G = G + (1e-12 * G.diagonal().sum() + 1e-300) * eye
-        R = torch.linalg.cholesky(G, upper=True)
+        R, info = torch.linalg.cholesky_ex(G, upper=True)
+        failed |= info != 0
         Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+    if bool(failed):
+        return torch.linalg.qr(Y).Q
     return Q.to(Y.dtype)
 
 
