@@ -108,6 +108,7 @@ __all__ = ["LAYOUT_CHOICES", "PROJECTIONS", "MoEGroupResult", "decompose_expert_
 PROJECTIONS = EXPERT_PROJECTIONS
 _F64 = torch.float64
 _MIN_SCORE_ROWS = 256  # default rows per expert scoring the α candidates (at least)
+SEARCH_BATCH_ELEMENTS = 1 << 25  # elements per candidate-batched tensor of the α search (float32: 128 MiB)
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -525,7 +526,9 @@ class _ExpertProjection:
         self.W64 = W.to(_F64)
         self.counts = [st.n_tokens if st is not None else 0 for st in stats]
         self.tok = torch.tensor([n > 0 for n in self.counts], device=dev)
-        sizes = self._reduce(torch.tensor([E, int(self.tok.sum())], device=dev, dtype=torch.int64)).tolist()
+        n_tok = sum(n > 0 for n in self.counts)
+        self.fallback_local = [i for i, n in enumerate(self.counts) if n == 0]  # host-side: no sync per use
+        sizes = self._reduce(torch.tensor([E, n_tok], device=dev, dtype=torch.int64)).tolist()
         self.num_global, n_tok_experts = sizes
         if n_tok_experts == 0 and not config.weight_only_fallback:
             raise ValueError(
@@ -634,6 +637,32 @@ class _ExpertProjection:
             Rq[c] = fake_quant_experts(D[c] * sc, self.wq, None if amax is None else amax[c])
         return Rq
 
+    def _stack_smooth(self, smooths: list[Tensor]) -> Tensor:
+        """Smoothing candidates ``(in,)`` / ``(E × in)`` stacked as ``(c × E × 1 × in)``."""
+        E, _, n_in = self.shape
+        return torch.stack([self._s3(s).expand(E, 1, n_in) for s in smooths])
+
+    def quant_residuals(self, D: Tensor, smooths: list[Tensor], colmax: Tensor) -> Tensor:
+        """:meth:`quant_residual` of ``D (E × rows × in)`` for every smoothing of ``smooths`` in one batched
+        quantization, each (candidate, expert) its own tensor with the full residual's amax
+        ``max_j colmax_ij·s_j``: ``(c × E × rows × in)``, the same values as one call per candidate."""
+        S = self._stack_smooth(smooths)  # (c × E × 1 × in)
+        amax = (colmax.unsqueeze(0) * S.squeeze(2)).amax(-1)  # (c × E)
+        Rq = fake_quant_experts((D.unsqueeze(0) * S).flatten(0, 1), self.wq, amax.flatten())
+        return Rq.view(len(smooths), *D.shape)
+
+    def _prefill_xq(self, smooths: list[Tensor]) -> list[int]:
+        """Quantize the scoring activations of the ``smooths`` not cached yet in one batched pass and cache
+        them (the same values as :meth:`xq`); returns the cache keys added."""
+        missing = [s for s in smooths if self._xq.get(id(s), (None,))[0] is not s]
+        if not missing:
+            return []
+        Xs = (self.X.unsqueeze(0) / self._stack_smooth(missing)).flatten(0, 1)  # (c·E × k × in)
+        Xq = fake_quant_experts(Xs, self.aq).view(len(missing), *self.X.shape)
+        for s, x in zip(missing, Xq):
+            self._xq[id(s)] = (s, x)
+        return [id(s) for s in missing]
+
     def target(self, Rq: Tensor, s: Tensor) -> Tensor:
         """Refinement targets ``W_i − Q_w(R_i)·diag(1/s_i)`` ``(E × out × in)`` float64."""
         s3 = self._s3(s).to(_F64)
@@ -656,8 +685,8 @@ class _ExpertProjection:
             Y += Yb
         Y -= self.Y_ref if rows is None else self.Y_ref[..., rows]
         nums = Y.square_().sum((1, 2), dtype=_F64)
-        if not bool(self.tok.all()):
-            fb = (~self.tok).nonzero().flatten()
+        if self.fallback_local:
+            fb = torch.tensor(self.fallback_local, device=nums.device)
             s3 = self._s3(s)
             sf = s3 if s3.shape[0] == 1 else s3[fb]
             nums[fb] = (Rq[fb] / sf - D[fb]).square().sum((1, 2), dtype=_F64)
@@ -698,10 +727,16 @@ class _ExpertProjection:
         Dr = D if rows is None else D[:, rows]
         Yb = self.branch_out(B, A, rows)
         all_nums = []
-        for _, s in self.candidates:
-            s2 = s.unsqueeze(0) if s.dim() == 1 else s
-            Rq = self.quant_residual(Dr, s, amax=(colmax * s2).amax(-1))
-            all_nums.append(self.nums(s, Rq, Yb, rows, Dr, keep=self._keep_candidates))
+        per_candidate = E * max(Dr.shape[1], self.X.shape[1]) * Dr.shape[2]
+        for c in _chunks(len(self.candidates), per_candidate, SEARCH_BATCH_ELEMENTS):
+            group = self.candidates[c]
+            Rqs = self.quant_residuals(Dr, [s for _, s in group], colmax)
+            added = self._prefill_xq([s for _, s in group])
+            for (_, s), Rq in zip(group, Rqs):
+                all_nums.append(self.nums(s, Rq, Yb, rows, Dr, keep=self._keep_candidates))
+            if not self._keep_candidates:
+                for key in added:
+                    self._xq.pop(key, None)
         N = torch.stack(all_nums)  # (candidates × E)
         totals = self.totals(N, self.dens(rows))
         table = tuple((a, t) for (a, _), t in zip(self.candidates, totals))

@@ -781,23 +781,32 @@ def _a_step(ex: _Experts, B: Tensor, A: Tensor, ep_group, iters: int, tol: float
     R = rhs - apply(X)
     Z = precondition(R)
     P = Z
-    b_norm, r_norm, rz = torch.stack([rhs.norm(), R.norm(), (R * Z).sum()]).tolist()
-    if b_norm == 0.0:
+    b_norm = rhs.norm()
+    if float(b_norm) == 0.0:
         return X
+    return _pcg_iterations(apply, precondition, X, R, P, (R * Z).sum(), R.norm(), b_norm, iters, tol)
+
+
+def _pcg_iterations(apply, precondition, X, R, P, rz, r_norm, b_norm, iters: int, tol: float) -> Tensor:
+    """``iters`` PCG iterations without host syncs: the scalars stay 0-d tensors and an iteration after
+    the stopping rule (``r_norm ≤ tol·b_norm``, ``rz ≤ 0`` or ``pᵀ·A·p ≤ 0``) leaves the iterate unchanged
+    (``torch.where``) instead of ending the loop — the same iterates as stopping, in the same float64
+    arithmetic, at the cost of the idle iterations' products."""
+    active = torch.ones((), dtype=torch.bool, device=X.device)
     for _ in range(iters):
-        if r_norm <= tol * b_norm or rz <= 0.0:
-            break
+        active = active & (r_norm > tol * b_norm) & (rz > 0.0)
         Q = apply(P)
-        pq = float((P * Q).sum())
-        if pq <= 0.0:
-            break
-        alpha = rz / pq
-        X = X + alpha * P
-        R = R - alpha * Q
-        Z = precondition(R)
-        r_norm, rz_new = torch.stack([R.norm(), (R * Z).sum()]).tolist()
-        P = Z + (rz_new / rz) * P
-        rz = rz_new
+        pq = (P * Q).sum()
+        active = active & (pq > 0.0)
+        alpha = rz / torch.where(active, pq, 1.0)
+        X = torch.where(active, X + alpha * P, X)
+        R_new = R - alpha * Q
+        Z = precondition(R_new)
+        r_norm_new, rz_new = R_new.norm(), (R_new * Z).sum()
+        P = torch.where(active, Z + (rz_new / torch.where(active, rz, 1.0)) * P, P)
+        R = torch.where(active, R_new, R)
+        r_norm = torch.where(active, r_norm_new, r_norm)
+        rz = torch.where(active, rz_new, rz)
     return X
 
 

@@ -126,3 +126,119 @@ def test_decompose_linear_unchanged_by_wide_svd(shape, monkeypatch):
     ba_old = old.lora_up.double() @ old.lora_down.double()
     assert ((ba_new - ba_old).norm() / ba_old.norm()).item() < 1e-4
     assert new.final_error == pytest.approx(old.final_error, rel=1e-4)
+
+
+def test_smoothing_vectors_equal_smoothing_vector():
+    """The whole α grid at once equals the per-α vectors bit for bit (dead channels included)."""
+    from svdq.config import DEFAULT_ALPHAS
+    from svdq.solvers.smoothing import smoothing_vectors
+
+    g = torch.Generator().manual_seed(6)
+    xa, wa = torch.rand(512, generator=g) * 30, torch.rand(512, generator=g) * 0.2
+    xa[3], wa[7] = 0.0, 0.0
+    want = torch.stack([smoothing_vector(xa, wa, a) for a in DEFAULT_ALPHAS])
+    assert torch.equal(smoothing_vectors(xa, wa, DEFAULT_ALPHAS), want)
+
+
+def _old_search_alpha(self, B, A, D):
+    """The per-candidate α search as it was before candidates were batched (the reference)."""
+    E = self.shape[0]
+    if len(self.candidates) == 1:
+        alpha, s = self.candidates[0]
+        return s, (alpha,) * E, ()
+    rows = self.rows
+    colmax = D.abs().amax(dim=1)
+    Dr = D if rows is None else D[:, rows]
+    Yb = self.branch_out(B, A, rows)
+    all_nums = []
+    for _, s in self.candidates:
+        s2 = s.unsqueeze(0) if s.dim() == 1 else s
+        Rq = self.quant_residual(Dr, s, amax=(colmax * s2).amax(-1))
+        all_nums.append(self.nums(s, Rq, Yb, rows, Dr, keep=self._keep_candidates))
+    N = torch.stack(all_nums)
+    totals = self.totals(N, self.dens(rows))
+    table = tuple((a, t) for (a, _), t in zip(self.candidates, totals))
+    if self.projection == "fc1":
+        j = min(range(len(totals)), key=totals.__getitem__)
+        alpha, s = self.candidates[j]
+        return s, (alpha,) * E, table
+    pick = N.argmin(0).tolist()
+    s = torch.stack([self.candidates[j][1][i] for i, j in enumerate(pick)])
+    alphas = tuple(self.candidates[j][0] if self.counts[i] > 0 else None for i, j in enumerate(pick))
+    return s, alphas, table
+
+
+@pytest.mark.parametrize("projection,layout", [("fc1", "shared-down"), ("fc2", "auto")])
+@pytest.mark.parametrize("batch_elements", [1 << 25, 1])  # all candidates in one batch / one per chunk
+def test_expert_alpha_search_batched_equals_loop(projection, layout, batch_elements, monkeypatch):
+    """The candidate-batched expert α search gives bit-identical results to the per-candidate loop
+    (the same quantized values; every error figure equal), with an expert without tokens."""
+    from svdq.solvers import expert_group as eg
+
+    g = torch.Generator().manual_seed(7)
+    E, out, n_in = 4, 48, 64
+    W = torch.randn(E, out, n_in, generator=g) / 8
+    stats = []
+    for i, n in enumerate((300, 0, 90, 400)):
+        st = InputStats(n_in, sample_size=64, seed=i)
+        if n:
+            x = torch.randn(n, n_in, generator=g)
+            x[:, 3] *= 20
+            st.update(x)
+        stats.append(st)
+    cfg = SVDQConfig(rank=4, sample_tokens=64, score_rows=64)
+    kw = dict(projection=projection, layout=layout)
+    monkeypatch.setattr(eg, "SEARCH_BATCH_ELEMENTS", batch_elements)
+    new = eg.decompose_expert_group(W, stats, cfg, **kw)
+    monkeypatch.setattr(eg._ExpertProjection, "search_alpha", _old_search_alpha)
+    old = eg.decompose_expert_group(W, stats, cfg, **kw)
+    a, b = new.summary(), old.summary()
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    assert torch.equal(new.smooth, old.smooth)
+    assert all(torch.equal(x.qdata, y.qdata) for x, y in zip(new.residuals, old.residuals))
+
+
+def _old_pcg(apply, precondition, rhs, X, iters, tol):
+    """The A-step's PCG loop with host-side scalars and early exits, as before (the reference)."""
+    R = rhs - apply(X)
+    Z = precondition(R)
+    P = Z
+    b_norm, r_norm, rz = torch.stack([rhs.norm(), R.norm(), (R * Z).sum()]).tolist()
+    for _ in range(iters):
+        if r_norm <= tol * b_norm or rz <= 0.0:
+            break
+        Q = apply(P)
+        pq = float((P * Q).sum())
+        if pq <= 0.0:
+            break
+        alpha = rz / pq
+        X = X + alpha * P
+        R = R - alpha * Q
+        Z = precondition(R)
+        r_norm, rz_new = torch.stack([R.norm(), (R * Z).sum()]).tolist()
+        P = Z + (rz_new / rz) * P
+        rz = rz_new
+    return X
+
+
+@pytest.mark.parametrize("tol", [1e-8, 0.3, 10.0])  # runs all iterations / stops early / stops at once
+def test_sync_free_pcg_equals_early_exit_pcg(tol):
+    from svdq.solvers.shared_basis import _pcg_iterations
+
+    g = torch.Generator().manual_seed(8)
+    M = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    M = M @ M.T + 0.1 * torch.eye(12, dtype=torch.float64)
+    rhs, X0 = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.zeros(12, 5, dtype=torch.float64)
+
+    def apply(X):
+        return M @ X
+
+    def precondition(R):
+        return R / M.diagonal()[:, None]
+
+    want = _old_pcg(apply, precondition, rhs, X0.clone(), 8, tol)
+    R = rhs - apply(X0)
+    Z = precondition(R)
+    got = _pcg_iterations(apply, precondition, X0.clone(), R, Z, (R * Z).sum(), R.norm(), rhs.norm(), 8, tol)
+    assert torch.equal(got, want)
