@@ -781,32 +781,39 @@ def _a_step(ex: _Experts, B: Tensor, A: Tensor, ep_group, iters: int, tol: float
     R = rhs - apply(X)
     Z = precondition(R)
     P = Z
-    b_norm = rhs.norm()
-    if float(b_norm) == 0.0:
+    rz = (R * Z).sum()
+    b_norm, r_norm, rz_host = torch.stack([rhs.norm(), R.norm(), rz]).tolist()
+    if b_norm == 0.0:
         return X
-    return _pcg_iterations(apply, precondition, X, R, P, (R * Z).sum(), R.norm(), b_norm, iters, tol)
+    return _pcg_iterations(apply, precondition, X, R, P, (rz, rz_host), iters, tol, b_norm, r_norm)
 
 
-def _pcg_iterations(apply, precondition, X, R, P, rz, r_norm, b_norm, iters: int, tol: float) -> Tensor:
-    """``iters`` PCG iterations without host syncs: the scalars stay 0-d tensors and an iteration after
-    the stopping rule (``r_norm ≤ tol·b_norm``, ``rz ≤ 0`` or ``pᵀ·A·p ≤ 0``) leaves the iterate unchanged
-    (``torch.where``) instead of ending the loop — the same iterates as stopping, in the same float64
-    arithmetic, at the cost of the idle iterations' products."""
-    active = torch.ones((), dtype=torch.bool, device=X.device)
+def _pcg_iterations(
+    apply, precondition, X, R, P, rz_pair, iters: int, tol: float, b_norm: float, r_norm: float
+):
+    """The PCG iterations of :func:`_a_step` with one host sync per iteration (the scalars of the stopping
+    rule and the next step, read together) instead of two: the curvature test ``pᵀ·A·p > 0`` is applied
+    on the device (a step of exactly 0 when it fails, which leaves ``X`` unchanged) and read with the
+    residual norms. Same iterates and early exits as checking it first, in the same float64 arithmetic.
+    ``rz_pair``: ``⟨R, Z⟩`` as a 0-d tensor and as a float."""
+    rz, rz_host = rz_pair
+    zero = torch.zeros((), dtype=X.dtype, device=X.device)
     for _ in range(iters):
-        active = active & (r_norm > tol * b_norm) & (rz > 0.0)
+        if r_norm <= tol * b_norm or rz_host <= 0.0:
+            break
         Q = apply(P)
         pq = (P * Q).sum()
-        active = active & (pq > 0.0)
-        alpha = rz / torch.where(active, pq, 1.0)
-        X = torch.where(active, X + alpha * P, X)
-        R_new = R - alpha * Q
-        Z = precondition(R_new)
-        r_norm_new, rz_new = R_new.norm(), (R_new * Z).sum()
-        P = torch.where(active, Z + (rz_new / torch.where(active, rz, 1.0)) * P, P)
-        R = torch.where(active, R_new, R)
-        r_norm = torch.where(active, r_norm_new, r_norm)
-        rz = torch.where(active, rz_new, rz)
+        curved = pq > 0.0
+        alpha = torch.where(curved, rz / pq, zero)
+        X = X + alpha * P
+        R = R - alpha * Q
+        Z = precondition(R)
+        rz_new = (R * Z).sum()
+        ok, r_norm, rz_new_host = torch.stack([curved.to(X.dtype), R.norm(), rz_new]).tolist()
+        if not ok:
+            break
+        P = Z + (rz_new_host / rz_host) * P
+        rz, rz_host = rz_new, rz_new_host
     return X
 
 

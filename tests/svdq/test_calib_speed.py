@@ -240,5 +240,8 @@ def test_sync_free_pcg_equals_early_exit_pcg(tol):
     want = _old_pcg(apply, precondition, rhs, X0.clone(), 8, tol)
     R = rhs - apply(X0)
     Z = precondition(R)
-    got = _pcg_iterations(apply, precondition, X0.clone(), R, Z, (R * Z).sum(), R.norm(), rhs.norm(), 8, tol)
+    rz = (R * Z).sum()
+    got = _pcg_iterations(
+        apply, precondition, X0.clone(), R, Z, (rz, float(rz)), 8, tol, float(rhs.norm()), float(R.norm())
+    )
     assert torch.equal(got, want)
