@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from svdq import timing
 from svdq.config import SVDQConfig
 from svdq.experts.coverage import Coverage, scan_model
 from svdq.experts.module import ProjectionState, install_svdq_experts
@@ -117,13 +118,14 @@ def quantize(
         stats = {n: InputStats(m.in_features, config.sample_tokens, config.seed) for n, m in targets.items()}
         handles = register_input_hooks(targets, lambda n, x: stats[n].update(x))
         expert_stats, more = register_experts_hooks(experts, config.sample_tokens, config.seed)
-        run_with_hooks(model, forward_loop, handles + more)
+        run_with_hooks(model, forward_loop, handles + more, phase="statistics")
 
     alloc = _allocate(targets, experts, stats, expert_stats, config, layouts, rank_allocation)
     results: dict[str, SVDQResult] = {}
     for name, module in tqdm(targets.items(), desc="svdq decompose", unit="layer", disable=not progress):
         cfg = config if name not in alloc else dataclasses.replace(config, rank=alloc[name])
-        results[name] = decompose_linear(module.weight, stats.get(name), cfg, name=name)
+        with timing.layer(name):
+            results[name] = decompose_linear(module.weight, stats.get(name), cfg, name=name)
     expert_results = {}
     for name, (module, handler) in tqdm(
         experts.items(), desc="svdq experts", unit="module", disable=not progress or not experts
@@ -132,7 +134,10 @@ def quantize(
         st = expert_stats.get(name, {})
         E = W1.shape[0]
         expert_results[name] = {
-            proj: decompose_expert_group(
+            proj: timing.call(
+                f"{name}.{proj}",
+                None,
+                decompose_expert_group,
                 W.detach(),
                 st.get(proj, [None] * E),
                 config,
@@ -146,7 +151,10 @@ def quantize(
 
     for name, module in targets.items():
         res = results[name]
-        layer = install_svdq_linear(
+        layer = timing.call(
+            name,
+            "install",
+            install_svdq_linear,
             model,
             name,
             residual=res.residual,
@@ -159,10 +167,14 @@ def quantize(
             dtype=module.weight.dtype,
         )
         layer.svdq_summary = res.summary()
+        _add_phase_seconds(layer.svdq_summary, name)
     for name, (module, handler) in experts.items():
         W1, W2, b1, b2 = handler.weights(module)
         r = expert_results[name]
-        layer = install_svdq_experts(
+        layer = timing.call(
+            f"{name}.fc1",  # the install of both projections (one module) is charged to fc1
+            "install",
+            install_svdq_experts,
             model,
             name,
             handler,
@@ -171,6 +183,8 @@ def quantize(
             storage=storage,
         )
         layer.svdq_summary = {p: res.summary() for p, res in r.items()}
+        for p in r:
+            _add_phase_seconds(layer.svdq_summary[p], f"{name}.{p}")
 
     layers = {name: model.get_submodule(name) for name in targets}
     expert_layers = {name: model.get_submodule(name) for name in experts}
@@ -181,7 +195,7 @@ def quantize(
             if layers:
                 ranges = record_input_amax(model, layers, forward_loop)
             else:
-                run_with_hooks(model, forward_loop, [])
+                run_with_hooks(model, forward_loop, [], phase="act_range")
         finally:
             expert_ranges = stop_recording(expert_layers)
     for name, layer in layers.items():
@@ -203,6 +217,14 @@ def quantize(
         for name, layer in expert_layers.items():
             tqdm.write(f"  {name}: {_layouts_line(layer.svdq_summary)}")
     return model
+
+
+def _add_phase_seconds(summary: dict, name: str) -> None:
+    """``summary["phase_seconds"] = {phase: seconds}`` of layer ``name`` while :func:`svdq.timing.collect`
+    is active (nothing otherwise)."""
+    seconds = timing.layer_seconds(name)
+    if seconds is not None:
+        summary["phase_seconds"] = seconds
 
 
 def _allocate(targets, experts, stats, expert_stats, config, layouts, rank_allocation) -> dict:

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from svdq import timing
+
 #: ``transform(module, x) -> x'``: the input a statistics hook records, from the module's detached input
 InputTransform = Callable[[nn.Module, Tensor], Tensor]
 
@@ -97,10 +99,11 @@ class InputStats:
         return self.gram
 
 
-def run_with_hooks(model, forward_loop, handles: list) -> None:
-    """Run ``forward_loop(model)`` without gradients, then remove the hook ``handles`` (also on error)."""
+def run_with_hooks(model, forward_loop, handles: list, phase: str | None = None) -> None:
+    """Run ``forward_loop(model)`` without gradients, then remove the hook ``handles`` (also on error).
+    ``phase``: the :mod:`svdq.timing` phase the pass is charged to (when timing is collected)."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), timing.phase(phase or "other"):
             forward_loop(model)
     finally:
         for h in handles:
@@ -174,7 +177,7 @@ def record_input_amax(
         a = xs.abs().amax().float()
         amax[name] = a if amax[name] is None else torch.maximum(amax[name], a)
 
-    run_with_hooks(model, forward_loop, register_input_hooks(layers, on_input))
+    run_with_hooks(model, forward_loop, register_input_hooks(layers, on_input), phase="act_range")
     for name, a in amax.items():
         if a is not None and not bool(torch.isfinite(a)):
             if check_finite:

@@ -76,14 +76,13 @@ from torch import Tensor
 from svdq.config import SVDQConfig
 from svdq.formats import (
     PackedTensor,
-    QuantFormat,
     dequantize,
     fake_quant,
-    fp8,
-    nvfp4,
     quantize_tensor,
     trusted_inputs,
 )
+from svdq.solvers.batched import chunks as _chunks
+from svdq.solvers.batched import fake_quant_experts
 from svdq.solvers.gptq import gptq_quantize
 from svdq.solvers.linear import GPTQ_MIN_TOKENS_PER_INPUT, named_errors
 from svdq.solvers.lowrank import relative_error
@@ -102,12 +101,14 @@ from svdq.solvers.shared_basis import (
 )
 from svdq.solvers.smoothing import smoothing_vector
 from svdq.stats import InputStats
+from svdq.timing import phase
 
 __all__ = ["LAYOUT_CHOICES", "PROJECTIONS", "MoEGroupResult", "decompose_expert_group", "fake_quant_experts"]
 
 PROJECTIONS = EXPERT_PROJECTIONS
 _F64 = torch.float64
 _MIN_SCORE_ROWS = 256  # default rows per expert scoring the α candidates (at least)
+SEARCH_BATCH_ELEMENTS = 1 << 25  # elements per candidate-batched tensor of the α search (float32: 128 MiB)
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -301,11 +302,15 @@ def decompose_expert_group(
     offset = _expert_offset(W.shape[0], ep_group, W.device) if expert_offset is None else int(expert_offset)
     _validate_everywhere(W, stats, config, name, offset, ep_group)
     with named_errors(name), trusted_inputs():  # weights and statistics are validated: no NaN syncs
-        g = _ExpertProjection(W, list(stats), config, projection, layout, ep_group, name, offset, score_rows)
+        with phase("setup"):
+            g = _ExpertProjection(
+                W, list(stats), config, projection, layout, ep_group, name, offset, score_rows
+            )
         del W
         state, steps, figures, budget = _search(g, layout, budget, alternations, cg_iters)
         state, steps = _refine(g, state, steps, refine_alternations, cg_iters)
-        return g.result(state, budget, tuple(steps), figures, time.perf_counter() - t0)
+        with phase("residual"):
+            return g.result(state, budget, tuple(steps), figures, time.perf_counter() - t0)
 
 
 def _fit_options(config: SVDQConfig) -> dict:
@@ -326,16 +331,17 @@ def _search(g: _ExpertProjection, layout: str, budget: int | None, alternations:
                 raise ValueError(f"{g.name}: {exc}") from None
             figures[lay] = {"rank": None, "skipped": str(exc)}
             continue
-        B, A, _ = _fit(
-            lay,
-            g.ex,
-            rank,
-            ep_group=g.ep_group,
-            max_iters=alternations,
-            cg_iters=cg_iters,
-            cache=g.fit_cache,
-            **_fit_options(g.cfg),
-        )
+        with phase("branch"):
+            B, A, _ = _fit(
+                lay,
+                g.ex,
+                rank,
+                ep_group=g.ep_group,
+                max_iters=alternations,
+                cg_iters=cg_iters,
+                cache=g.fit_cache,
+                **_fit_options(g.cfg),
+            )
         cand = g.first_pass(lay, rank, B, A)
         figures[lay] = {
             "rank": rank,
@@ -355,20 +361,22 @@ def _refine(g: _ExpertProjection, state: _State, steps: list[float], alternation
     """Refit the branch to ``W_i − Q_w(R_i)·diag(1/s_i)`` and re-quantize while the total error falls."""
     opts = {**_fit_options(g.cfg), "power_iters": 0}  # warm start: one orthogonalization + Rayleigh–Ritz
     for _ in range(g.cfg.refine_steps):
-        target = g.ex.with_weights(g.target(state.Rq, state.s))
-        B, A, _ = _fit(
-            state.layout,
-            target,
-            state.rank,
-            init=(state.B, state.A),
-            ep_group=g.ep_group,
-            max_iters=alternations,
-            cg_iters=cg_iters,
-            cache=g.fit_cache,
-            **opts,
-        )
-        del target
-        new = g.evaluate(state.layout, state.rank, B, A, state.s, state.alphas, state.alpha_errors)
+        with phase("branch"):
+            target = g.ex.with_weights(g.target(state.Rq, state.s))
+            B, A, _ = _fit(
+                state.layout,
+                target,
+                state.rank,
+                init=(state.B, state.A),
+                ep_group=g.ep_group,
+                max_iters=alternations,
+                cg_iters=cg_iters,
+                cache=g.fit_cache,
+                **opts,
+            )
+            del target
+        with phase("residual"):
+            new = g.evaluate(state.layout, state.rank, B, A, state.s, state.alphas, state.alpha_errors)
         if not new.error < state.error:
             break
         gain = (state.error - new.error) / state.error
@@ -377,36 +385,6 @@ def _refine(g: _ExpertProjection, state: _State, steps: list[float], alternation
         if gain < g.cfg.refine_tol:
             break
     return state, steps
-
-
-def fake_quant_experts(
-    x: Tensor, fmt: QuantFormat | str, amax: Tensor | None = None, *, max_elements: int = 1 << 28
-) -> Tensor:
-    """Fake-quantize every ``x[i]`` of ``x (E × … × K)`` float32 **as its own tensor**, batched.
-
-    Equals ``torch.stack([fake_quant(x[i], fmt) for i in range(E)])`` bit for bit (and
-    ``dequantize(quantize_tensor(x[i], fmt))``): the per-tensor scales of NVFP4 (global FP32 scale) and FP8
-    (per-tensor scale) are taken per expert, grouped formats work on any leading shape anyway. ``amax (E,)``
-    replaces the per-expert ``max|x[i]|`` (e.g. the amax of the full tensor when ``x`` holds a subset of its
-    rows). Runs in chunks of experts of at most ``max_elements`` elements.
-    """
-    fmt = QuantFormat.from_str(fmt) if isinstance(fmt, str) else fmt
-    if not fmt.is_quantized:
-        return x
-    per_tensor = fmt.name == "nvfp4" or (fmt.name == "fp8" and not fmt.per_channel)
-    out = torch.empty_like(x)
-    for c in _chunks(x.shape[0], x[0].numel(), max_elements):
-        xc = x[c]
-        if not per_tensor:
-            out[c] = fake_quant(xc, fmt)
-            continue
-        ga = xc.abs().amax(dim=tuple(range(1, xc.dim()))) if amax is None else amax[c]
-        ga = ga.float().reshape(-1, *([1] * (xc.dim() - 1)))
-        if fmt.name == "nvfp4":
-            out[c] = nvfp4.decode(*nvfp4.encode(xc, ga, fmt))
-        else:
-            out[c] = fp8.decode(*fp8.encode(xc, False, ga, fmt))
-    return out
 
 
 # --------------------------------------------------------------------------------------------- internals
@@ -427,11 +405,6 @@ class _State:
     Rq: Tensor
     nums: Tensor
     error: float
-
-
-def _chunks(n: int, per_item: int, max_elements: int) -> list[slice]:
-    step = max(1, max_elements // max(per_item, 1))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def _stack(weights, name: str) -> Tensor:
@@ -553,7 +526,9 @@ class _ExpertProjection:
         self.W64 = W.to(_F64)
         self.counts = [st.n_tokens if st is not None else 0 for st in stats]
         self.tok = torch.tensor([n > 0 for n in self.counts], device=dev)
-        sizes = self._reduce(torch.tensor([E, int(self.tok.sum())], device=dev, dtype=torch.int64)).tolist()
+        n_tok = sum(n > 0 for n in self.counts)
+        self.fallback_local = [i for i, n in enumerate(self.counts) if n == 0]  # host-side: no sync per use
+        sizes = self._reduce(torch.tensor([E, n_tok], device=dev, dtype=torch.int64)).tolist()
         self.num_global, n_tok_experts = sizes
         if n_tok_experts == 0 and not config.weight_only_fallback:
             raise ValueError(
@@ -662,6 +637,32 @@ class _ExpertProjection:
             Rq[c] = fake_quant_experts(D[c] * sc, self.wq, None if amax is None else amax[c])
         return Rq
 
+    def _stack_smooth(self, smooths: list[Tensor]) -> Tensor:
+        """Smoothing candidates ``(in,)`` / ``(E × in)`` stacked as ``(c × E × 1 × in)``."""
+        E, _, n_in = self.shape
+        return torch.stack([self._s3(s).expand(E, 1, n_in) for s in smooths])
+
+    def quant_residuals(self, D: Tensor, smooths: list[Tensor], colmax: Tensor) -> Tensor:
+        """:meth:`quant_residual` of ``D (E × rows × in)`` for every smoothing of ``smooths`` in one batched
+        quantization, each (candidate, expert) its own tensor with the full residual's amax
+        ``max_j colmax_ij·s_j``: ``(c × E × rows × in)``, the same values as one call per candidate."""
+        S = self._stack_smooth(smooths)  # (c × E × 1 × in)
+        amax = (colmax.unsqueeze(0) * S.squeeze(2)).amax(-1)  # (c × E)
+        Rq = fake_quant_experts((D.unsqueeze(0) * S).flatten(0, 1), self.wq, amax.flatten())
+        return Rq.view(len(smooths), *D.shape)
+
+    def _prefill_xq(self, smooths: list[Tensor]) -> list[int]:
+        """Quantize the scoring activations of the ``smooths`` not cached yet in one batched pass and cache
+        them (the same values as :meth:`xq`); returns the cache keys added."""
+        missing = [s for s in smooths if self._xq.get(id(s), (None,))[0] is not s]
+        if not missing:
+            return []
+        Xs = (self.X.unsqueeze(0) / self._stack_smooth(missing)).flatten(0, 1)  # (c·E × k × in)
+        Xq = fake_quant_experts(Xs, self.aq).view(len(missing), *self.X.shape)
+        for s, x in zip(missing, Xq):
+            self._xq[id(s)] = (s, x)
+        return [id(s) for s in missing]
+
     def target(self, Rq: Tensor, s: Tensor) -> Tensor:
         """Refinement targets ``W_i − Q_w(R_i)·diag(1/s_i)`` ``(E × out × in)`` float64."""
         s3 = self._s3(s).to(_F64)
@@ -684,8 +685,8 @@ class _ExpertProjection:
             Y += Yb
         Y -= self.Y_ref if rows is None else self.Y_ref[..., rows]
         nums = Y.square_().sum((1, 2), dtype=_F64)
-        if not bool(self.tok.all()):
-            fb = (~self.tok).nonzero().flatten()
+        if self.fallback_local:
+            fb = torch.tensor(self.fallback_local, device=nums.device)
             s3 = self._s3(s)
             sf = s3 if s3.shape[0] == 1 else s3[fb]
             nums[fb] = (Rq[fb] / sf - D[fb]).square().sum((1, 2), dtype=_F64)
@@ -726,10 +727,16 @@ class _ExpertProjection:
         Dr = D if rows is None else D[:, rows]
         Yb = self.branch_out(B, A, rows)
         all_nums = []
-        for _, s in self.candidates:
-            s2 = s.unsqueeze(0) if s.dim() == 1 else s
-            Rq = self.quant_residual(Dr, s, amax=(colmax * s2).amax(-1))
-            all_nums.append(self.nums(s, Rq, Yb, rows, Dr, keep=self._keep_candidates))
+        per_candidate = E * max(Dr.shape[1], self.X.shape[1]) * Dr.shape[2]
+        for c in _chunks(len(self.candidates), per_candidate, SEARCH_BATCH_ELEMENTS):
+            group = self.candidates[c]
+            Rqs = self.quant_residuals(Dr, [s for _, s in group], colmax)
+            added = self._prefill_xq([s for _, s in group])
+            for (_, s), Rq in zip(group, Rqs):
+                all_nums.append(self.nums(s, Rq, Yb, rows, Dr, keep=self._keep_candidates))
+            if not self._keep_candidates:
+                for key in added:
+                    self._xq.pop(key, None)
         N = torch.stack(all_nums)  # (candidates × E)
         totals = self.totals(N, self.dens(rows))
         table = tuple((a, t) for (a, _), t in zip(self.candidates, totals))
@@ -752,9 +759,11 @@ class _ExpertProjection:
 
     def first_pass(self, layout: str, rank: int, B: Tensor, A: Tensor) -> _State:
         """α search and full evaluation of a freshly fitted branch."""
-        D = self.raw_residual(B, A)
-        s, alphas, table = self.search_alpha(B, A, D)
-        return self.evaluate(layout, rank, B, A, s, alphas, table, D=D)
+        with phase("smoothing"):
+            D = self.raw_residual(B, A)
+            s, alphas, table = self.search_alpha(B, A, D)
+        with phase("residual"):
+            return self.evaluate(layout, rank, B, A, s, alphas, table, D=D)
 
     def gptq(self, st: _State, R: Tensor, residuals: tuple):
         """GPTQ of each expert's residual ``R_i`` (smoothed, ``out × in``) with its own Hessian

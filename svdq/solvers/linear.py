@@ -28,12 +28,15 @@ from torch import Tensor
 from svdq.config import SVDQConfig
 from svdq.formats import PackedTensor, QuantFormat, fake_quant, quantize_tensor, trusted_inputs
 from svdq.metrics import relative_norm
+from svdq.solvers.batched import chunks, fake_quant_experts, relative_norms
 from svdq.solvers.gptq import gptq_quantize
 from svdq.solvers.lowrank import damped_cholesky, orthonormalize_rows, randomized_svd, randomized_svd_product
-from svdq.solvers.smoothing import smoothing_vector
+from svdq.solvers.smoothing import smoothing_vectors
 from svdq.stats import InputStats
+from svdq.timing import phase
 
 GPTQ_MIN_TOKENS_PER_INPUT = 4
+SCORE_BATCH_ELEMENTS = 1 << 25  # elements per candidate-batched tensor of the α search (float32: 128 MiB)
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,9 @@ def _decompose_linear(weight: Tensor, stats: InputStats | None, config: SVDQConf
         )
     W = weight.detach().float()
     with trusted_inputs():  # W and the statistics are validated above: skip per-call NaN syncs
-        out = _Solver(W, stats if has_data else None, config).run()
+        with phase("setup"):
+            solver = _Solver(W, stats if has_data else None, config)
+        out = solver.run()
     return SVDQResult(
         **out,
         weight_only=not has_data,
@@ -224,6 +229,10 @@ class _Solver:
         ``A_raw`` is re-gauged to orthonormal rows (a whitened ``A`` would otherwise scale like
         ``1/sqrt(tokens)``, bad for fine-tuning it as lora_down); ``B·A_raw`` is unchanged.
         """
+        with phase("branch"):
+            return self._branch(target_raw, s, whiten)
+
+    def _branch(self, target_raw: Tensor, s: Tensor, whiten: bool) -> tuple[Tensor, Tensor]:
         r = self.cfg.rank
         if whiten:
             U, S, Vh = randomized_svd_product(target_raw, self.L, r, **self.svd_kw)
@@ -244,6 +253,28 @@ class _Solver:
         _, Rq = self.residual(s, B, A_raw, subset=True)
         return self.error(s, Rq, self._sub(B, True), A_raw, subset=True, as_tensor=True)
 
+    def score_batch(self, smooths: list[Tensor], B: Tensor, A_raw: Tensor) -> Tensor:
+        """:meth:`score` of every smoothing ``s (in,)`` of ``smooths`` with one branch ``(B, A_raw)``, batched
+        over the candidates (``(n,)`` float64, no host sync): the unsmoothed residual ``W − B·A_raw`` and
+        the branch output are computed once, each candidate's ``R·diag(s)`` and ``X/s`` are quantized as
+        their own tensors (:func:`~svdq.solvers.batched.fake_quant_experts`: the same values as
+        :meth:`score`'s ``fake_quant``), and the products run as one batched matmul per chunk of
+        candidates (at most :data:`SCORE_BATCH_ELEMENTS` elements per tensor)."""
+        if self.X is None:
+            return torch.stack([self.score(s, B, A_raw) for s in smooths])
+        B_sub = self._sub(B, True)
+        D = self._sub(self.W, True) - B_sub @ A_raw  # (rows, in), unsmoothed
+        y_ref = self.y_ref if self.rows is None else self.y_ref[:, self.rows]  # (k, rows)
+        y_branch = (self.X @ A_raw.T) @ B_sub.T - y_ref  # (k, rows): branch output minus reference
+        S = torch.stack(smooths)  # (n, in)
+        errs = []
+        for c in chunks(S.shape[0], max(D.shape[0], self.X.shape[0]) * D.shape[1], SCORE_BATCH_ELEMENTS):
+            Sc = S[c].unsqueeze(1)  # (c, 1, in)
+            Rq = fake_quant_experts(D * Sc, self.wq)  # (c, rows, in)
+            Xq = fake_quant_experts(self.X / Sc, self.aq)  # (c, k, in)
+            errs.append(relative_norms(torch.baddbmm(y_branch, Xq, Rq.mT), y_ref))
+        return torch.cat(errs)
+
     # -- search --------------------------------------------------------------------------------------
     def run(self) -> dict:
         """α search, branch kind, then refinement of the best candidate.
@@ -255,15 +286,29 @@ class _Solver:
            falls by less than ``config.refine_tol`` (relative); the best step is kept.
         """
         ones = torch.ones_like(self.w_absmax)
-        rtn = self.error(ones, fake_quant(self.W, self.wq), None, None)
+        with phase("setup"):
+            rtn = self.error(ones, fake_quant(self.W, self.wq), None, None)
+        with phase("smoothing"):
+            alpha, whiten, s, B, A_raw, alpha_errors = self._search()
+        with phase("residual"):
+            return self._finish(rtn, alpha, whiten, s, B, A_raw, alpha_errors)
+
+    def _search(self):
+        """Steps 1–2: ``(α, whitened, s, B, A_raw, alpha_errors)`` of the best candidate."""
+        ones = torch.ones_like(self.w_absmax)
         alphas = self.cfg.alphas if self.x_absmax is not None else ()
-        candidates = [(a, smoothing_vector(self.x_absmax, self.w_absmax, a)) for a in alphas]
+        grid = smoothing_vectors(self.x_absmax, self.w_absmax, alphas) if alphas else ()
+        candidates = list(zip(alphas, grid))
         if not candidates:
             candidates = [(None, ones)]
         whiten = self.L is not None
         shared = self.branch(self.W, ones, True) if whiten else None
         scored = []  # (alpha, whiten, s, B, A_raw, error tensor): no host sync inside the loop
-        for alpha, s in candidates:
+        if whiten and len(candidates) > 1:  # one branch for every α: score them batched
+            B, A_raw = shared
+            errs = self.score_batch([s for _, s in candidates], B, A_raw)
+            scored = [(a, True, s, B, A_raw, e) for (a, s), e in zip(candidates, errs)]
+        for alpha, s in candidates if not scored else ():
             B, A_raw = shared if whiten else self.branch(self.W, s, False)
             scored.append((alpha, whiten, s, B, A_raw, self.score(s, B, A_raw)))
         errors = torch.stack([c[-1] for c in scored]).tolist()
@@ -278,6 +323,10 @@ class _Solver:
                 alpha_errors.append((alpha, False, err2))
             if err2 < err:
                 whiten, B, A_raw = False, B2, A2
+        return alpha, whiten, s, B, A_raw, alpha_errors
+
+    def _finish(self, rtn, alpha, whiten, s, B, A_raw, alpha_errors) -> dict:
+        """Steps 3–4 (residual, refinement, GPTQ) for the chosen candidate."""
         R, Rq = self.residual(s, B, A_raw)
         err = self.error(s, Rq, B, A_raw)
         step_errors = [err]

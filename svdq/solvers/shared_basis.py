@@ -781,23 +781,39 @@ def _a_step(ex: _Experts, B: Tensor, A: Tensor, ep_group, iters: int, tol: float
     R = rhs - apply(X)
     Z = precondition(R)
     P = Z
-    b_norm, r_norm, rz = torch.stack([rhs.norm(), R.norm(), (R * Z).sum()]).tolist()
+    rz = (R * Z).sum()
+    b_norm, r_norm, rz_host = torch.stack([rhs.norm(), R.norm(), rz]).tolist()
     if b_norm == 0.0:
         return X
+    return _pcg_iterations(apply, precondition, X, R, P, (rz, rz_host), iters, tol, b_norm, r_norm)
+
+
+def _pcg_iterations(
+    apply, precondition, X, R, P, rz_pair, iters: int, tol: float, b_norm: float, r_norm: float
+):
+    """The PCG iterations of :func:`_a_step` with one host sync per iteration (the scalars of the stopping
+    rule and the next step, read together) instead of two: the curvature test ``pᵀ·A·p > 0`` is applied
+    on the device (a step of exactly 0 when it fails, which leaves ``X`` unchanged) and read with the
+    residual norms. Same iterates and early exits as checking it first, in the same float64 arithmetic.
+    ``rz_pair``: ``⟨R, Z⟩`` as a 0-d tensor and as a float."""
+    rz, rz_host = rz_pair
+    zero = torch.zeros((), dtype=X.dtype, device=X.device)
     for _ in range(iters):
-        if r_norm <= tol * b_norm or rz <= 0.0:
+        if r_norm <= tol * b_norm or rz_host <= 0.0:
             break
         Q = apply(P)
-        pq = float((P * Q).sum())
-        if pq <= 0.0:
-            break
-        alpha = rz / pq
+        pq = (P * Q).sum()
+        curved = pq > 0.0
+        alpha = torch.where(curved, rz / pq, zero)
         X = X + alpha * P
         R = R - alpha * Q
         Z = precondition(R)
-        r_norm, rz_new = torch.stack([R.norm(), (R * Z).sum()]).tolist()
-        P = Z + (rz_new / rz) * P
-        rz = rz_new
+        rz_new = (R * Z).sum()
+        ok, r_norm, rz_new_host = torch.stack([curved.to(X.dtype), R.norm(), rz_new]).tolist()
+        if not ok:
+            break
+        P = Z + (rz_new_host / rz_host) * P
+        rz, rz_host = rz_new, rz_new_host
     return X
 
 
