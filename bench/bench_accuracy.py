@@ -10,12 +10,14 @@ the head stay 16-bit), evaluated on the held-out split of the base domain:
 
 Formats: NVFP4 W4A4 and INT4 W4A16 (group 64). Rows per model and format: unquantized, RTN (weights
 round-to-nearest, no smoothing, no branch), ours at average rank 32 with ``rank_allocation`` uniform /
-sensitivity and ``residual_quant`` rtn / auto (GPTQ where ≥ 4 tokens per input channel), at NVFP4 also
-with per-call (dynamic) activation ranges like RTN's, and modelopt.
+sensitivity, ``residual_quant`` rtn / auto (GPTQ where ≥ 4 tokens per input channel) and ``fc1_objective``
+output / activation (svdq/DESIGN.md §20); at NVFP4 also the static-range margin before / after (``margin
+1 (before)`` is the calibrated maximum, the old default; the sweep 2 … 64 around the default) and per-call
+(dynamic) activation ranges like RTN's; and modelopt.
 Every row records its perplexity, its share of the RTN-to-unquantized gap closed and the calibration time.
 
     python bench/bench_accuracy.py    # both models, CPU; writes bench/results/accuracy_cpu.json
-    python bench/bench_accuracy.py --models hf --formats nvfp4
+    python bench/bench_accuracy.py --models hf --formats nvfp4 --rows "ours uniform" margin
 """
 
 from __future__ import annotations
@@ -31,22 +33,41 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_result  # noqa: E402
+from svdq import SVDQConfig  # noqa: E402
 
 FORMATS = {"nvfp4": ("nvfp4", "nvfp4"), "int4": ("int4-g64", "none")}  # name: (weights, activations)
-OURS = {  # row name: (rank_allocation, residual_quant, act_range)
-    "ours uniform": ("uniform", "rtn", "static"),
-    "ours + allocation": ("sensitivity", "rtn", "static"),
-    "ours + GPTQ": ("uniform", "auto", "static"),
-    "ours + allocation + GPTQ": ("sensitivity", "auto", "static"),
-    # NVFP4 only (INT4 W4A16 has no activation range): per-call activation ranges, as RTN and modelopt's
-    # dynamic rows use; the static range of the default clips held-out activations above the calibrated max
-    "ours uniform, dynamic act range": ("uniform", "rtn", "dynamic"),
-    "ours + allocation, dynamic act range": ("sensitivity", "rtn", "dynamic"),
+MARGIN = SVDQConfig().act_range_margin  # the default static-range headroom (svdq/DESIGN.md §20)
+
+
+def _variant(alloc="uniform", rq="rtn", act="static", margin=MARGIN, **more) -> dict:
+    return dict(rank_allocation=alloc, residual_quant=rq, act_range=act, act_range_margin=margin, **more)
+
+
+OURS = {  # row name: the variant's settings (defaults: the library's)
+    "ours uniform": _variant(),
+    "ours + allocation": _variant(alloc="sensitivity"),
+    "ours + GPTQ": _variant(rq="auto"),
+    "ours + allocation + GPTQ": _variant(alloc="sensitivity", rq="auto"),
+    # fc1 of the experts scored by the error of act(fc1(x)) (svdq/DESIGN.md §20) instead of fc1(x)
+    "ours uniform, fc1 act objective": _variant(fc1_objective="activation"),
+    "ours + allocation, fc1 act objective": _variant(alloc="sensitivity", fc1_objective="activation"),
+    # NVFP4 only (INT4 W4A16 has no activation range): before / after the static-range margin, and per-call
+    # (dynamic) ranges as RTN and modelopt's dynamic rows use
+    "ours uniform, margin 1 (before)": _variant(margin=1.0),
+    "ours uniform, margin 2": _variant(margin=2.0),
+    "ours uniform, margin 8": _variant(margin=8.0),
+    "ours uniform, margin 32": _variant(margin=32.0),
+    "ours uniform, margin 64": _variant(margin=64.0),
+    "ours + allocation, margin 1 (before)": _variant(alloc="sensitivity", margin=1.0),
+    "ours uniform, dynamic act range": _variant(act="dynamic"),
+    "ours + allocation, dynamic act range": _variant(alloc="sensitivity", act="dynamic"),
 }
+ACT_ONLY = ("margin", "dynamic")  # rows that differ only in the activation range
 
 
-def _ours_rows(fmt: str) -> dict:
-    return {k: v for k, v in OURS.items() if fmt == "nvfp4" or v[2] == "static"}
+def _ours_rows(fmt: str, only: list[str] | None = None) -> dict:
+    rows = {k: v for k, v in OURS.items() if fmt == "nvfp4" or not any(w in k for w in ACT_ONLY)}
+    return {k: v for k, v in rows.items() if not only or any(o in k for o in only)}
 
 
 MODELOPT = {  # row name: (modelopt config, algorithm override); INT4 rows at block 64 like ours
@@ -100,14 +121,18 @@ def _row(rows: dict, name: str, make):
 # ------------------------------------------------------------------------------------------- quickstart
 
 
-def quickstart(formats, rank: int, seed: int) -> dict:
+def _svdq_fields(v: dict) -> dict:
+    """The :class:`SVDQConfig` fields of variant ``v`` (the others are calibration arguments)."""
+    return {k: x for k, x in v.items() if k not in ("rank_allocation", "act_range")}
+
+
+def quickstart(formats, rank: int, seed: int, only=None) -> dict:
     from calib.calibrate import CalibConfig, calibrate
     from calib.cli.eval import perplexity
     from calib.corpus import eval_windows, random_windows, stdlib_split
     from calib.pretrain import load_pretrained, read_pretrained_config
     from calib.quickstart import QuickstartConfig, _lm, _new_model
     from calib.rtn import rtn_baseline
-    from svdq import SVDQConfig
 
     qc = QuickstartConfig(seed=seed)
     cfg = read_pretrained_config()
@@ -137,11 +162,13 @@ def quickstart(formats, rank: int, seed: int) -> dict:
         rows: dict = {"unquantized": {"perplexity": fp, "seconds": 0.0}}
         reference = {}
 
-        def ours(alloc, rq, act, wf=wf, af=af, reference=reference):
+        def ours(v, wf=wf, af=af, reference=reference):
             m = fresh()
             t0 = time.perf_counter()
-            svdq_cfg = SVDQConfig(rank=rank, weight_format=wf, act_format=af, residual_quant=rq, seed=seed)
-            cc = CalibConfig(svdq=svdq_cfg, progress=False, rank_allocation=alloc, act_range=act)
+            svdq_cfg = SVDQConfig(rank=rank, weight_format=wf, act_format=af, seed=seed, **_svdq_fields(v))
+            cc = CalibConfig(
+                svdq=svdq_cfg, progress=False, rank_allocation=v["rank_allocation"], act_range=v["act_range"]
+            )
             rep = calibrate(m, loop, cc)
             seconds = time.perf_counter() - t0
             reference.setdefault("model", m)
@@ -156,8 +183,8 @@ def quickstart(formats, rank: int, seed: int) -> dict:
                 },
             }
 
-        for name, (alloc, rq, act) in _ours_rows(fmt).items():
-            _row(rows, name, lambda a=alloc, q=rq, r=act: ours(a, q, r))
+        for name, v in _ours_rows(fmt, only).items():
+            _row(rows, name, lambda v=v: ours(v))
 
         def rtn(wf=wf, af=af, reference=reference):
             m = fresh()
@@ -165,7 +192,7 @@ def quickstart(formats, rank: int, seed: int) -> dict:
             return {"perplexity": ppl(m), "seconds": 0.0}
 
         _row(rows, "RTN", rtn)
-        rows = {k: rows[k] for k in ["unquantized", "RTN", *_ours_rows(fmt)]}
+        rows = {k: rows[k] for k in ["unquantized", "RTN", *_ours_rows(fmt, only)]}
         rows["modelopt"] = {"error": "not measured on the Megatron model in this benchmark (see the hf rows)"}
         _gap_closed(rows, fp)
         out["formats"][fmt] = {"weight_format": wf, "act_format": af, "rows": rows}
@@ -175,10 +202,9 @@ def quickstart(formats, rank: int, seed: int) -> dict:
 # ------------------------------------------------------------------------------------------------- HF
 
 
-def hf(formats, rank: int, calib_tokens: int, eval_tokens: int, modelopt: bool) -> dict:
+def hf(formats, rank: int, calib_tokens: int, eval_tokens: int, modelopt: bool, only=None) -> dict:
     import svdq
     from bench.bench_hf_moe import ASSET, batches_of, forward_loop, load, perplexity
-    from svdq import SVDQConfig
 
     calib, held = batches_of(128, calib_tokens, eval_tokens, 16, "cpu")
     base = load(ASSET, "cpu", torch.float32)
@@ -197,11 +223,12 @@ def hf(formats, rank: int, calib_tokens: int, eval_tokens: int, modelopt: bool) 
 
         _row(rows, "RTN", rtn)
 
-        def ours(alloc, rq, act, wf=wf, af=af):
+        def ours(v, wf=wf, af=af):
             m = copy.deepcopy(base)
             t0 = time.perf_counter()
-            cfg = SVDQConfig(weight_format=wf, act_format=af, rank=rank, residual_quant=rq)
+            cfg = SVDQConfig(weight_format=wf, act_format=af, rank=rank, **_svdq_fields(v))
             loop = forward_loop(calib)
+            alloc, act = v["rank_allocation"], v["act_range"]
             svdq.quantize(m, cfg, loop, progress=False, report=False, rank_allocation=alloc, act_range=act)
             seconds = time.perf_counter() - t0
             ranks = {}
@@ -213,8 +240,8 @@ def hf(formats, rank: int, calib_tokens: int, eval_tokens: int, modelopt: bool) 
                     ranks[n] = s["rank"]
             return {"perplexity": perplexity(m, held), "seconds": round(seconds, 2), "ranks": ranks}
 
-        for name, (alloc, rq, act) in _ours_rows(fmt).items():
-            _row(rows, name, lambda a=alloc, q=rq, r=act: ours(a, q, r))
+        for name, v in _ours_rows(fmt, only).items():
+            _row(rows, name, lambda v=v: ours(v))
         if modelopt:
             import modelopt.torch.quantization as mtq
 
@@ -280,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=16384, help="HF model")
     p.add_argument("--no-modelopt", action="store_true")
     p.add_argument("--name", default="accuracy_cpu")
+    p.add_argument(
+        "--rows", nargs="+", help="only our rows whose name contains one of these (RTN always runs)"
+    )
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     result = {"rank": args.rank, "models": {}}
@@ -289,12 +319,12 @@ def main(argv=None) -> int:
 
         init_parallel(seed=args.seed)
         try:
-            result["models"]["quickstart"] = quickstart(args.formats, args.rank, args.seed)
+            result["models"]["quickstart"] = quickstart(args.formats, args.rank, args.seed, args.rows)
         finally:
             destroy_parallel()
     if "hf" in args.models:
         result["models"]["qwen3-moe-tiny"] = hf(
-            args.formats, args.rank, args.calib_tokens, args.eval_tokens, not args.no_modelopt
+            args.formats, args.rank, args.calib_tokens, args.eval_tokens, not args.no_modelopt, args.rows
         )
     result["total_seconds"] = time.perf_counter() - t0
     print(f"wrote {write_result(args.name, result)}")

@@ -22,8 +22,10 @@ Same calling convention as ``svdq.quantize`` and nvidia-modelopt's ``mtq.quantiz
    an :class:`~lora.base.SVDQBase` holding its quantized residual (this rank's tensor-parallel
    shard); the base is frozen.
 5. **Activation ranges** (``act_range="static"``, the default): ``forward_loop`` runs once more through
-   the installed layers (dynamic ranges) and every SVDQuant base gets ``input_amax = max|x/s|`` over all
-   calibration batches, all-reduced (MAX) over its tensor-parallel group, per expert for experts
+   the installed layers (dynamic ranges) and every SVDQuant base gets ``input_amax = k · max|x/s|`` over
+   all calibration batches (``k = svdq.act_range_margin``: headroom for held-out inputs above the
+   calibrated maximum, svdq/DESIGN.md §20), all-reduced (MAX) over its tensor-parallel group, per expert
+   for experts
    (:func:`lora.base.calibrate_input_ranges`). Formats without a per-tensor range (int4, per-channel
    fp8) and experts that get no token in that pass stay dynamic. ``"dynamic"`` skips this pass.
 6. **Report**: one row per dense layer and per expert projection (:class:`calib.report.CalibReport`).
@@ -60,7 +62,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from calib.report import CalibReport, act_range_label, dense_row, expert_row, summary_row
@@ -70,6 +72,7 @@ from lora.families import family_of, is_megatron_model
 from lora.families.megatron_linear import is_glu_fc1
 from lora.framework.full_input import full_in_features, full_input
 from lora.framework.parallel import data_parallel_group
+from lora.framework.te import tp_group_of
 from lora.framework.tp import group_rank_size
 from lora.install import ExpertProjection, install_experts, install_linear
 from lora.model import freeze_base
@@ -281,7 +284,9 @@ def calibrate(
     bases = _svdq_bases(model, work)
     ranges = dict.fromkeys(bases)
     if config.act_range == "static":
-        ranges = calibrate_input_ranges(model, forward_loop, bases, extra_group=data_parallel_group())
+        ranges = calibrate_input_ranges(
+            model, forward_loop, bases, extra_group=data_parallel_group(), margin=config.svdq.act_range_margin
+        )
     for layer, row in rows.items():
         row["input_amax"] = (
             ranges[layer] if layer in bases else [ranges[k] for k in bases if k.startswith(layer + "#")]
@@ -493,6 +498,27 @@ def _calibrate_torch(model: nn.Module, forward_loop, config: CalibConfig, t0: fl
     )
 
 
+def _fc1_consumer(moe, fc1s: list) -> dict:
+    """``{"activation": …, "bias": …}`` for :func:`decompose_expert_group`'s fc1 objective
+    (``SVDQConfig.fc1_objective``): Megatron ``MLP.forward``'s activation of the full ``[gate; up]`` output
+    (the routing probability left out) and the experts' fc1 biases ``(E × out)``. Biases sharded by expert
+    tensor parallelism are not gathered: such a group keeps the output objective (``{}``)."""
+    from lora.adapters.grouped_svdq import _activation  # the one copy of Megatron's expert activation
+
+    biases = [getattr(lin, "bias", None) for lin in fc1s]
+    bias = None
+    if any(b is not None and b.numel() for b in biases):
+        if group_rank_size(tp_group_of(fc1s[0]))[1] > 1 or any(b is None for b in biases):
+            return {}
+        bias = torch.stack([b.detach().float() for b in biases])  # (E, out)
+    config = moe.config
+
+    def activation(h: Tensor) -> Tensor:  # (…, out) -> (…, F)
+        return _activation(config, h, h.new_ones(h.shape[:-1]))
+
+    return {"activation": activation, "bias": bias}
+
+
 def _calibrate_experts(model, name, moe, stats, config: CalibConfig, alloc: dict | None = None) -> dict:
     """Decompose fc1 and fc2 of one SequentialMLP on the full expert weights (gathered over expert tensor
     parallelism; a GLU fc1 as ``[gate; up]``), add its adapters and quantized bases (this rank's shards;
@@ -516,6 +542,7 @@ def _calibrate_experts(model, name, moe, stats, config: CalibConfig, alloc: dict
             budget=(alloc or {}).get(f"{name}.linear_{proj}"),
             ep_group=ep_group,
             name=f"{name}.linear_{proj}",
+            **(_fc1_consumer(moe, linears) if proj == "fc1" else {}),
         )
     r1, r2 = results["fc1"], results["fc2"]
     lcfg = LoraConfig(

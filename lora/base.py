@@ -181,15 +181,19 @@ class SVDQBase(StaticActRange, ResidualStorage, nn.Module):
 
 
 def calibrate_input_ranges(
-    model: nn.Module, forward_loop, bases: dict[str, SVDQBase], extra_group=None
+    model: nn.Module, forward_loop, bases: dict[str, SVDQBase], extra_group=None, margin: float = 1.0
 ) -> dict[str, float | None]:
     """Static activation ranges: run ``forward_loop(model)`` once (the bases as they are, normally
     dynamic), record each base's ``max|x/s|``, all-reduce it (MAX) over the base's tensor-parallel group
-    and fix it with :meth:`SVDQBase.set_input_amax`. Returns ``{name: amax}``; ``None`` (range left
+    and fix ``margin · max|x/s|`` with :meth:`SVDQBase.set_input_amax` (``margin ≥ 1``: headroom for inputs
+    above the calibrated maximum, ``SVDQConfig.act_range_margin``, svdq/DESIGN.md §20). Returns
+    ``{name: amax}``, the range each base now uses (margin included); ``None`` (range left
     dynamic) for bases whose format has no per-tensor range or that saw no token (e.g. an expert that no
     calibration token was routed to). Every rank must call it with the same ``bases`` in the same order.
     ``extra_group``: a further group to all-reduce (MAX) over, e.g. data parallelism (ranks fed other data).
     """
+    if not margin >= 1.0:
+        raise ValueError(f"calibrate_input_ranges: margin must be ≥ 1, got {margin}")
     static = {n: b for n, b in bases.items() if static_range_supported(b.act_format)}
     local = record_input_amax(model, static, forward_loop, check_finite=False)  # NaN / Inf → inf
     out: dict[str, float | None] = dict.fromkeys(bases)
@@ -205,8 +209,8 @@ def calibrate_input_ranges(
         if value == float("inf"):  # the same on every rank of the group: all of them raise below
             bad.append(name)
             continue
-        base.set_input_amax(a if value > 0 else None)
-        out[name] = value if value > 0 else None
+        base.set_input_amax(a * margin if value > 0 else None)
+        out[name] = float(base.input_amax) if value > 0 else None
     if bad:  # after all reductions, so that no rank is left waiting in one
         raise ValueError(f"{bad[0]}: calibration activations contain NaN or Inf (activation-range pass)")
     return out

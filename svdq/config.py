@@ -10,6 +10,9 @@ from svdq.config_base import ConfigBase
 from svdq.formats import QuantFormat, parse_format
 
 RESIDUAL_QUANTS = ("rtn", "gptq", "auto")
+FC1_OBJECTIVES = ("output", "activation")
+#: ``SVDQConfig.act_range_margin`` default, chosen by bench/bench_accuracy.py (svdq/DESIGN.md §20)
+DEFAULT_ACT_RANGE_MARGIN = 16.0
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -33,6 +36,17 @@ class SVDQConfig(ConfigBase):
     * ``include`` / ``exclude``: ``fnmatch`` patterns on module names (exclude wins).
     * ``sample_tokens``: calibration tokens kept per layer for scoring; ``score_rows``: output rows on
       which α candidates are scored (a fixed random subset for large layers).
+    * ``act_range_margin``: headroom ``k ≥ 1`` of static activation ranges (svdq/DESIGN.md §5, §20): a layer's
+      fixed per-tensor range is ``input_amax = k · max|x/s|`` over the calibration batches, so held-out
+      activations up to ``k`` times the calibrated maximum are not clipped (larger ones clip as the format
+      does). For nvfp4 the range only sets the float32 global scale under which the per-block E4M3 scales
+      live, so ``k`` costs precision only in blocks whose maximum is below ``k · max / 28672`` (``448 · 2⁶``:
+      their E4M3 scales turn subnormal); for per-tensor fp8 the same holds for single values. Formats
+      without a per-tensor range (int4, per-channel fp8, none) are always dynamic and ignore it.
+    * ``fc1_objective``: what the experts' fc1 decisions (smoothing α, layout, refinement, GPTQ) minimize:
+      ``"output"`` the error of ``fc1(x)``, ``"activation"`` that of its consumer ``act(fc1(x) + b)`` (a
+      GLU's ``act(gate)·up``: errors of gate and up weighted by what the expert passes on; svdq/DESIGN.md
+      §20). Dense linears and fc2 always use their output error.
     * ``weight_only_fallback``: a targeted layer that saw no calibration data is decomposed from its
       weight alone (no smoothing, no whitening) and flagged, instead of raising.
     """
@@ -52,6 +66,8 @@ class SVDQConfig(ConfigBase):
     score_rows: int = 2048
     oversample: int = 16
     power_iters: int = 2
+    act_range_margin: float = DEFAULT_ACT_RANGE_MARGIN
+    fc1_objective: str = "output"
     weight_only_fallback: bool = False
     seed: int = 0
 
@@ -81,6 +97,10 @@ class SVDQConfig(ConfigBase):
             raise ValueError(f"damp must be ≥ 0, got {self.damp}")
         if self.sample_tokens < 1:
             raise ValueError(f"sample_tokens must be ≥ 1, got {self.sample_tokens}")
+        if not self.act_range_margin >= 1.0:
+            raise ValueError(f"act_range_margin must be ≥ 1, got {self.act_range_margin}")
+        if self.fc1_objective not in FC1_OBJECTIVES:
+            raise ValueError(f"fc1_objective must be one of {FC1_OBJECTIVES}, got {self.fc1_objective!r}")
         if self.score_rows < 1:
             raise ValueError(f"score_rows must be ≥ 1, got {self.score_rows}")
 

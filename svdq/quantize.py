@@ -81,10 +81,12 @@ def quantize(
     unless ``allow_unsupported``) before any calibration work; nothing is replaced unless all decompose.
 
     ``act_range``: ``"static"`` runs ``forward_loop`` once more after the replacement and fixes each
-    layer's per-tensor activation range to the calibrated ``max|x/s|`` (formats with a per-tensor range:
-    nvfp4, fp8; layers / experts that see no data in that pass stay dynamic); ``"dynamic"`` keeps per-call
-    ranges. ``layout``: expert layouts (a layout for both projections, ``{"fc1": …, "fc2": …}`` or
-    ``"fc1=…,fc2=…"``). ``report``: print the coverage summary (``model.svdq_coverage``).
+    layer's per-tensor activation range to ``config.act_range_margin`` times the calibrated ``max|x/s|``
+    (summary: ``input_amax`` the range used, ``calib_amax`` the calibrated maximum; formats with a
+    per-tensor range: nvfp4, fp8; layers / experts that see no data in that pass stay dynamic);
+    ``"dynamic"`` keeps per-call ranges. ``layout``: expert layouts (a layout for both projections,
+    ``{"fc1": …, "fc2": …}`` or ``"fc1=…,fc2=…"``). ``report``: print the coverage summary
+    (``model.svdq_coverage``).
     ``rank_allocation``: ``"uniform"`` (``config.rank`` everywhere) or ``"sensitivity"`` (the same total
     branch budget spread over the layers by measured sensitivity, svdq/DESIGN.md §19).
     """
@@ -133,6 +135,7 @@ def quantize(
         W1, W2, b1, b2 = handler.weights(module)
         st = expert_stats.get(name, {})
         E = W1.shape[0]
+        act = handler.activation(module)  # fc1's consumer (config.fc1_objective)
         expert_results[name] = {
             proj: timing.call(
                 f"{name}.{proj}",
@@ -145,6 +148,7 @@ def quantize(
                 layout=layouts[proj],
                 budget=alloc.get(f"{name}.{proj}"),
                 name=f"{name}.{proj}",
+                **({"activation": act, "bias": None if b1 is None else b1.detach()} if proj == "fc1" else {}),
             )
             for proj, W in (("fc1", W1), ("fc2", W2))
         }
@@ -198,18 +202,28 @@ def quantize(
                 run_with_hooks(model, forward_loop, [], phase="act_range")
         finally:
             expert_ranges = stop_recording(expert_layers)
+    margin = config.act_range_margin
     for name, layer in layers.items():
         amax = ranges.get(name)
-        layer.set_input_amax(amax if amax is not None and float(amax) > 0 else None)
-        layer.svdq_summary["act_range"] = layer.act_range
-        layer.svdq_summary["input_amax"] = None if layer.input_amax is None else float(layer.input_amax)
+        static = amax is not None and float(amax) > 0
+        layer.set_input_amax(amax * margin if static else None)
+        layer.svdq_summary.update(
+            act_range=layer.act_range,
+            input_amax=float(layer.input_amax) if static else None,  # the range the layer uses
+            calib_amax=float(amax) if static else None,  # the calibrated max|x/s| it is k times
+            act_range_margin=margin if static else None,
+        )
     for name, layer in expert_layers.items():
         for proj_name, proj in layer.projections().items():
             amax = expert_ranges.get(name, {}).get(proj_name)
-            proj.set_input_amax(amax if amax is not None and float(amax.max()) > 0 else None)
-            summary = layer.svdq_summary[proj_name]
-            summary["act_range"] = proj.act_range
-            summary["input_amax"] = None if proj.input_amax is None else proj.input_amax.tolist()
+            static = amax is not None and float(amax.max()) > 0
+            proj.set_input_amax(amax * margin if static else None)  # experts with 0 stay dynamic
+            layer.svdq_summary[proj_name].update(
+                act_range=proj.act_range,
+                input_amax=proj.input_amax.tolist() if static else None,
+                calib_amax=amax.tolist() if static else None,
+                act_range_margin=margin if static else None,
+            )
 
     model.svdq_coverage = scan.coverage
     if report:

@@ -1,4 +1,4 @@
-"""Optional per-phase timing of calibration (svdq/DESIGN.md §20).
+"""Optional per-phase timing of calibration (svdq/DESIGN.md §21).
 
 Off by default, and then free: :func:`phase` returns one shared no-op context manager and nothing is
 synchronized. Inside :func:`collect` every ``with phase(name):`` block adds its wall time to the current

@@ -44,6 +44,7 @@ from calib.cli.common import (
     positive_int,
 )
 from calib.models import build_model, resolve_source, write_hf_config
+from svdq.config import DEFAULT_ACT_RANGE_MARGIN
 from svdq.residual import ACT_RANGES, STORAGE_MODES
 from svdq.solvers.shared_basis import DEFAULT_EXPERT_LAYOUT, LAYOUT_CHOICES, expert_layouts
 
@@ -89,6 +90,13 @@ def add_parser(sub) -> None:
         default="static",
         choices=ACT_RANGES,
         help="activation quantization range: calibrated per layer (static) or per call (dynamic)",
+    )
+    p.add_argument(
+        "--act-range-margin",
+        type=float,
+        default=DEFAULT_ACT_RANGE_MARGIN,
+        metavar="K",
+        help="static ranges are K × the calibrated max|x/s| (headroom for larger held-out inputs; K ≥ 1)",
     )
     p.add_argument(
         "--rank-allocation",
@@ -162,7 +170,13 @@ def run(args) -> int:
     check_json_arg(args)
     fields = jsonl_fields(args)
     act_format = args.act_format or args.format
-    svdq_cfg = SVDQConfig(rank=args.rank, weight_format=args.format, act_format=act_format, seed=args.seed)
+    svdq_cfg = SVDQConfig(
+        rank=args.rank,
+        weight_format=args.format,
+        act_format=act_format,
+        seed=args.seed,
+        act_range_margin=args.act_range_margin,
+    )
     source = resolve_source(
         args.model, args.model_config, args.seed, seq_len=args.seq_len, backend=args.backend
     )

@@ -16,7 +16,10 @@ Per linear (keys: dense site names, ``<experts>.experts.<g>.linear_fc1|fc2`` wit
 * ``raw_amax`` float32 0-d, ``max|x|``; ``smooth_amax`` float32 0-d, ``max|x/s|`` (``s`` the layer's
   smoothing; the static range of §5) — 0 for a linear that got no row; all-reduced (MAX) over every process
   (tensor-parallel shards of a row-parallel input, expert-parallel ranks owning other experts,
-  data-parallel ranks with other data), so identical on every rank;
+  data-parallel ranks with other data), so identical on every rank; ``layer_amax`` the same for the input
+  the Megatron layer itself gets (``h·p`` for ``linear_fc2``), what its static range was calibrated on:
+  :meth:`Measured.headroom` carries that range's margin over to the HF-semantics ranges (svdq/DESIGN.md
+  §20);
 * ``rows`` float32 ``(≤ max_tokens, in)`` on global rank 0 (``None`` elsewhere, or with ``max_tokens=0``):
   the first inputs, row-parallel shards gathered along the features, then the data-parallel (for experts:
   expert-parallel, then expert-data-parallel) ranks' rows in rank order — what one process running the
@@ -50,6 +53,15 @@ class Measured:
     raw_amax: Tensor
     smooth_amax: Tensor
     rows: Tensor | None = None
+    layer_amax: Tensor | None = None
+
+    def headroom(self, input_amax: Tensor | float | None) -> float:
+        """``input_amax / layer_amax``: how much the layer's static range exceeds ``max|x/s|`` of the input
+        it got in this pass (``SVDQConfig.act_range_margin`` when the pass runs the calibration data);
+        exported ranges measured here are multiplied by it. 1 without a static range or a measurement."""
+        if input_amax is None or self.layer_amax is None or not float(self.layer_amax) > 0:
+            return 1.0
+        return float(input_amax) / float(self.layer_amax)
 
 
 @dataclass
@@ -57,6 +69,7 @@ class _Slot:
     smooth: Tensor  # (in_local,) the layer's smoothing (this rank's slice)
     raw: Tensor = field(default_factory=lambda: torch.zeros(()))
     smoothed: Tensor = field(default_factory=lambda: torch.zeros(()))
+    layer: Tensor = field(default_factory=lambda: torch.zeros(()))  # max|x/s| of the layer's own input
     rows: list = field(default_factory=list)
     n: int = 0
 
@@ -109,6 +122,8 @@ def measure_hf_inputs(model: nn.Module, forward_loop, *, max_tokens: int = 0) ->
         def hook(mod, args):
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])  # (n, in_local)
+            if x.shape[0]:
+                slot.layer = torch.maximum(slot.layer, (x.float() / slot.smooth.float()).abs().amax().cpu())
             p = probs_of() if probs_of is not None else None
             if p is not None:
                 if p.shape[0] != x.shape[0]:
@@ -140,16 +155,19 @@ def measure_hf_inputs(model: nn.Module, forward_loop, *, max_tokens: int = 0) ->
     with torch.no_grad():
         run_with_hooks(model, forward_loop, handles)
 
-    amax = torch.zeros(len(order), 2)  # (K, 2): max|x|, max|x/s|
+    amax = torch.zeros(len(order), 3)  # (K, 3): max|x|, max|x/s|, the layer's own max|x/s|
     for k, key in enumerate(order):
         if key in slots:
-            amax[k, 0], amax[k, 1] = slots[key].raw, slots[key].smoothed
+            amax[k, 0], amax[k, 1], amax[k, 2] = slots[key].raw, slots[key].smoothed, slots[key].layer
     if dist.is_initialized() and dist.get_world_size() > 1:
         device = next(model.parameters()).device
         reduced = amax.to(device)
         dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
         amax = reduced.cpu()
-    out = {key: Measured(amax[k, 0].clone(), amax[k, 1].clone()) for k, key in enumerate(order)}
+    out = {
+        key: Measured(amax[k, 0].clone(), amax[k, 1].clone(), layer_amax=amax[k, 2].clone())
+        for k, key in enumerate(order)
+    }
     if max_tokens > 0:
         _gather_rows(model, dense, groups, slots, out, max_tokens)
     return out

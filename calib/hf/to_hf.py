@@ -37,7 +37,8 @@ HF weights' dtype.
 (:func:`lora.fold.fold_residual`, per expert for experts), so q / k / v (gate / up) share the re-quantized
 fused tensor's global scale. ``smoothing="keep"``: ``NVFP4_AWQ``, ranges unchanged; ``"fold"``: plain
 ``NVFP4`` (vLLM's modelopt loader), the static range of each linear becomes ``max|x|`` of its raw
-(HF-semantics) inputs over ``forward_loop``. The report is keyed by Megatron linear (``…linear_qkv``,
+(HF-semantics) inputs over ``forward_loop`` times the layer's headroom (its static range over the measured
+``max|x/s|``, below). The report is keyed by Megatron linear (``…linear_qkv``,
 ``…mlp.experts.experts.<g>.linear_fc1``).
 
 **down_proj's range.** Megatron applies the router probability *before* ``linear_fc2`` (the expert MLP's
@@ -46,7 +47,9 @@ fc2 range is that of ``h·p``, smaller than what an HF engine feeds ``down_proj`
 both exports need ``forward_loop`` when the model has quantized experts — there is no fallback (no rescaling
 of the old range is right; one ``ValueError`` naming ``forward_loop``, before any work) — and measure
 ``max|h/s|`` (``input_scale``; ``max|h|`` for ``smoothing="fold"``) per global expert over it with the
-probability divided out (:func:`calib.hf.measure.measure_hf_inputs`); an expert no row reached gets the
+probability divided out (:func:`calib.hf.measure.measure_hf_inputs`), times the layer's headroom — its static
+range over ``max|h·p/s|`` measured in the same pass, i.e. ``SVDQConfig.act_range_margin`` (svdq/DESIGN.md
+§20) when the export runs the calibration data; an expert no row reached gets the
 projection's maximum (listed in ``filled_input_scale``). Every other range is the calibrated one. The
 command line passes ``--data``, or the calibration data the checkpoint records.
 
@@ -205,8 +208,8 @@ def _linears(tensors: dict[str, Tensor], doc: dict, measured: dict | None) -> Me
                         raise ValueError(f"{prefix}: the branch factors are missing")
                 amax = st.input_amax
                 if measured is not None and proj == "fc2":  # HF semantics: h, not h·p (module docstring)
-                    m = measured[prefix].smooth_amax
-                    amax = m if float(m) > 0 else None  # no routed row: the projection's maximum below
+                    m = measured[prefix]  # with the static range's headroom (svdq/DESIGN.md §20)
+                    amax = m.smooth_amax * m.headroom(st.input_amax) if float(m.smooth_amax) > 0 else None
                 states.append(
                     LinearState(st.residual, st.smooth, st.act_format, down, up, st.bias, amax, st.dtype)
                 )
@@ -476,7 +479,10 @@ def export_megatron_folded_hf(
             if st.rank == 0 and smoothing == "keep":
                 return st
             m = captured.get(key)
-            x, raw = (m.rows, m.raw_amax) if m is not None else (None, None)
+            x, raw = (None, None) if m is None else (m.rows, m.raw_amax)
+            if raw is not None and st.input_amax is not None and float(m.smooth_amax) > 0:
+                # the (HF-semantics) static range over the measured max|x/s| is the layer's headroom
+                raw = raw * (st.input_amax / m.smooth_amax)
             folded, report[key] = _fold(key, st, smoothing, x, raw if raw is not None and raw > 0 else None)
             return folded
 

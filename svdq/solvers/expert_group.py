@@ -66,7 +66,7 @@ with the same ``config``, ``projection``, ``layout`` and ``budget``.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +164,7 @@ class MoEGroupResult:
     layout_figures: dict
     seconds: float
     residual_quants: tuple[str, ...] = ()
+    objective: str = "output"  # fc1: "activation" when its errors are those of act(fc1(x) + b)
 
     @property
     def num_experts(self) -> int:
@@ -221,6 +222,7 @@ class MoEGroupResult:
             "weight_format": self.weight_format,
             "act_format": self.act_format,
             "residual_quant": _quant_label(self.residual_quants),
+            "objective": self.objective,
             "residual_quants": list(self.residual_quants),
             "alphas": list(self.alphas),
             "expert_indices": list(self.expert_indices),
@@ -264,6 +266,8 @@ def decompose_expert_group(
     alternations: int = 3,
     refine_alternations: int = 1,
     cg_iters: int = 8,
+    activation: Callable[[Tensor], Tensor] | None = None,
+    bias: Tensor | None = None,
 ) -> MoEGroupResult:
     """SVDQuant-decompose the local experts of one MoE projection (see the module docstring).
 
@@ -288,6 +292,12 @@ def decompose_expert_group(
             experts, at least 256 per expert (all rows of smaller experts).
         alternations / refine_alternations / cg_iters: shared-down A-steps (and their CG iterations) of
             the initial fit / of each refinement step.
+        activation: fc1 only — the experts' activation on fc1's output, ``(…, out) -> (…, m)`` float32
+            (a GLU's ``act(gate)·up``, in the weight's row layout); with ``config.fc1_objective =
+            "activation"`` every fc1 decision (α, layout, refinement, GPTQ) minimizes the error of
+            ``activation(fc1(x) + bias)`` instead of ``fc1(x)`` (svdq/DESIGN.md §20). ``None``: the output
+            objective (the result's ``objective`` says which was used). ``bias``: fc1's bias ``(E × out)``
+            (``None``: none), used only by that objective.
 
     Raises ``ValueError`` naming ``name`` (and the global expert index) for: bad shapes or layouts,
     non-finite weights or activations, a group-size mismatch, a budget below rank 1, missing token
@@ -302,9 +312,10 @@ def decompose_expert_group(
     offset = _expert_offset(W.shape[0], ep_group, W.device) if expert_offset is None else int(expert_offset)
     _validate_everywhere(W, stats, config, name, offset, ep_group)
     with named_errors(name), trusted_inputs():  # weights and statistics are validated: no NaN syncs
+        act = activation if projection == "fc1" and config.fc1_objective == "activation" else None
         with phase("setup"):
             g = _ExpertProjection(
-                W, list(stats), config, projection, layout, ep_group, name, offset, score_rows
+                W, list(stats), config, projection, layout, ep_group, name, offset, score_rows, act, bias
             )
         del W
         state, steps, figures, budget = _search(g, layout, budget, alternations, cg_iters)
@@ -511,7 +522,9 @@ class _ExpertProjection:
     weights, scoring tokens, smoothing candidates, the prepared experts of
     :mod:`svdq.solvers.shared_basis`, and the scoring / evaluation steps."""
 
-    def __init__(self, W, stats, config: SVDQConfig, projection, layout, ep_group, name, offset, score_rows):
+    def __init__(
+        self, W, stats, config, projection, layout, ep_group, name, offset, score_rows, act=None, bias=None
+    ):
         dev = W.device
         E, out, n_in = W.shape
         self.cfg, self.projection, self.ep_group, self.name, self.offset = (
@@ -551,10 +564,20 @@ class _ExpertProjection:
         W32 = W.float()
         self.Y_ref = self.X @ W32.mT  # (E × k × out)
         self.den_w = self.W64.square().sum((1, 2))
+        # consumer objective (fc1): errors of act(y + b) against act(y_ref + b); the activation mixes output
+        # rows (a GLU pairs gate and up), so candidates are scored on all rows
+        self.act = act
+        if act is not None:
+            if bias is not None and tuple(bias.shape) != (E, out):
+                raise ValueError(f"{name}: fc1 bias must be (E × out) = {(E, out)}, got {tuple(bias.shape)}")
+            self.bias = None if bias is None else bias.detach().to(dev, torch.float32).unsqueeze(1)  # E,1,out
+            kmax = self.X.shape[1]
+            self.valid = (torch.arange(kmax, device=dev) < torch.tensor(k, device=dev)[:, None]).unsqueeze(-1)
+            self.Z_ref = self.consume(self.Y_ref)  # (E × k × m)
         if score_rows is None:
             score_rows = max(-(-config.score_rows // self.num_global), _MIN_SCORE_ROWS)
         self.rows = None
-        if score_rows < out:
+        if score_rows < out and act is None:
             gen = torch.Generator().manual_seed(config.seed)
             self.rows = torch.randperm(out, generator=gen)[:score_rows].sort().values.to(dev)
         # Q_a(X_i/s_i) per smoothing tensor (by identity); candidates' entries are kept for later layouts
@@ -683,7 +706,10 @@ class _ExpertProjection:
         Y = self.xq(s, keep) @ Rq.mT
         if Yb is not None:
             Y += Yb
-        Y -= self.Y_ref if rows is None else self.Y_ref[..., rows]
+        if self.act is not None:  # rows is None here (see __init__)
+            Y = self.consume(Y) - self.Z_ref
+        else:
+            Y -= self.Y_ref if rows is None else self.Y_ref[..., rows]
         nums = Y.square_().sum((1, 2), dtype=_F64)
         if self.fallback_local:
             fb = torch.tensor(self.fallback_local, device=nums.device)
@@ -692,8 +718,15 @@ class _ExpertProjection:
             nums[fb] = (Rq[fb] / sf - D[fb]).square().sum((1, 2), dtype=_F64)
         return nums
 
+    def consume(self, Y: Tensor, i: int | None = None) -> Tensor:
+        """``act(Y + b)`` of fc1 outputs ``Y (E × k × out)`` (or expert ``i``'s ``(k × out)``), float32; zero
+        on the padding rows after each expert's samples (``act(b)`` would count there)."""
+        if self.bias is not None:
+            Y = Y + (self.bias if i is None else self.bias[i])
+        return self.act(Y).float() * (self.valid if i is None else self.valid[i])
+
     def dens(self, rows: Tensor | None) -> Tensor:
-        Y_ref = self.Y_ref if rows is None else self.Y_ref[..., rows]
+        Y_ref = self.Z_ref if self.act is not None else self.Y_ref if rows is None else self.Y_ref[..., rows]
         den_out = Y_ref.square().sum((1, 2), dtype=_F64)
         den_w = self.den_w if rows is None else self.W64[:, rows].square().sum((1, 2))
         return torch.where(self.tok, den_out, den_w)
@@ -783,7 +816,11 @@ class _ExpertProjection:
             Xs = self.X[i, :k_i].to(_F64) / si  # (k_i, in) expert i's scoring sample, smoothed
             H = self.covs[i] / torch.outer(si, si) - Xs.T @ Xs  # Hessian of its other tokens' x/s_i
             Rq_i, packed = gptq_quantize(R[i], H, self.wq, self.cfg.damp)
-            num = float((Xq[i] @ Rq_i.mT + Yb[i] - self.Y_ref[i]).square().sum(dtype=_F64))
+            Y_i = Xq[i] @ Rq_i.mT + Yb[i]  # (k × out)
+            if self.act is not None:
+                num = float((self.consume(Y_i, i) - self.Z_ref[i]).square().sum(dtype=_F64))
+            else:
+                num = float((Y_i - self.Y_ref[i]).square().sum(dtype=_F64))
             if num < float(nums[i]):
                 if Rq is st.Rq:
                     Rq = st.Rq.clone()
@@ -844,4 +881,5 @@ class _ExpertProjection:
             layout_figures=figures,
             seconds=seconds,
             residual_quants=quants,
+            objective="output" if self.act is None else "activation",
         )
