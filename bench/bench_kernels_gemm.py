@@ -12,7 +12,10 @@ Rows per projection and weight format (nvfp4, int4 g128), LoRA rank ``--rank`` i
 
 * ``grouped_w4``: :func:`grouped_w4_mm` with ``u`` / ``lora_up`` (per expert);
 * ``torch_bf16``: ``torch._grouped_mm`` on bf16 weights (the weights already dequantized; no LoRA);
-* ``torch_dequant``: today's frozen path: ``ExpertResiduals.dequantize`` each call, then ``_grouped_mm``.
+* ``torch_dequant``: the PyTorch reference: ``ExpertResiduals.dequantize`` each call, then ``_grouped_mm``;
+* ``triton_dequant+cublas``: :func:`svdq.kernels.dequant_w4.dequant_mm` (Triton dequantization to bf16, then
+  ``_grouped_mm``; backward dequantizes again), no LoRA — what the grouped projection takes with many rows
+  per expert.
 
 TFLOP/s count the base GEMM only (``2·S·N·K`` forward, twice that forward + backward: the ``dx`` GEMM; the
 base weight is frozen); times are medians over ``--iters`` calls after ``--warmup`` (the first includes
@@ -52,6 +55,7 @@ def _grouped_mm(x, w, offs):
 
 
 def bench_projection(E, S, n, k, fmt, rank, device, warmup, iters) -> dict:
+    from svdq.kernels.dequant_w4 import dequant_mm
     from svdq.kernels.grouped_w4 import W4Weight, grouped_w4_mm
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -87,13 +91,24 @@ def bench_projection(E, S, n, k, fmt, rank, device, warmup, iters) -> dict:
         with torch.no_grad():
             return _grouped_mm(x, res.dequantize(torch.bfloat16), offs)
 
+    def triton_dequant_fwd():  # the Triton dequantization + cuBLAS (base GEMM only, as torch_bf16)
+        with torch.no_grad():
+            return dequant_mm(x, w, offs)
+
+    def triton_dequant_fwd_bwd():
+        x.grad = None
+        dequant_mm(x, w, offs).backward(dy)
+
     flops = 2.0 * S * n * k
     rows = {}
     for name, fwd, fwd_bwd in [
         ("grouped_w4", kernel_fwd, kernel_fwd_bwd),
         ("torch_bf16", torch_fwd, torch_fwd_bwd),
         ("torch_dequant", dequant_fwd, None),
+        ("triton_dequant+cublas", triton_dequant_fwd, triton_dequant_fwd_bwd),
     ]:
+        if name.startswith("triton_dequant") and device == "cpu":
+            continue
         t = median_time(fwd, device, warmup, iters)
         row = {"forward_ms": t * 1e3, "forward_tflops": flops / t / 1e12}
         if fwd_bwd is not None:

@@ -173,6 +173,7 @@ def main(argv=None) -> int:
         choices=["torch", "auto"],
         help="kernel backends for the quantized variants (default: torch and auto on CUDA, torch on CPU)",
     )
+    p.add_argument("--no-fake", action="store_true", help="skip the fake-quant (unpacked) base variants")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     from lora.framework.parallel import destroy_parallel, init_parallel
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
         (f"{name} [{b}]", b, *rest)
         for b in backends
         for name, *rest in quant_variants
-        if b == backends[0] or rest[2] == "packed"
+        if (b == backends[0] and not args.no_fake) or rest[2] == "packed"
     ]
     results = []
     try:

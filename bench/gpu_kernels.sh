@@ -20,13 +20,13 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name ($limit s): $*"; local
   tar -C "$(dirname "$K")" -czf "$FINAL/kernels.tgz.tmp" k && mv "$FINAL/kernels.tgz.tmp" "$FINAL/kernels.tgz"; }
 for s in "${steps[@]}"; do case $s in
   tests) SVDQ_KERNELS=auto step tests "${T_TESTS:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider -rfE \
-           tests/svdq/kernels tests/lora/test_grouped_svdq.py tests/svdq/experts ;;
+           --tb=short ${TESTS:-tests/svdq/kernels tests/lora/test_grouped_svdq.py tests/svdq/experts} ;;
   act) step act "${T_ACT:-60}" python3 bench/bench_kernels_act.py ;;
-  gemm) step gemm "${T_GEMM:-120}" python3 bench/bench_kernels_gemm.py ;;
+  gemm) step gemm "${T_GEMM:-120}" python3 bench/bench_kernels_gemm.py ${GEMM_ARGS:-} ;;
   moe8) step moe8 "${T_MOE:-150}" python3 bench/bench_lora_moe.py --shapes mixtral-half --kernels torch auto \
-          --name lora_moe_gpu_kernels_mixtral-half ;;
-  moe64) step moe64 "${T_MOE:-150}" python3 bench/bench_lora_moe.py --shapes fine-64 --kernels torch auto \
-          --name lora_moe_gpu_kernels_fine-64 ;;
+          --no-fake --name lora_moe_gpu_kernels_mixtral-half ;;
+  moe64) step moe64 "${T_MOE64:-150}" python3 bench/bench_lora_moe.py --shapes fine-64 --kernels torch auto \
+          --no-fake --steps 6 --warmup 2 --name lora_moe_gpu_kernels_fine-64 ;;
   calib) step calib "${T_CALIB:-120}" python3 bench/bench_calib_speed.py --layers "${CALIB_LAYERS:-1}" --repeats 2 ;;
   profile) step profile "${T_PROF:-90}" python3 bench/profile_lora_moe.py --shape mixtral-half --presets none moe \
              --out "$K/profile_lora_moe.txt" ;;

@@ -110,17 +110,23 @@ class SVDQLinear(StaticActRange, ResidualStorage, nn.Module):
         with trusted_inputs():  # a NaN input shows in the output anyway: no per-call host sync
             xq = quantize_activation(x, self.smooth, self.act_format, self.input_amax)
         u = F.linear(x, self.lora_down.to(x.dtype))  # (..., r)
+        base = None
         if self.storage == "packed" and triton_available():
-            from svdq.kernels.grouped_w4 import grouped_w4_applies, grouped_w4_mm
+            from svdq.kernels.dequant_w4 import dequant_mm, dequant_mm_preferred
+            from svdq.kernels.grouped_w4 import W4Weight, grouped_w4_applies, grouped_w4_mm
 
             x2 = xq.reshape(-1, self.in_features)  # (M, in)
             residual = self.packed_residual()
-            if grouped_w4_applies(x2, residual):  # dequantize in the prologue, the branch in the epilogue
-                branch = dict(u=u.reshape(-1, self.rank), lora_up=self.lora_up) if self.rank else {}
-                y = grouped_w4_mm(x2, residual, None, **branch).reshape(*x.shape[:-1], self.out_features)
-                return y if self.bias is None else y + self.bias.to(x.dtype)
-        with trusted_inputs():
-            base = F.linear(xq, self.residual_weight(x.dtype))
+            if grouped_w4_applies(x2, residual):
+                w4 = W4Weight.of(residual)
+                if not dequant_mm_preferred(x2, w4):  # dequantize in the prologue, the branch in the epilogue
+                    branch = dict(u=u.reshape(-1, self.rank), lora_up=self.lora_up) if self.rank else {}
+                    y = grouped_w4_mm(x2, w4, None, **branch).reshape(*x.shape[:-1], self.out_features)
+                    return y if self.bias is None else y + self.bias.to(x.dtype)
+                base = dequant_mm(x2, w4).reshape(*x.shape[:-1], self.out_features)  # 16-bit W + cuBLAS
+        if base is None:
+            with trusted_inputs():
+                base = F.linear(xq, self.residual_weight(x.dtype))
         y = base + F.linear(u, self.lora_up.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)

@@ -125,6 +125,19 @@ def _dequantize_to(packed: PackedTensor, dtype: torch.dtype, device: torch.devic
     return dequantize(packed, torch.float32).to(dtype)
 
 
+def _dequantize_packed(packed: PackedTensor, dtype: torch.dtype) -> Tensor:
+    """``dequantize(packed, float32).to(dtype)`` ``(out, in)``: by the Triton kernel of
+    :mod:`svdq.kernels.dequant_w4` (one pass, bit for bit the same) where it applies, else in PyTorch."""
+    from svdq.kernels import triton_available, use_triton
+
+    if packed.fmt.name in ("nvfp4", "int4") and len(packed.shape) == 2 and triton_available():
+        if use_triton(packed.qdata, who="dequantize_w4"):
+            from svdq.kernels.dequant_w4 import dequantize_w4
+
+            return dequantize_w4(packed, dtype)[0]
+    return dequantize(packed, torch.float32).to(dtype)
+
+
 class ResidualStorage:
     """The frozen residual ``Q_w(R)`` of an SVDQuant layer (an ``nn.Module``), fake or packed (see the
     module docstring).
@@ -187,7 +200,7 @@ class ResidualStorage:
         if self.storage == "fake":
             weight = self._dequantized()
         else:
-            weight = dequantize(self.packed_residual(), torch.float32).to(self.residual_dtype)
+            weight = _dequantize_packed(self.packed_residual(), self.residual_dtype)
         return weight if dtype is None else weight.to(dtype)
 
     def set_residual(self, packed: PackedTensor) -> None:

@@ -93,15 +93,20 @@ def grouped_projection(
             u = u if rows is None else u[rows]  # (S, r)
         else:
             u = expert_mm(bx if rows is None else bx[rows], A, counts, offs, grouped)  # (S, r)
-    if _kernel_applies(xq, residual):  # dequantize in the prologue, lora_up in the epilogue: one launch
-        from svdq.kernels.grouped_w4 import grouped_w4_mm
+    if _kernel_applies(xq, residual):
+        from svdq.kernels.dequant_w4 import dequant_mm, dequant_mm_preferred
+        from svdq.kernels.grouped_w4 import W4Weight, grouped_w4_mm
 
-        return _add_bias(grouped_w4_mm(xq, residual, offs, u=u, lora_up=B), bias, ids)
-    if isinstance(residual, ExpertResiduals):
-        weight = residual.dequantize(torch.float32).to(weight_dtype or dt)  # (E, out, in)
+        w4 = W4Weight.of(residual)
+        if not dequant_mm_preferred(xq, w4):  # dequantize in the prologue, lora_up in the epilogue
+            return _add_bias(grouped_w4_mm(xq, w4, offs, u=u, lora_up=B), bias, ids)
+        y = dequant_mm(xq, w4, offs)  # many rows per expert: 16-bit weight (one pass) + cuBLAS, (S, out)
     else:
-        weight = residual
-    y = expert_mm(xq, weight.to(dt), counts, offs, grouped)  # (S, out)
+        if isinstance(residual, ExpertResiduals):
+            weight = residual.dequantize(torch.float32).to(weight_dtype or dt)  # (E, out, in)
+        else:
+            weight = residual
+        y = expert_mm(xq, weight.to(dt), counts, offs, grouped)  # (S, out)
     if u is not None:
         v = F.linear(u, B) if layout == SHARED_UP else expert_mm(u, B, counts, offs, grouped)  # (S, out)
         y = y + v

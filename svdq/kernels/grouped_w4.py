@@ -154,7 +154,7 @@ if triton_available():
         mt = mag & 1
         normal = (((ex + 126) << 23) | (mt << 22)).to(tl.float32, bitcast=True)
         v = tl.where(ex == 0, mt.to(tl.float32) * 0.5, normal)
-        return tl.where((code & 8) != 0, -v, v)
+        return tl.where((code & 8) != 0, 0.0 - v, v)  # (0 - v: code 8 is +0, as in the reference table)
 
     @triton.jit
     def _e4m3(b):
@@ -195,9 +195,12 @@ if triton_available():
         SCALE_KIND: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        g,
+        WITH_G: tl.constexpr,
     ):
-        """float32 tile (BLOCK_N, BLOCK_K) of expert ``e``'s dequantized weight (nvfp4 without the global
-        scale) at rows ``n`` (BLOCK_N,) and columns ``k0 + arange(BLOCK_K)``; 0 outside (N, K)."""
+        """float32 tile (BLOCK_N, BLOCK_K) of expert ``e``'s dequantized weight at rows ``n`` (BLOCK_N,) and
+        columns ``k0 + arange(BLOCK_K)``; 0 outside (N, K). nvfp4: without the global scale (``E2M1 * s_b``,
+        exact), or with ``WITH_G`` the reference's ``E2M1 * (s_b * g)``."""
         HALF: tl.constexpr = BLOCK_K // 2
         kb = k0 // 2 + tl.arange(0, HALF)
         k = k0 + tl.arange(0, BLOCK_K)
@@ -217,7 +220,10 @@ if triton_available():
         if FMT == 0:  # nvfp4: element 2j in the low nibble
             codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
             sb = tl.load(s_ptr + s_off, mask=s_mask, other=0).to(tl.int32)
-            w = _e2m1(codes) * _e4m3(sb)
+            if WITH_G:
+                w = _e2m1(codes) * (_e4m3(sb) * g)
+            else:
+                w = _e2m1(codes) * _e4m3(sb)
         else:  # int4: element 2j in the high nibble, code = q + 8, w = rnd_D(q / m)
             codes = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
             q = (codes - 8).to(tl.float32)
@@ -294,7 +300,7 @@ if triton_available():
             xt = tl.load(
                 x_ptr + rows64[:, None] * K + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0
             )
-            w = _deq_tile(q_ptr, s_ptr, e, n, k0, N, K, FMT, GROUP, SCALE_KIND, BLOCK_N, BLOCK_K)
+            w = _deq_tile(q_ptr, s_ptr, e, n, k0, N, K, FMT, GROUP, SCALE_KIND, BLOCK_N, BLOCK_K, 1.0, False)
             acc = mma(xt, tl.trans(_to_mma(w, MMA_BF16, INTERPRET)), acc, INTERPRET)
         if FMT == 0:
             acc = acc * tl.load(g_ptr + e)
@@ -362,7 +368,7 @@ if triton_available():
             dyt = tl.load(
                 dy_ptr + rows64[:, None] * N + n[None, :], mask=row_ok[:, None] & (n[None, :] < N), other=0.0
             )
-            w = _deq_tile(q_ptr, s_ptr, e, n, k0, N, K, FMT, GROUP, SCALE_KIND, BLOCK_N, BLOCK_K)
+            w = _deq_tile(q_ptr, s_ptr, e, n, k0, N, K, FMT, GROUP, SCALE_KIND, BLOCK_N, BLOCK_K, 1.0, False)
             acc = mma(dyt, _to_mma(w, MMA_BF16, INTERPRET), acc, INTERPRET)
         if FMT == 0:
             acc = acc * tl.load(g_ptr + e)

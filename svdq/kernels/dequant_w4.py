@@ -1,0 +1,153 @@
+"""Dequantize packed 4-bit weights to 16 bits in one Triton pass, and the frozen product that uses it:
+``x · deq(W_e)ᵀ`` by cuBLAS grouped GEMMs on the dequantized weight (svdq/DESIGN.md §16, "Two ways to
+multiply by a 4-bit weight").
+
+The fused kernel of :mod:`svdq.kernels.grouped_w4` reads 0.56 bytes per weight and dequantizes in its
+prologue, which wins when few rows meet each weight (decoding, small batches); but its MMA pipeline is
+Triton's, several times slower than cuBLAS per FLOP at training sizes. With many rows per expert it is
+faster to write the 16-bit weight once (≈ 2.6 bytes per weight of memory traffic) and let
+``torch._grouped_mm`` (or ``F.linear`` for one expert) run at the tensor cores' rate; the backward
+dequantizes again instead of keeping the 16-bit copy (the base is frozen: only ``dx`` is needed).
+
+Tensors (``E`` experts, ``N`` outputs, ``K`` inputs, ``S`` rows sorted by expert)::
+
+    weight   W4Weight: qdata uint8 (E, N, K/2); scale float8_e4m3fn (E, N, K/16) [nvfp4] or D (E, N, K/g)
+             [int4]; global_scale float32 (E,) [nvfp4]
+    W        dtype (E, N, K)    bf16 / fp16 / float32: bit for bit ``ExpertResiduals.dequantize(float32)``
+                                (``E2M1[code] · (s_b · g)``; int4 ``rnd_D((code − 8) / m)``) cast to dtype
+    x        bf16 / fp16 (S, K);  offs int32 (E,) cumulative rows (offs[-1] = S)
+    y        x.dtype (S, N)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import interpreting, triton_available
+from .grouped_w4 import _OUT_KIND, _SCALE_KIND, W4Weight
+
+__all__ = ["DEQUANT_MIN_ROWS", "dequant_mm", "dequant_mm_preferred", "dequantize_w4"]
+
+#: rows per expert (on average) from which the dequantize-then-cuBLAS product beats the fused kernel on
+#: Hopper (bench/bench_kernels_gemm.py: fused ≈ 110 TFLOP/s vs cuBLAS ≈ 550 plus ≈ 2.6 bytes per weight of
+#: dequantization traffic ⇒ break-even near 128 rows)
+DEQUANT_MIN_ROWS = 128
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from .grouped_w4 import _deq_tile, _store
+
+    @triton.jit
+    def _dequant_kernel(
+        q_ptr, s_ptr, g_ptr, w_ptr, N, K,
+        FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+    ):  # fmt: skip
+        """One (BLOCK_N, BLOCK_K) tile of expert ``program_id(2)``'s weight, dequantized and stored."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        e = tl.program_id(2)
+        k = k0 + tl.arange(0, BLOCK_K)
+        if FMT == 0:
+            g = tl.load(g_ptr + e)
+        else:
+            g = 1.0
+        w = _deq_tile(q_ptr, s_ptr, e, n, k0, N, K, FMT, GROUP, SCALE_KIND, BLOCK_N, BLOCK_K, g, FMT == 0)
+        e64 = e.to(tl.int64)
+        ptr = w_ptr + e64 * N * K + n.to(tl.int64)[:, None] * K + k[None, :]
+        _store(ptr, w, (n[:, None] < N) & (k[None, :] < K), OUT_KIND, INTERPRET)
+
+
+def dequantize_w4(weight: object, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``W (E, N, K)`` of ``dtype`` (see the module docstring): a PackedTensor ``(N, K)`` gives ``(1, N, K)``.
+    Equal bit for bit to the PyTorch reference ``dequantize(float32).to(dtype)``."""
+    w = W4Weight.of(weight)
+    if not triton_available():
+        raise RuntimeError("dequantize_w4: triton is not installed")
+    if not (w.qdata.is_cuda or interpreting()):
+        raise ValueError(
+            "dequantize_w4: the weight is on the CPU; the kernel needs CUDA (or TRITON_INTERPRET=1)"
+        )
+    if dtype not in _OUT_KIND:
+        raise ValueError(f"dequantize_w4: dtype must be bf16, fp16 or float32, got {dtype}")
+    E, N, K = w.num_experts, w.out_features, w.in_features
+    out = torch.empty(E, N, K, dtype=dtype, device=w.device)  # (E, N, K)
+    if out.numel() == 0:
+        return out
+    fmt = w.fmt
+    if fmt.name == "nvfp4":
+        scale, kind, g = w.scale.view(torch.uint8), 0, w.global_scale
+    else:
+        kind = _SCALE_KIND[w.scale.dtype]
+        scale = w.scale.view(torch.int16) if w.scale.dtype == torch.bfloat16 else w.scale
+        g = w.qdata  # unused pointer
+    interp = interpreting()
+    block_n, block_k = (16, 64) if interp else (32, 128)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k), E)
+    _dequant_kernel[grid](
+        w.qdata, scale, g, out, N, K,
+        FMT=0 if fmt.name == "nvfp4" else 1, GROUP=fmt.group_size, SCALE_KIND=kind, OUT_KIND=_OUT_KIND[dtype],
+        BLOCK_N=block_n, BLOCK_K=block_k, INTERPRET=interp, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def dequant_mm_preferred(x: Tensor, weight: W4Weight) -> bool:
+    """Whether :func:`dequant_mm` should replace the fused kernel for ``x (S, K)``: CUDA bf16 with at least
+    :data:`DEQUANT_MIN_ROWS` rows per expert on average and 16-byte-aligned sizes (cuBLAS grouped GEMM)."""
+    E, N, K = weight.num_experts, weight.out_features, weight.in_features
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and N % 8 == 0 and K % 8 == 0):
+        return False
+    if E > 1 and not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.shape[0] >= DEQUANT_MIN_ROWS * E
+
+
+def _product(x: Tensor, W: Tensor, offs: Tensor, transpose: bool) -> Tensor:
+    """``x_e · W_eᵀ`` (or ``x_e · W_e`` with ``transpose``) for the rows of each expert."""
+    E = W.shape[0]
+    if E == 1:
+        return x @ W[0] if transpose else F.linear(x, W[0])
+    mat = W if transpose else W.transpose(-2, -1)  # (E, K, N) for x · Wᵀ
+    if x.is_cuda and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(x, mat, offs=offs)
+    ends = offs.tolist()  # the interpreter's (CPU) path
+    pieces = [x[s:e] @ mat[i] for i, (s, e) in enumerate(zip([0, *ends[:-1]], ends))]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, mat.shape[-1])
+
+
+class _DequantMM(torch.autograd.Function):
+    """``y = x · deq(W)ᵀ`` per expert; backward ``dx = dy · deq(W)`` with the weight dequantized again."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offs):  # type: ignore[override]
+        ctx.weight = weight
+        ctx.save_for_backward(offs)
+        W = dequantize_w4(weight, x.dtype)  # (E, N, K), freed after the product
+        return _product(x, W, offs, transpose=False)  # (S, N)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        (offs,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        W = dequantize_w4(ctx.weight, dy.dtype)  # (E, N, K)
+        return _product(dy.contiguous(), W, offs, transpose=True), None, None  # (S, K)
+
+
+def dequant_mm(x: Tensor, weight: object, offs: Tensor | None = None) -> Tensor:
+    """``y[rows of e] = x[rows of e] · deq(W_e)ᵀ`` through a dequantized 16-bit weight and cuBLAS
+    (``torch._grouped_mm`` for several experts); differentiable in ``x`` (the weight is frozen).
+    ``offs`` as in :func:`svdq.kernels.grouped_w4_mm` (``None`` for one expert)."""
+    w = W4Weight.of(weight)
+    if x.dim() != 2 or x.shape[1] != w.in_features:
+        raise ValueError(f"dequant_mm: x must be (S, {w.in_features}), got {tuple(x.shape)}")
+    if offs is None:
+        if w.num_experts != 1:
+            raise ValueError(f"dequant_mm: offs is needed for a weight of {w.num_experts} experts")
+        offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
+    return _DequantMM.apply(x.contiguous(), w, offs)

@@ -1,0 +1,132 @@
+"""svdq.kernels.dequant_w4 — packed 4-bit weights dequantized by one Triton pass (bit for bit the PyTorch
+reference ``ExpertResiduals.dequantize(float32).to(dtype)``), and the frozen product through it, forward and
+backward, against float64 references (CPU: Triton's interpreter, tiny shapes; ``gpu``: training sizes,
+where the product must equal the reference path's cuBLAS product exactly — the same weights, the same GEMM).
+
+Tolerance of the product vs float64: the 16-bit output's rounding (2⁻⁸ bf16) plus fp32 accumulation,
+``(K + 2) · 2⁻²⁴ · |x|·|W|ᵀ``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svdq.experts.ops import expert_mm
+from svdq.experts.storage import ExpertResiduals
+from svdq.formats import quantize_tensor
+
+pytest.importorskip("triton")
+
+from svdq.kernels.dequant_w4 import dequant_mm, dequant_mm_preferred, dequantize_w4  # noqa: E402
+from svdq.kernels.grouped_w4 import W4Weight  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FORMATS = [
+    ({"name": "nvfp4"}, 80, torch.bfloat16),  # K not a multiple of the interpreter's BLOCK_K (64)
+    ({"name": "int4", "group_size": 32}, 96, torch.bfloat16),
+    ({"name": "int4", "group_size": 64}, 128, torch.float16),
+    ({"name": "int4", "group_size": 128}, 128, torch.float32),
+]
+
+
+def _experts(fmt, E, n, k, wdtype, seed=0) -> ExpertResiduals:
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(n, k, generator=gen) * (0.5 + i) for i in range(E)]  # distinct global scales
+    ws[0][0, :16] = 0  # an all-zero block
+    ws[-1][1, :16] *= 1e-30  # subnormal-sized block scales
+    return ExpertResiduals.from_packed([quantize_tensor(w.to(wdtype).to(DEV), fmt) for w in ws])
+
+
+@pytest.mark.parametrize("fmt,k,wdtype", FORMATS, ids=["nvfp4", "int4g32", "int4g64", "int4g128"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_bit_exact(fmt, k, wdtype, dtype):
+    res = _experts(fmt, 3, 24, k, wdtype)  # N = 24: not a multiple of the interpreter's BLOCK_N
+    got = dequantize_w4(res, dtype)
+    want = res.dequantize(torch.float32).to(dtype)  # (E, N, K)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # bits: signed zeros too
+
+
+def test_dequantize_dense_packed_tensor():
+    w = quantize_tensor(torch.randn(40, 64).to(DEV), "nvfp4")
+    got = dequantize_w4(w, torch.bfloat16)  # (1, 40, 64)
+    from svdq.formats import dequantize
+
+    assert torch.equal(got[0], dequantize(w, torch.float32).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("counts", [[0, 1, 5, 0], [3, 0, 0, 9]], ids=["0-1-5-0", "3-0-0-9"])
+@pytest.mark.parametrize(
+    "fmt", [{"name": "nvfp4"}, {"name": "int4", "group_size": 32}], ids=["nvfp4", "int4"]
+)
+def test_product_forward_backward_vs_float64(counts, fmt):
+    E, n, k = len(counts), 24, 96
+    res = _experts(fmt, E, n, k, torch.bfloat16)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEV)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(counts), k, generator=gen).to(torch.bfloat16).to(DEV).requires_grad_()
+    y = dequant_mm(x, res, offs)  # (S, n)
+    W = res.dequantize(torch.float32).to(torch.bfloat16).double()  # (E, n, k): the weights it multiplies
+    ends = offs.tolist()
+    spans = list(zip([0, *ends[:-1]], ends))
+    want = torch.cat([x.detach().double()[s:t] @ W[e].T for e, (s, t) in enumerate(spans)])
+    bound = torch.cat([x.detach().double().abs()[s:t] @ W[e].abs().T for e, (s, t) in enumerate(spans)])
+    tol = 2.0**-8 * want.abs() + (k + 2) * 2.0**-24 * bound
+    assert y.dtype == torch.bfloat16 and ((y.double() - want).abs() <= tol).all()
+    gy = torch.randn(y.shape, generator=gen).to(torch.bfloat16).to(DEV)
+    y.backward(gy)
+    gwant = torch.cat([gy.double()[s:t] @ W[e] for e, (s, t) in enumerate(spans)])
+    gbound = torch.cat([gy.double().abs()[s:t] @ W[e].abs() for e, (s, t) in enumerate(spans)])
+    assert ((x.grad.double() - gwant).abs() <= 2.0**-8 * gwant.abs() + (n + 2) * 2.0**-24 * gbound).all()
+
+
+def test_dense_product_and_bad_arguments():
+    w = quantize_tensor(torch.randn(32, 64).to(DEV), "nvfp4")
+    x = torch.randn(5, 64).to(torch.bfloat16).to(DEV)
+    from svdq.formats import dequantize
+
+    want = x @ dequantize(w, torch.float32).to(torch.bfloat16).T
+    assert torch.equal(dequant_mm(x, w), want)
+    with pytest.raises(ValueError, match=r"x must be \(S, 64\)"):
+        dequant_mm(x[:, :32], w)
+    res = _experts({"name": "nvfp4"}, 2, 16, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="offs is needed"):
+        dequant_mm(x, res)
+    with pytest.raises(ValueError, match="dtype must be"):
+        dequantize_w4(res, torch.int8)
+    # the choice: CUDA bf16 only, from DEQUANT_MIN_ROWS rows per expert
+    assert not dequant_mm_preferred(torch.zeros(4096, 64, dtype=torch.bfloat16), W4Weight.of(res))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "E,S,n,k,fmt",
+    [(8, 8192, 14336, 2048, {"name": "nvfp4"}), (64, 32768, 2816, 2048, {"name": "int4", "group_size": 128})],
+    ids=["mixtral-half-fc1-nvfp4", "fine64-fc1-int4"],
+)
+def test_gpu_equals_reference_path(E, S, n, k, fmt):
+    """At training sizes the product equals the PyTorch reference path exactly (same bf16 weights, same
+    torch._grouped_mm), forward and backward; and it is the path the grouped projection chooses."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ws = [torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(E)]
+    res = ExpertResiduals.from_packed([quantize_tensor(wi, fmt) for wi in ws])
+    del ws
+    ids = torch.multinomial(torch.ones(E, device="cuda"), S, replacement=True, generator=gen)
+    counts_t = torch.bincount(ids, minlength=E)
+    counts_t[0] = 0
+    offs = counts_t.cumsum(0).to(torch.int32)
+    counts = counts_t.tolist()
+    S = int(offs[-1])
+    x = torch.randn(S, k, generator=gen, device="cuda").to(torch.bfloat16)
+    assert dequant_mm_preferred(x, W4Weight.of(res))
+    W = res.dequantize(torch.float32).to(torch.bfloat16)
+    assert torch.equal(dequantize_w4(res, torch.bfloat16), W)
+    out = []
+    for ours in (True, False):
+        xi = x.clone().requires_grad_()
+        y = dequant_mm(xi, res, offs) if ours else expert_mm(xi, W, counts, offs)
+        y.backward(torch.ones_like(y))
+        out.append((y.detach(), xi.grad))
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.equal(out[0][1], out[1][1])
