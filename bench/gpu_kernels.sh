@@ -28,7 +28,7 @@ for s in "${steps[@]}"; do case $s in
   moe64) step moe64 "${T_MOE64:-150}" python3 bench/bench_lora_moe.py --shapes fine-64 --kernels torch auto \
           --no-fake --steps 6 --warmup 2 --name lora_moe_gpu_kernels_fine-64 ;;
   calib) step calib "${T_CALIB:-120}" python3 bench/bench_calib_speed.py --layers "${CALIB_LAYERS:-1}" --repeats 2 ;;
-  profile) step profile "${T_PROF:-90}" python3 bench/profile_lora_moe.py --shape mixtral-half --presets none moe \
+  profile) step profile "${T_PROF:-90}" python3 bench/profile_lora_moe.py --shape mixtral-half --presets moe --rows 12 \
              --out "$K/profile_lora_moe.txt" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
