@@ -28,14 +28,15 @@ def _quantize_experts(group: LoraExperts, act_format: str, static: bool | str, s
     experts (as calibration makes it), fc2 smoothing per expert; static ranges on some experts (``"all"``:
     on every expert, as calibration sets them)."""
     g = torch.Generator().manual_seed(seed)
-    hidden = group.base.local_experts[0].linear_fc1.base.weight.shape[1]
-    shared = torch.rand(hidden, generator=g) + 0.5
+    weight0 = group.base.local_experts[0].linear_fc1.base.weight
+    shared = (torch.rand(weight0.shape[1], generator=g) + 0.5).to(weight0.device)
     for i, expert in enumerate(group.base.local_experts):
         for attr in ("linear_fc1", "linear_fc2"):
             wrapper = getattr(expert, attr)
             inner = wrapper.base
             w = inner.weight.detach().float()
-            smooth = shared if attr == "linear_fc1" else torch.rand(w.shape[1], generator=g) + 0.5
+            own = (torch.rand(w.shape[1], generator=g) + 0.5).to(w.device)
+            smooth = shared if attr == "linear_fc1" else own
             base = SVDQBase(inner, quantize_tensor(w * smooth, "nvfp4"), smooth, act_format, "packed")
             if static == "all" or (static and i % 2 == 0):
                 base.set_input_amax(3.0)  # clips some activations: the straight-through mask matters
