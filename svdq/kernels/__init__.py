@@ -5,7 +5,7 @@ The PyTorch code in :mod:`svdq.formats`, :mod:`svdq.residual` and :mod:`svdq.exp
 and the fallback; a kernel is used only where :func:`svdq.kernels.backend.use_triton` says so (Triton
 importable, CUDA tensors — or CPU tensors under ``TRITON_INTERPRET=1`` — and the backend not set to
 ``"torch"``). Select with ``SVDQ_KERNELS=auto|triton|torch`` or :func:`set_backend` / :func:`kernel_backend`;
-the default is ``"torch"`` (kernels opt-in, see :mod:`svdq.kernels.backend`).
+the default is ``"auto"`` (see :mod:`svdq.kernels.backend`).
 """
 
 from .backend import (

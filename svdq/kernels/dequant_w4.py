@@ -61,6 +61,14 @@ if triton_available():
         ptr = w_ptr + e64 * N * K + n.to(tl.int64)[:, None] * K + k[None, :]
         _store(ptr, w, (n[:, None] < N) & (k[None, :] < K), OUT_KIND, INTERPRET)
 
+    #: tile shapes tried on the GPU, the fastest kept per (N, K, format): the first is the one measured on
+    #: an H100 at ≈ 0.7 TB/s (bench/results/kernels/profile_lora_moe_h100.txt), the others wider tiles
+    _TILES = [(32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (16, 256, 4)]
+    _dequant_tuned = triton.autotune(
+        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in _TILES],
+        key=["N", "K", "FMT", "GROUP", "OUT_KIND"],
+    )(_dequant_kernel)
+
 
 def dequantize_w4(weight: object, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """``W (E, N, K)`` of ``dtype`` (see the module docstring): a PackedTensor ``(N, K)`` gives ``(1, N, K)``.
@@ -85,14 +93,16 @@ def dequantize_w4(weight: object, dtype: torch.dtype = torch.bfloat16) -> Tensor
         kind = _SCALE_KIND[w.scale.dtype]
         scale = w.scale.view(torch.int16) if w.scale.dtype == torch.bfloat16 else w.scale
         g = w.qdata  # unused pointer
-    interp = interpreting()
-    block_n, block_k = (16, 64) if interp else (32, 128)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k), E)
-    _dequant_kernel[grid](
-        w.qdata, scale, g, out, N, K,
-        FMT=0 if fmt.name == "nvfp4" else 1, GROUP=fmt.group_size, SCALE_KIND=kind, OUT_KIND=_OUT_KIND[dtype],
-        BLOCK_N=block_n, BLOCK_K=block_k, INTERPRET=interp, num_warps=4,
-    )  # fmt: skip
+    consts = dict(FMT=0 if fmt.name == "nvfp4" else 1, GROUP=fmt.group_size, SCALE_KIND=kind,
+                  OUT_KIND=_OUT_KIND[dtype])  # fmt: skip
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]), E)
+
+    if interpreting():  # one small tile under the interpreter (CPU tests)
+        _dequant_kernel[grid](w.qdata, scale, g, out, N, K, **consts, BLOCK_N=16, BLOCK_K=64, INTERPRET=True)
+    else:
+        _dequant_tuned[grid](w.qdata, scale, g, out, N, K, **consts, INTERPRET=False)
     return out
 
 
