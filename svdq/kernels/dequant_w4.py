@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import interpreting, triton_available
-from .grouped_w4 import _OUT_KIND, _SCALE_KIND, W4Weight
+from .grouped_w4 import _OUT_KIND, W4Weight, _weight_args
 
 __all__ = ["DEQUANT_MIN_ROWS", "dequant_mm", "dequant_mm_preferred", "dequantize_w4"]
 
@@ -86,23 +86,16 @@ def dequantize_w4(weight: object, dtype: torch.dtype = torch.bfloat16) -> Tensor
     out = torch.empty(E, N, K, dtype=dtype, device=w.device)  # (E, N, K)
     if out.numel() == 0:
         return out
-    fmt = w.fmt
-    if fmt.name == "nvfp4":
-        scale, kind, g = w.scale.view(torch.uint8), 0, w.global_scale
-    else:
-        kind = _SCALE_KIND[w.scale.dtype]
-        scale = w.scale.view(torch.int16) if w.scale.dtype == torch.bfloat16 else w.scale
-        g = w.qdata  # unused pointer
-    consts = dict(FMT=0 if fmt.name == "nvfp4" else 1, GROUP=fmt.group_size, SCALE_KIND=kind,
-                  OUT_KIND=_OUT_KIND[dtype])  # fmt: skip
+    q, scale, g, consts = _weight_args(w)  # the fused kernel's view of the packed tensors
+    consts = {**consts, "OUT_KIND": _OUT_KIND[dtype]}
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]), E)
 
     if interpreting():  # one small tile under the interpreter (CPU tests)
-        _dequant_kernel[grid](w.qdata, scale, g, out, N, K, **consts, BLOCK_N=16, BLOCK_K=64, INTERPRET=True)
+        _dequant_kernel[grid](q, scale, g, out, N, K, **consts, BLOCK_N=16, BLOCK_K=64, INTERPRET=True)
     else:
-        _dequant_tuned[grid](w.qdata, scale, g, out, N, K, **consts, INTERPRET=False)
+        _dequant_tuned[grid](q, scale, g, out, N, K, **consts, INTERPRET=False)
     return out
 
 
