@@ -23,7 +23,7 @@ transformers' own reverse weight conversion, e.g. Qwen3-MoE ``mlp.experts.<e>.ga
     <m>.weight_packed        uint8 (out, in/2)           E2M1 codes, element 2j in the low nibble
     <m>.weight_scale         float8_e4m3fn (out, in/16)  block scales
     <m>.weight_global_scale  float32 (1,)                1/g = 6·448/amax (compressed-tensors' convention)
-    <m>.input_global_scale   float32 (1,)                scheme NVFP4 only: 6·448/max|x| of the raw input
+    <m>.input_global_scale   float32 (1,)                scheme NVFP4 only: 6·448/amax, amax the raw range
     <m>.bias                 dtype (out,)                where the layer has one
 
 The gate and up rows of one expert are folded as one ``(2I, H)`` weight, so the two share a global scale (as
@@ -32,9 +32,10 @@ vLLM expects for its fused ``w13``). Every other state-dict tensor is written as
 not an embedding — the ``lm_head``, routers (``mlp.gate``), excluded linears — is listed in ``ignore``.
 
 **Scheme**: ``"NVFP4"`` (W4A4: dynamic per-block activation scales, a static per-layer activation global
-scale, measured over ``forward_loop`` on the raw inputs — an expert no token reached takes the largest
-range of its projection) or ``"NVFP4A16"`` (weight-only). Default: ``NVFP4`` for a model whose
-activations are nvfp4, ``NVFP4A16`` for activation format ``none``. Every layer must have nvfp4 weights.
+scale, measured over ``forward_loop`` on the raw inputs: ``max|x|`` times the layer's headroom, its static
+range ``input_amax`` over ``max|x/s|`` in the same pass (svdq/DESIGN.md §20) — an expert no token reached
+takes the largest range of its projection) or ``"NVFP4A16"`` (weight-only). Default: ``NVFP4`` for a model
+whose activations are nvfp4, ``NVFP4A16`` for activation format ``none``. Every layer must have nvfp4 weights.
 
 **Limits**: plain torch / Hugging Face models only (not Megatron); fused experts of the ``concat-glu``
 handler (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3); the fold report gives ``weight_err`` / ``delta_rel`` per
@@ -54,11 +55,11 @@ from torch import Tensor, nn
 from lora.io.atomic import atomic_output_dir
 from lora.io.fold_experts import PARAM_NAMES, fold_projection
 from lora.io.folded_hf import fold_layer
-from lora.io.torch_common import ForwardLoop, capture_inputs, write_json
+from lora.io.modelopt_hf_experts import capture_expert_inputs
+from lora.io.torch_common import ForwardLoop, capture_inputs, with_headroom, write_json
 from svdq.experts import SVDQExperts
 from svdq.formats import PackedTensor, dequantize
 from svdq.layer import SVDQLinear
-from svdq.stats import run_with_hooks
 
 SCHEMES = ("NVFP4", "NVFP4A16")
 CT_FORMAT = "nvfp4-pack-quantized"
@@ -159,43 +160,17 @@ def _split_rows(saved: Mapping[str, Tensor], num_experts: int, rows: int) -> dic
 
 
 def _capture_expert_amax(model: nn.Module, experts: dict[str, SVDQExperts], forward_loop) -> dict:
-    """``{name: {"fc1": (E,), "fc2": (E,)}}``: per expert ``max|x|`` of each projection's raw input (fc1: the
-    routed hidden states; fc2: ``act(fc1(x))`` of the module as it is)."""
-    from svdq.experts.handlers.base import parse_routing
-    from svdq.experts.ops import row_amax_per_expert
-
-    amax = {
-        n: {"fc1": torch.zeros(m.num_experts), "fc2": torch.zeros(m.num_experts)} for n, m in experts.items()
+    """``{name: {"fc1": (E,), "fc2": (E,)}}``: per expert the raw-coordinate static range of each
+    projection's input (fc1: the routed hidden states; fc2: ``act(fc1(x))`` of the module as it is),
+    ``max|x|`` times the expert's headroom (:func:`lora.io.torch_common.with_headroom`)."""
+    cap = capture_expert_inputs(model, experts, forward_loop)
+    return {
+        n: {
+            p: with_headroom(cap.amax[(n, p)], cap.amax_smoothed[(n, p)], proj.input_amax).cpu()
+            for p, proj in m.projections().items()
+        }
+        for n, m in experts.items()
     }
-    ids_of: dict[str, Tensor] = {}
-
-    def routed(m: SVDQExperts, idx: Tensor) -> tuple[Tensor, Tensor]:
-        E, k = m.num_experts, idx.shape[-1]
-        flat = idx.reshape(-1)
-        key = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E))
-        order = torch.argsort(key, stable=True)
-        order = order[: int((key < E).sum())]
-        return key[order], order // k  # (S,) experts sorted, token rows
-
-    def pre(mod, args, kwargs, name):
-        x, idx, _ = parse_routing(mod.arg_names, args, kwargs)
-        ids, rows = routed(mod, idx)
-        ids_of[name] = ids
-        a = row_amax_per_expert(x.reshape(-1, x.shape[-1])[rows], ids, mod.num_experts).cpu()
-        torch.maximum(amax[name]["fc1"], a, out=amax[name]["fc1"])
-
-    def act(mod, args, out, name):
-        a = row_amax_per_expert(out, ids_of[name], experts[name].num_experts).cpu()
-        torch.maximum(amax[name]["fc2"], a, out=amax[name]["fc2"])
-
-    handles = []
-    for name, m in experts.items():
-        handles.append(
-            m.register_forward_pre_hook(lambda mod, a, k, n=name: pre(mod, a, k, n), with_kwargs=True)
-        )
-        handles.append(m.act.register_forward_hook(lambda mod, a, o, n=name: act(mod, a, o, n)))
-    run_with_hooks(model, forward_loop, handles)
-    return amax
 
 
 # ------------------------------------------------------------------------------------------ compress

@@ -12,8 +12,9 @@ fc1's shared ``(H,)``, fc2's ``s_e`` — and the expert's factors ``A_e (r, in)`
 factor being every expert's own), :func:`lora.fold.fold_residual` gives the new residual exactly as for
 one linear (:mod:`lora.io.folded_hf`): ``smoothing="keep"`` re-quantizes ``Q_w(R_e) + B_e·A_e·diag(s)`` and
 keeps ``s`` and the static ranges; ``"fold"`` re-quantizes ``T_e = Q_w(R_e)·diag(1/s) + B_e·A_e`` in raw
-coordinates, ``s = 1``, and the static range of expert ``e`` becomes ``max|x|`` of its routed inputs (0,
-i.e. dynamic, for an expert that got none). Each expert keeps its own NVFP4 global scale. The folded module
+coordinates, ``s = 1``, and the static range of expert ``e`` becomes the given ``raw_amax[e]``, ``max|x|``
+of its routed inputs times its headroom (:func:`lora.io.torch_common.with_headroom`; 0, i.e. dynamic, for
+an expert that got none). Each expert keeps its own NVFP4 global scale. The folded module
 is an ``SVDQExperts`` of rank 0 (per-expert empty factors ``(E, 0, in)`` / ``(E, out, 0)``), same handler,
 formats, biases and storage.
 
@@ -88,7 +89,8 @@ def fold_projection(
     raw_amax: Tensor | None = None,
 ) -> tuple[ProjectionState, list[dict]]:
     """``(folded rank-0 ProjectionState, per-expert errors)`` of one projection (module docstring);
-    ``inputs``: expert-indexed raw rows; ``raw_amax (E,)``: ``max|x|`` per expert for ``"fold"``."""
+    ``inputs``: expert-indexed raw rows; ``raw_amax (E,)``: the raw-coordinate static range per expert for
+    ``"fold"`` (``max|x|`` with headroom)."""
     residual = proj.packed_residual()
     qdtype = residual.dtype
     E, out_f, in_f = residual.shape
@@ -130,8 +132,8 @@ def fold_experts(
     name: str = "",
 ) -> tuple[SVDQExperts, dict[str, dict]]:
     """``(folded SVDQExperts, report)`` (module docstring); ``layer`` is not changed. ``inputs`` /
-    ``raw_amax``: per projection (``"fc1"``, ``"fc2"``) the expert-indexed raw rows and ``max|x|`` (E,),
-    e.g. from :class:`lora.io.modelopt_hf_experts.ExpertCapture`."""
+    ``raw_amax``: per projection (``"fc1"``, ``"fc2"``) the expert-indexed raw rows and range (E,),
+    e.g. from :class:`lora.io.modelopt_hf_experts.ExpertCapture` through ``with_headroom``."""
     states, report = {}, {}
     inputs, raw_amax = inputs or {}, raw_amax or {}
     for p, proj in layer.projections().items():

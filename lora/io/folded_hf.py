@@ -12,14 +12,16 @@ the layer by a branch-less (rank 0) one of the same formats:
   ``s`` and static range ``input_amax``; exported as modelopt ``NVFP4_AWQ`` (NVFP4 + ``pre_quant_scale``),
   which TensorRT-LLM reads. ``W_fold = Q_w(R')·diag(1/s)``.
 * ``smoothing="fold"``: ``W' = T``, new residual ``Q_w(T)`` in raw coordinates, ``s = 1``; activations are
-  then quantized unsmoothed, with ``input_amax = max|x|`` over the given inputs (dynamic without inputs).
+  then quantized unsmoothed, with ``input_amax = max|x|`` over the given inputs times the layer's
+  headroom, its static range over ``max|x/s|`` of the same inputs (svdq/DESIGN.md §20; dynamic without
+  inputs).
   Exported as plain modelopt ``NVFP4`` (no ``pre_quant_scale``: the layout vLLM, SGLang and TensorRT-LLM
   read). ``W_fold = Q_w(T)``. Usually less accurate (the smoothing protected the activation quantization).
 
 Fused experts (:class:`svdq.experts.SVDQExperts`) are folded per expert in the same two modes
 (:mod:`lora.io.fold_experts`; with ``"fold"`` each expert's static range becomes ``max|x|`` of its routed
-inputs) and written per expert (:mod:`lora.io.modelopt_hf_experts`): ``smoothing="fold"`` gives a plain
-``NVFP4`` checkpoint throughout — the layout vLLM's modelopt loader reads.
+inputs times its headroom) and written per expert (:mod:`lora.io.modelopt_hf_experts`): ``smoothing="fold"``
+gives a plain ``NVFP4`` checkpoint throughout — the layout vLLM's modelopt loader reads.
 
 The per-layer report gives the error the fold adds (float64):
 
@@ -46,7 +48,7 @@ from lora.fold import SMOOTHING_MODES, fold_residual, format_report, squared_sum
 from lora.io.fold_experts import fold_experts
 from lora.io.modelopt_hf import write_torch_modelopt_hf
 from lora.io.modelopt_hf_experts import capture_expert_inputs, experts_meta, svdq_experts
-from lora.io.torch_common import ForwardLoop, capture_inputs
+from lora.io.torch_common import ForwardLoop, capture_inputs, with_headroom
 from svdq.formats import dequantize
 from svdq.layer import SVDQLinear
 from svdq.metrics import relative_error
@@ -68,8 +70,9 @@ def fold_layer(
     """``(folded rank-0 layer, errors)`` for one layer (module docstring; the math is
     :func:`lora.fold.fold_residual`); ``layer`` is not changed.
 
-    ``x``: raw inputs ``(n × in)`` for the input-based errors; ``raw_amax``: ``max|x|`` for the static range
-    of a ``smoothing="fold"`` layer (``None``: dynamic).
+    ``x``: raw inputs ``(n × in)`` for the input-based errors; ``raw_amax``: the static range of a
+    ``smoothing="fold"`` layer in raw coordinates, ``max|x|`` with headroom
+    (:func:`lora.io.torch_common.with_headroom`; ``None``: dynamic).
     """
     if smoothing not in SMOOTHING_MODES:
         raise ValueError(f"smoothing must be one of {SMOOTHING_MODES}, got {smoothing!r}")
@@ -160,7 +163,9 @@ def fold_branches(
                 )
             xs[n] = x.detach().reshape(-1, x.shape[-1])[:max_tokens]
             if x.numel():
-                amax[n] = x.detach().float().abs().amax()
+                xf, layer = x.detach().float(), layers[n]
+                smoothed = (xf / layer.smooth.float()).abs().amax()
+                amax[n] = with_headroom(xf.abs().amax(), smoothed, getattr(layer, "input_amax", None))
     elif forward_loop is not None and layers:
         xs, amax = capture_inputs(model, layers, forward_loop, max_tokens)
     cap = None
@@ -176,7 +181,10 @@ def fold_branches(
         inputs_e = raw = None
         if cap is not None:
             inputs_e = {p: cap.inputs((name, p)) for p in ("fc1", "fc2")}
-            raw = {p: cap.amax[(name, p)] for p in ("fc1", "fc2")}
+            raw = {
+                p: with_headroom(cap.amax[(name, p)], cap.amax_smoothed[(name, p)], proj.input_amax)
+                for p, proj in layer.projections().items()
+            }
         folded[name], rep = fold_experts(layer, smoothing, inputs_e, raw, name)
         report.update(rep)
     for name, new in folded.items():

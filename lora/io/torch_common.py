@@ -46,17 +46,21 @@ def capture_inputs(
     model: nn.Module, layers: Mapping[str, nn.Module], forward_loop: ForwardLoop, max_tokens: int
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``(rows, amax)``: the first ``max_tokens`` input rows ``(n × in)`` each layer receives over
-    ``forward_loop``, and ``max|x|`` over *all* its inputs (float32 0-d); layers that got no input are
-    absent from both."""
+    ``forward_loop``, and the raw range for its static activation range over *all* its inputs (float32 0-d):
+    ``max|x|`` times the layer's headroom (:func:`with_headroom`; ``max|x/s|`` measured in the same pass);
+    layers that got no input are absent from both."""
     rows: dict[str, list[Tensor]] = {name: [] for name in layers}
     amax: dict[str, Tensor] = {}
+    smoothed: dict[str, Tensor] = {}
 
     def hook(mod, args, name):
         x = args[0].detach()
         if x.numel() == 0:
             return
-        a = x.float().abs().amax()
+        xf = x.float()
+        a, b = xf.abs().amax(), (xf / mod.smooth.float()).abs().amax()
         amax[name] = a if name not in amax else torch.maximum(amax[name], a)
+        smoothed[name] = b if name not in smoothed else torch.maximum(smoothed[name], b)
         room = max_tokens - sum(t.shape[0] for t in rows[name])
         if room > 0:
             rows[name].append(x.reshape(-1, x.shape[-1])[:room].clone())
@@ -66,4 +70,20 @@ def capture_inputs(
         for name, m in layers.items()
     ]
     run_with_hooks(model, forward_loop, handles)
-    return {name: torch.cat(r) for name, r in rows.items() if r}, amax
+    static = {n: getattr(layers[n], "input_amax", None) for n in amax}
+    ranges = {n: with_headroom(a, smoothed[n], static[n]) for n, a in amax.items()}
+    return {name: torch.cat(r) for name, r in rows.items() if r}, ranges
+
+
+def with_headroom(raw_amax: Tensor, smooth_amax: Tensor, input_amax: Tensor | None) -> Tensor:
+    """The raw-coordinate static range ``max|x| · input_amax / max|x/s|`` (svdq/DESIGN.md §20): the
+    layer's static range ``input_amax`` (smoothed coordinates, headroom ``act_range_margin`` included) over
+    ``max|x/s|`` measured in the same pass as ``max|x|``. Elementwise (0-d for a linear, ``(E,)`` per
+    expert); where the layer has no static range (``None`` or 0) or nothing was measured: ``max|x|``."""
+    raw = raw_amax.float()
+    if input_amax is None:
+        return raw
+    layer = input_amax.detach().float().to(raw.device)
+    smoothed = smooth_amax.float().to(raw.device)
+    ok = (layer > 0) & (smoothed > 0)
+    return torch.where(ok, raw * layer / torch.where(ok, smoothed, torch.ones_like(smoothed)), raw)

@@ -219,3 +219,60 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy of ``ids (B, T)``."""
     logits = model(ids).logits[:, :-1]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def static_ranges_with_headroom(model: nn.Module, forward_loop) -> dict[str, torch.Tensor]:
+    """Test-side reference of the raw-coordinate static ranges a ``smoothing="fold"`` export writes
+    (svdq/DESIGN.md §20), float64: ``max|x| · input_amax / max|x/s|`` over ``forward_loop`` — per
+    :class:`svdq.SVDQLinear` (0-d, key its name) and per expert of each projection of an
+    :class:`svdq.experts.SVDQExperts` (``(E,)``, keys ``<name>.fc1`` / ``<name>.fc2``); ``max|x|`` where the
+    layer has no static range."""
+    from svdq.experts import SVDQExperts
+    from svdq.layer import SVDQLinear
+
+    raw: dict[str, torch.Tensor] = {}
+    smoothed: dict[str, torch.Tensor] = {}
+    static: dict[str, torch.Tensor | None] = {}
+    handles = []
+
+    def dense_hook(mod, args, key):
+        x = args[0].double().reshape(-1, mod.in_features)  # (n, in)
+        raw[key] = torch.maximum(raw[key], x.abs().max())
+        smoothed[key] = torch.maximum(smoothed[key], (x / mod.smooth.double()).abs().max())
+
+    def expert_hook(proj, args, key):
+        x, rows, ids = args[0], args[1], args[2]
+        x = (x if rows is None else x[rows]).double()  # (S, in)
+        s = proj.smooth.double() if proj.smooth.dim() == 1 else proj.smooth.double()[ids]
+        raw[key].scatter_reduce_(0, ids, x.abs().amax(-1), "amax")
+        smoothed[key].scatter_reduce_(0, ids, (x / s).abs().amax(-1), "amax")
+
+    for name, m in model.named_modules():
+        if isinstance(m, SVDQLinear):
+            raw[name] = torch.zeros((), dtype=torch.float64)
+            smoothed[name] = torch.zeros((), dtype=torch.float64)
+            static[name] = getattr(m, "input_amax", None)
+            handles.append(m.register_forward_pre_hook(lambda mod, a, k=name: dense_hook(mod, a, k)))
+        elif isinstance(m, SVDQExperts):
+            for p, proj in m.projections().items():
+                key = f"{name}.{p}"
+                raw[key] = torch.zeros(proj.num_experts, dtype=torch.float64)
+                smoothed[key] = torch.zeros_like(raw[key])
+                static[key] = proj.input_amax
+                handles.append(proj.register_forward_pre_hook(lambda mod, a, k=key: expert_hook(mod, a, k)))
+    try:
+        forward_loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for key, r in raw.items():
+        layer = static[key]
+        if layer is None:
+            out[key] = r
+            continue
+        layer = layer.double()
+        ok = (layer > 0) & (smoothed[key] > 0)
+        out[key] = torch.where(ok, r * layer / torch.where(ok, smoothed[key], 1.0), r)
+    return out

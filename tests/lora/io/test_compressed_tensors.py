@@ -26,7 +26,7 @@ from svdq import SVDQConfig
 from svdq.experts import SVDQExperts
 from svdq.formats import fake_quant
 from svdq.layer import SVDQLinear
-from tests.helpers.hf_moe import VOCAB, forward_loop_of, tiny_moe, token_batches
+from tests.helpers.hf_moe import VOCAB, forward_loop_of, static_ranges_with_headroom, tiny_moe, token_batches
 
 ct = pytest.importorskip("compressed_tensors")
 CFG = SVDQConfig(rank=8, alphas=(0.0, 0.5), sample_tokens=128)
@@ -218,27 +218,47 @@ def test_transformers_loads_compressed_tensors_export(family, tmp_path):
         assert not any("gate_up_proj" in k or "lora" in k for k in tensors)
 
 
-def test_input_global_scale_is_the_raw_input_range(tmp_path):
-    q = _quantized("dense")
-    batches = token_batches(2, seed=3)
-    amax = {}
-
-    def hook(mod, args, name):
-        a = float(args[0].detach().abs().max())
-        amax[name] = max(a, amax.get(name, 0.0))
-
-    layers = {n: m for n, m in q.named_modules() if isinstance(m, SVDQLinear)}
-    hs = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n)) for n, m in layers.items()]
-    with torch.no_grad():
-        forward_loop_of(batches)(q)
-    for h in hs:
-        h.remove()
-    lora.export(
-        q, tmp_path / "ct", format="compressed-tensors", forward_loop=forward_loop_of(batches), verbose=False
+@pytest.mark.parametrize("family", ["dense", "qwen3_moe"])
+def test_input_global_scale_is_the_raw_range_with_the_layers_headroom(family, tmp_path):
+    """``input_global_scale = 6·448 / amax`` with ``amax = max|x| · input_amax / max|x/s|`` over the export's
+    forward_loop (svdq/DESIGN.md §20): the layer's static range, headroom included, in raw coordinates; on
+    the calibration data the headroom is ``act_range_margin``."""
+    q = _quantized(family)
+    for i, batches in enumerate((token_batches(3), token_batches(2, seed=3))):  # calibration data, other
+        ranges = static_ranges_with_headroom(q, forward_loop_of(batches))  # float64 reference
+        out = tmp_path / f"ct{i}"
+        lora.export(q, out, format="compressed-tensors", forward_loop=forward_loop_of(batches), verbose=False)
+        tensors = load_file(out / "model.safetensors")
+        checked = 0
+        for name, m in q.named_modules():
+            if isinstance(m, SVDQLinear):
+                amax = {name: float(ranges[name])}
+            elif isinstance(m, SVDQExperts):
+                gate, up, down = _expert_names(family)[1]
+                fc1, fc2 = ranges[f"{name}.fc1"], ranges[f"{name}.fc2"]
+                amax = {f"{name}.{e}.{nm}": float(fc1[e]) for e in range(m.num_experts) for nm in (gate, up)}
+                amax |= {f"{name}.{e}.{down}": float(fc2[e]) for e in range(m.num_experts)}
+            else:
+                continue
+            for key, a in amax.items():
+                scale = float(tensors[f"{key}.input_global_scale"])
+                assert scale == pytest.approx(6 * 448 / a, rel=1e-6), key
+                checked += 1
+        assert checked >= 8
+    # on the calibration data the range is act_range_margin times the raw maximum (a dense layer's input
+    # there is the same as in calibration: the first layer's q/k/v projection)
+    first = "model.layers.0.self_attn.q_proj"
+    layer = q.get_submodule(first)
+    x_max = static_ranges_with_headroom(q, forward_loop_of(token_batches(3)))[first]
+    assert float(layer.input_amax) > 0 and CFG.act_range_margin == 16
+    raw = {}
+    h = layer.register_forward_pre_hook(
+        lambda mod, a: raw.__setitem__("x", max(raw.get("x", 0.0), float(a[0].double().abs().max())))
     )
-    tensors = load_file(tmp_path / "ct" / "model.safetensors")
-    for n in layers:
-        assert float(tensors[f"{n}.input_global_scale"]) == pytest.approx(6 * 448 / amax[n], rel=1e-6)
+    with torch.no_grad():
+        forward_loop_of(token_batches(3))(q)
+    h.remove()
+    assert float(x_max) == pytest.approx(CFG.act_range_margin * raw["x"], rel=1e-6)
 
 
 def test_weight_only_scheme_and_errors(tmp_path):

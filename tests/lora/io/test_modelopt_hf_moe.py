@@ -36,7 +36,7 @@ from lora.io.folded_hf import export_folded_hf, fold_branches
 from lora.io.modelopt_hf import export_modelopt_hf
 from svdq import SVDQConfig
 from svdq.experts import SVDQExperts
-from tests.helpers.hf_moe import forward_loop_of, tiny_moe, token_batches
+from tests.helpers.hf_moe import forward_loop_of, static_ranges_with_headroom, tiny_moe, token_batches
 
 CFG = SVDQConfig(rank=8, alphas=(0.0, 0.5), sample_tokens=128)
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
@@ -254,6 +254,54 @@ def test_folded_export_dequantized_reproduces_folded_logits(family, tmp_path):
     with torch.no_grad():
         y, y_ref = folded(ids).logits, ref(ids).logits
     assert float((y - y_ref).norm() / y.norm()) <= 1e-5
+
+
+def test_folded_export_input_scale_is_the_layers_static_range(tmp_path):
+    """``smoothing="fold"``: every exported ``input_scale · 6·448`` equals the static range the folded layer
+    uses (``fold_branches``) and ``max|x| · input_amax / max|x/s|`` over the export's forward_loop
+    (float64 reference), 1e-6 relative: the headroom of svdq/DESIGN.md §20 carried to raw coordinates."""
+    model = _ours("qwen3_moe")
+    loop = forward_loop_of(token_batches(2, seed=5))  # not the calibration data
+    ranges = static_ranges_with_headroom(model, loop)
+    export_folded_hf(model, tmp_path / "f", smoothing="fold", forward_loop=loop, verbose=False)
+    folded = copy.deepcopy(model)
+    fold_branches(folded, smoothing="fold", forward_loop=loop)
+    t = _read(tmp_path / "f")
+    checked = 0
+    for name, m in folded.named_modules():
+        if isinstance(m, svdq.SVDQLinear):
+            want = {name: (float(m.input_amax), float(ranges[name]))}
+        elif isinstance(m, SVDQExperts):
+            want = {}
+            for p, parts in (("fc1", ("gate_proj", "up_proj")), ("fc2", ("down_proj",))):
+                used, ref = m.projections()[p].input_amax, ranges[f"{name}.{p}"]
+                for e in range(m.num_experts):
+                    want |= {f"{name}.{e}.{nm}": (float(used[e]), float(ref[e])) for nm in parts}
+        else:
+            continue
+        for lin, (used, ref) in want.items():
+            exported = float(t[f"{lin}.input_scale"]) * 6 * 448
+            assert exported == pytest.approx(used, rel=1e-6) and exported == pytest.approx(ref, rel=1e-6), lin
+            checked += 1
+    assert checked >= 8
+    # the headroom is real: above max|x| (act_range_margin 16 on the calibration data)
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert float(t[f"{q_proj}.input_scale"]) * 6 * 448 > 4 * float(
+        static_ranges_with_headroom(_plain_copy(model), loop)[q_proj]
+    )
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose layers have no static range (``static_ranges_with_headroom`` then gives
+    ``max|x|``)."""
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, svdq.SVDQLinear):
+            mod.set_input_amax(None)
+        elif isinstance(mod, SVDQExperts):
+            for proj in mod.projections().values():
+                proj.set_input_amax(None)
+    return m
 
 
 def test_kept_expert_linears_reproduce_svdq_experts(tmp_path):
