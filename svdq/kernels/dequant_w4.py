@@ -21,6 +21,8 @@ Tensors (``E`` experts, ``N`` outputs, ``K`` inputs, ``S`` rows sorted by expert
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,15 +41,61 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .grouped_w4 import _deq_tile, _store
+    from .grouped_w4 import _deq_tile, _e2m1, _e4m3, _round_bf16_f32, _store
+
+    @triton.jit
+    def _deq_blocked(
+        q_ptr, s_ptr, e, n, k0, N, K, g,
+        FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """The tile of :func:`svdq.kernels.grouped_w4._deq_tile` (with the global scale), computed per
+        quantization block: one scale load and one ``s_b · g`` per block of ``GROUP`` weights, broadcast over
+        the block, instead of one per weight. Same expressions, so the same bits; ``K`` is a multiple of
+        ``GROUP`` (the formats require it) and ``BLOCK_K`` of ``GROUP``."""
+        HALF: tl.constexpr = BLOCK_K // 2
+        NB: tl.constexpr = BLOCK_K // GROUP
+        n_ok = n < N
+        n64 = n.to(tl.int64)
+        e64 = e.to(tl.int64)
+        kb = k0 // 2 + tl.arange(0, HALF)
+        b = tl.load(
+            q_ptr + e64 * N * (K // 2) + n64[:, None] * (K // 2) + kb[None, :],
+            mask=n_ok[:, None] & (kb[None, :] < K // 2), other=0x88,
+        ).to(tl.int32)  # (BLOCK_N, HALF): two codes per byte
+        lo = b & 15
+        hi = b >> 4
+        KG = K // GROUP
+        blk = k0 // GROUP + tl.arange(0, NB)
+        s_off = e64 * N * KG + n64[:, None] * KG + blk[None, :]  # (BLOCK_N, NB)
+        s_mask = n_ok[:, None] & (blk[None, :] < KG)
+        if FMT == 0:  # nvfp4: element 2j in the low nibble; E2M1 · (s_b · g)
+            codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, NB, GROUP))
+            mult = _e4m3(tl.load(s_ptr + s_off, mask=s_mask, other=0).to(tl.int32)) * g  # (BLOCK_N, NB)
+            w = _e2m1(codes) * mult[:, :, None]
+        else:  # int4: element 2j in the high nibble; rnd_D((code − 8) / m)
+            codes = tl.reshape(tl.join(hi, lo), (BLOCK_N, NB, GROUP))
+            q = (codes - 8).to(tl.float32)
+            if SCALE_KIND == 1:  # bf16 multipliers as their int16 bits
+                mb = tl.load(s_ptr + s_off, mask=s_mask, other=0x3F80).to(tl.int32) & 0xFFFF
+                m = (mb << 16).to(tl.float32, bitcast=True)
+                w = _round_bf16_f32(tl.math.div_rn(q, m[:, :, None]))
+            elif SCALE_KIND == 2:
+                m = tl.load(s_ptr + s_off, mask=s_mask, other=1.0).to(tl.float32)
+                w = tl.math.div_rn(q, m[:, :, None]).to(tl.float16).to(tl.float32)
+            else:
+                m = tl.load(s_ptr + s_off, mask=s_mask, other=1.0)
+                w = tl.math.div_rn(q, m[:, :, None])
+        return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
     @triton.jit
     def _dequant_kernel(
         q_ptr, s_ptr, g_ptr, w_ptr, N, K,
         FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKED: tl.constexpr, INTERPRET: tl.constexpr,
     ):  # fmt: skip
-        """One (BLOCK_N, BLOCK_K) tile of expert ``program_id(2)``'s weight, dequantized and stored."""
+        """One (BLOCK_N, BLOCK_K) tile of expert ``program_id(2)``'s weight, dequantized and stored;
+        ``BLOCKED``: per quantization block (:func:`_deq_blocked`), else per weight (the GEMM's tile)."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
         e = tl.program_id(2)
@@ -56,18 +104,34 @@ if triton_available():
             g = tl.load(g_ptr + e)
         else:
             g = 1.0
-        w = _deq_tile(q_ptr, s_ptr, e, n, k0, N, K, FMT, GROUP, SCALE_KIND, BLOCK_N, BLOCK_K, g, FMT == 0)
+        if BLOCKED:
+            w = _deq_blocked(q_ptr, s_ptr, e, n, k0, N, K, g, FMT, GROUP, SCALE_KIND, BLOCK_N, BLOCK_K)
+        else:
+            w = _deq_tile(q_ptr, s_ptr, e, n, k0, N, K, FMT, GROUP, SCALE_KIND, BLOCK_N, BLOCK_K, g, FMT == 0)
         e64 = e.to(tl.int64)
         ptr = w_ptr + e64 * N * K + n.to(tl.int64)[:, None] * K + k[None, :]
         _store(ptr, w, (n[:, None] < N) & (k[None, :] < K), OUT_KIND, INTERPRET)
 
-    #: tile shapes tried on the GPU, the fastest kept per (N, K, format): the first is the one measured on
-    #: an H100 at ≈ 0.7 TB/s (bench/results/kernels/profile_lora_moe_h100.txt), the others wider tiles
-    _TILES = [(32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (16, 256, 4)]
+    #: tile shapes tried on the GPU, the fastest kept per (N, K, format): (BLOCK_N, BLOCK_K, warps, blocked).
+    #: The first is the per-weight tile measured on an H100 at ≈ 0.7 TB/s
+    #: (bench/results/kernels/profile_lora_moe_h100.txt); the blocked ones load one scale per block.
+    _TILES = [
+        (32, 128, 4, False),
+        (64, 256, 8, False),
+        (32, 128, 4, True),
+        (64, 128, 4, True),
+        (64, 256, 8, True),
+        (128, 256, 8, True),
+        (16, 512, 4, True),
+    ]
     _dequant_tuned = triton.autotune(
-        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in _TILES],
+        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCKED": bl}, num_warps=w) for bn, bk, w, bl in _TILES],
         key=["N", "K", "FMT", "GROUP", "OUT_KIND"],
     )(_dequant_kernel)
+
+
+#: under the interpreter: whether :func:`dequantize_w4` runs the per-block tile (tests run both)
+_BLOCKED = contextvars.ContextVar("svdq_dequant_blocked", default=True)
 
 
 def dequantize_w4(weight: object, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -92,8 +156,11 @@ def dequantize_w4(weight: object, dtype: torch.dtype = torch.bfloat16) -> Tensor
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]), E)
 
-    if interpreting():  # one small tile under the interpreter (CPU tests)
-        _dequant_kernel[grid](q, scale, g, out, N, K, **consts, BLOCK_N=16, BLOCK_K=64, INTERPRET=True)
+    if interpreting():  # small tiles under the interpreter (CPU tests); both tile forms where they apply
+        blocked = _BLOCKED.get() and 128 % consts["GROUP"] == 0
+        bk = 128 if blocked else 64
+        _dequant_kernel[grid](q, scale, g, out, N, K, **consts, BLOCK_N=16, BLOCK_K=bk, BLOCKED=blocked,
+                              INTERPRET=True)  # fmt: skip
     else:
         _dequant_tuned[grid](q, scale, g, out, N, K, **consts, INTERPRET=False)
     return out

@@ -18,7 +18,7 @@ from svdq.formats import quantize_tensor
 
 pytest.importorskip("triton")
 
-from svdq.kernels.dequant_w4 import dequant_mm, dequant_mm_preferred, dequantize_w4  # noqa: E402
+from svdq.kernels.dequant_w4 import _BLOCKED, dequant_mm, dequant_mm_preferred, dequantize_w4  # noqa: E402
 from svdq.kernels.grouped_w4 import W4Weight  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,9 +40,15 @@ def _experts(fmt, E, n, k, wdtype, seed=0) -> ExpertResiduals:
 
 @pytest.mark.parametrize("fmt,k,wdtype", FORMATS, ids=["nvfp4", "int4g32", "int4g64", "int4g128"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_dequantize_bit_exact(fmt, k, wdtype, dtype):
+@pytest.mark.parametrize("blocked", [True, False], ids=["per-block", "per-weight"])
+def test_dequantize_bit_exact(fmt, k, wdtype, dtype, blocked):
+    """Both tile forms (one scale per quantization block, or per weight as the GEMM's prologue)."""
     res = _experts(fmt, 3, 24, k, wdtype)  # N = 24: not a multiple of the interpreter's BLOCK_N
-    got = dequantize_w4(res, dtype)
+    token = _BLOCKED.set(blocked)
+    try:
+        got = dequantize_w4(res, dtype)
+    finally:
+        _BLOCKED.reset(token)
     want = res.dequantize(torch.float32).to(dtype)  # (E, N, K)
     assert got.dtype == dtype and got.shape == want.shape
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # bits: signed zeros too
