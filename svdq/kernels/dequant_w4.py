@@ -7,7 +7,8 @@ prologue, which wins when few rows meet each weight (decoding, small batches); b
 Triton's, several times slower than cuBLAS per FLOP at training sizes. With many rows per expert it is
 faster to write the 16-bit weight once (≈ 2.6 bytes per weight of memory traffic) and let
 ``torch._grouped_mm`` (or ``F.linear`` for one expert) run at the tensor cores' rate; the backward
-dequantizes again instead of keeping the 16-bit copy (the base is frozen: only ``dx`` is needed).
+dequantizes again instead of keeping the 16-bit copy (the base is frozen: only ``dx`` is needed), unless
+:func:`keep_dequantized` (``SVDQ_KEEP_DEQUANT=1``) trades that memory for the second pass.
 
 Tensors (``E`` experts, ``N`` outputs, ``K`` inputs, ``S`` rows sorted by expert)::
 
@@ -22,6 +23,7 @@ Tensors (``E`` experts, ``N`` outputs, ``K`` inputs, ``S`` rows sorted by expert
 from __future__ import annotations
 
 import contextvars
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,14 @@ from torch import Tensor
 from .backend import interpreting, triton_available
 from .grouped_w4 import _OUT_KIND, W4Weight, _weight_args
 
-__all__ = ["DEQUANT_MIN_ROWS", "dequant_mm", "dequant_mm_preferred", "dequantize_w4"]
+__all__ = [
+    "DEQUANT_MIN_ROWS",
+    "dequant_mm",
+    "dequant_mm_preferred",
+    "dequantize_w4",
+    "keep_dequantized",
+    "set_keep_dequantized",
+]
 
 #: rows per expert (on average) from which the dequantize-then-cuBLAS product beats the fused kernel on
 #: Hopper (bench/bench_kernels_gemm.py: fused ≈ 110 TFLOP/s vs cuBLAS ≈ 550 plus ≈ 2.6 bytes per weight of
@@ -190,22 +199,48 @@ def _product(x: Tensor, W: Tensor, offs: Tensor, transpose: bool) -> Tensor:
     return torch.cat(pieces) if pieces else x.new_zeros(0, mat.shape[-1])
 
 
+_keep = {"value": None}
+
+
+def keep_dequantized() -> bool:
+    """Whether :func:`dequant_mm` keeps the 16-bit weight from the forward for the backward (one
+    dequantization pass per step instead of two, for ``2·E·N·K`` bytes more activation memory per
+    projection); set by :func:`set_keep_dequantized`, else ``$SVDQ_KEEP_DEQUANT`` (``1`` / ``0``), default
+    off: the 4-bit base exists to save memory."""
+    if _keep["value"] is None:
+        raw = os.environ.get("SVDQ_KEEP_DEQUANT", "0").strip().lower()
+        if raw not in ("0", "1", "true", "false", ""):
+            raise ValueError(f"SVDQ_KEEP_DEQUANT must be 0 or 1, got {raw!r}")
+        _keep["value"] = raw in ("1", "true")
+    return _keep["value"]
+
+
+def set_keep_dequantized(keep: bool) -> None:
+    """Keep (``True``) or re-dequantize (``False``) the 16-bit weight for the backward, for this process."""
+    if not isinstance(keep, bool):
+        raise ValueError(f"set_keep_dequantized: keep must be a bool, got {type(keep).__name__}")
+    _keep["value"] = keep
+
+
 class _DequantMM(torch.autograd.Function):
-    """``y = x · deq(W)ᵀ`` per expert; backward ``dx = dy · deq(W)`` with the weight dequantized again."""
+    """``y = x · deq(W)ᵀ`` per expert; backward ``dx = dy · deq(W)`` with the weight dequantized again, or
+    the forward's copy under :func:`keep_dequantized`."""
 
     @staticmethod
     def forward(ctx, x, weight, offs):  # type: ignore[override]
-        ctx.weight = weight
-        ctx.save_for_backward(offs)
-        W = dequantize_w4(weight, x.dtype)  # (E, N, K), freed after the product
+        W = dequantize_w4(weight, x.dtype)  # (E, N, K), freed after the product unless kept
+        keep = keep_dequantized() and ctx.needs_input_grad[0]
+        ctx.weight = None if keep else weight
+        ctx.save_for_backward(offs, W if keep else None)
         return _product(x, W, offs, transpose=False)  # (S, N)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        (offs,) = ctx.saved_tensors
+        offs, W = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        W = dequantize_w4(ctx.weight, dy.dtype)  # (E, N, K)
+        if W is None or W.dtype != dy.dtype:
+            W = dequantize_w4(ctx.weight, dy.dtype)  # (E, N, K)
         return _product(dy.contiguous(), W, offs, transpose=True), None, None  # (S, K)
 
 

@@ -18,7 +18,13 @@ from svdq.formats import quantize_tensor
 
 pytest.importorskip("triton")
 
-from svdq.kernels.dequant_w4 import _BLOCKED, dequant_mm, dequant_mm_preferred, dequantize_w4  # noqa: E402
+from svdq.kernels.dequant_w4 import (  # noqa: E402
+    _BLOCKED,
+    dequant_mm,
+    dequant_mm_preferred,
+    dequantize_w4,
+    set_keep_dequantized,
+)
 from svdq.kernels.grouped_w4 import W4Weight  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,6 +91,14 @@ def test_product_forward_backward_vs_float64(counts, fmt):
     gwant = torch.cat([gy.double()[s:t] @ W[e] for e, (s, t) in enumerate(spans)])
     gbound = torch.cat([gy.double().abs()[s:t] @ W[e].abs() for e, (s, t) in enumerate(spans)])
     assert ((x.grad.double() - gwant).abs() <= 2.0**-8 * gwant.abs() + (n + 2) * 2.0**-24 * gbound).all()
+    set_keep_dequantized(True)  # the forward's 16-bit weight kept for the backward: the same bits
+    try:
+        x2 = x.detach().clone().requires_grad_()
+        y2 = dequant_mm(x2, res, offs)
+        y2.backward(gy)
+    finally:
+        set_keep_dequantized(False)
+    assert torch.equal(y2, y) and torch.equal(x2.grad, x.grad)
 
 
 def test_dense_product_and_bad_arguments():
@@ -97,6 +111,8 @@ def test_dense_product_and_bad_arguments():
     with pytest.raises(ValueError, match=r"x must be \(S, 64\)"):
         dequant_mm(x[:, :32], w)
     res = _experts({"name": "nvfp4"}, 2, 16, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="keep must be a bool"):
+        set_keep_dequantized("yes")
     with pytest.raises(ValueError, match="offs is needed"):
         dequant_mm(x, res)
     with pytest.raises(ValueError, match="dtype must be"):
