@@ -26,6 +26,8 @@ Tensors read per forward (``E`` local experts, ``H`` hidden, ``F`` expert ffn, `
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, nn
 
@@ -101,13 +103,23 @@ def _why_not(group, parallel_cls) -> str | None:
     return None
 
 
-def _stack_smooth(bases: list[SVDQBase]) -> Tensor:
-    """``(in,)`` when every expert has the same smoothing (one division per token), else ``(E, in)``."""
+def _stack_smooth(group, proj: str, bases: list[SVDQBase]) -> Tensor:
+    """``(in,)`` when every expert has the same smoothing (one division per token), else ``(E, in)``. The
+    result is kept on ``group`` until a smoothing tensor is replaced or modified in place (frozen buffers:
+    one comparison, and its host sync, per change rather than per forward)."""
     first = bases[0].smooth
     if all(b.smooth is first for b in bases[1:]):
         return first
-    stacked = torch.stack([b.smooth for b in bases])  # (E, in)
-    return first if bool((stacked == first).all()) else stacked  # one host sync, not one per expert
+    tensors = [b.smooth for b in bases]
+    versions = [t._version for t in tensors]
+    cache = group.__dict__.setdefault("_grouped_smooth", {})
+    hit = cache.get(proj)  # (tensors, versions, value); holding the tensors keeps their identities unique
+    if hit and len(hit[0]) == len(tensors) and all(map(operator.is_, hit[0], tensors)) and hit[1] == versions:
+        return hit[2]
+    stacked = torch.stack(tensors)  # (E, in)
+    value = first if bool((stacked == first).all()) else stacked  # one host sync, not one per expert
+    cache[proj] = (tensors, versions, value)
+    return value
 
 
 def _stack_amax(bases: list[SVDQBase]) -> Tensor | None:
@@ -159,8 +171,8 @@ def grouped_forward(group, hidden: Tensor, tokens_per_expert: Tensor, probs: Ten
         x = (probs.unsqueeze(-1) * hidden).to(hidden.dtype)
         probs = torch.ones_like(probs)
     E = group.num_local
+    counts = [int(c) for c in tokens_per_expert.reshape(E).tolist()]  # no device sync when on the CPU
     counts_t = tokens_per_expert.to(device=x.device, dtype=torch.long).reshape(E)
-    counts = [int(c) for c in counts_t.tolist()]
     ids = torch.repeat_interleave(torch.arange(E, device=x.device), counts_t)  # (N,)
     offs = torch.cumsum(counts_t, 0, dtype=torch.int32)
     ctx = group._shared_context()
@@ -175,7 +187,7 @@ def grouped_forward(group, hidden: Tensor, tokens_per_expert: Tensor, probs: Ten
             counts,
             offs,
             residual=ExpertResiduals.from_packed([b.packed_residual() for b in bases]),
-            smooth=_stack_smooth(bases),
+            smooth=_stack_smooth(group, proj, bases),
             act_format=bases[0].act_format,
             input_amax=_stack_amax(bases),
             lora_down=A,

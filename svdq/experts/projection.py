@@ -72,11 +72,15 @@ def grouped_projection(
     if has_branch:
         A, B = lora_down.to(dt), lora_up.to(dt)
         B = B if scaling == 1.0 else B * scaling
-    if _fused_applies(x, smooth, act_format, input_amax, ranges_static, A, layout, rows, branch_x, record):
+    if _fused_applies(x, smooth, act_format, input_amax, ranges_static, rows, record):
         from svdq.kernels.act_quant import quantize_act_ste
 
-        with trusted_inputs():  # one pass over x: Q_a(x / s) with each row's expert range, and x · Aᵀ
-            xq, u = quantize_act_ste(x, smooth, act_format, input_amax[ids], lora_down=A)  # (S, in), (S, r)
+        fuse_down = A is not None and layout == SHARED_DOWN and (branch_x is None or branch_x is x)
+        sid = ids if smooth.dim() == 2 else None  # experts' own smoothing: each row's expert's vector
+        with trusted_inputs():  # one pass over x: Q_a(x / s) with each row's expert range (and x · Aᵀ)
+            xq, u = quantize_act_ste(
+                x, smooth, act_format, input_amax[ids], lora_down=A if fuse_down else None, smooth_ids=sid
+            )  # (S, in), (S, r) or None
     else:
         xg = x if rows is None else x[rows]  # (S, in)
         if smooth.dim() == 1:  # shared smoothing: once per token, then gathered
@@ -113,18 +117,17 @@ def grouped_projection(
     return _add_bias(y, bias, ids)
 
 
-def _fused_applies(x, smooth, fmt, input_amax, ranges_static, A, layout, rows, branch_x, record) -> bool:
-    """Whether the fused activation kernel computes ``xq`` and the shared-down ``u`` (see
-    :func:`grouped_projection`'s ``ranges_static``)."""
+def _fused_applies(x, smooth, fmt, input_amax, ranges_static, rows, record) -> bool:
+    """Whether the fused activation kernel computes ``xq`` (and the shared-down ``u`` when the branch reads
+    ``x``): static nvfp4 ranges (see :func:`grouped_projection`'s ``ranges_static``), rows in expert order,
+    no range recording; shared or per-expert smoothing."""
     if not (ranges_static and input_amax is not None and fmt.name == "nvfp4" and triton_available()):
         return False
-    if rows is not None or smooth.dim() != 1 or record is not None or A is None or layout != SHARED_DOWN:
-        return False
-    if branch_x is not None and branch_x is not x:  # the branch reads another input (adapter dropout)
+    if rows is not None or record is not None:
         return False
     from svdq.kernels.act_quant import fused_act_applies  # (imports triton)
 
-    return fused_act_applies(x, fmt, smooth, A)
+    return fused_act_applies(x, fmt, smooth)
 
 
 def _kernel_applies(xq: Tensor, residual: ExpertResiduals | Tensor) -> bool:

@@ -6,6 +6,7 @@ Tensors (``M`` rows = the flattened leading dimensions of ``x``, ``K`` channels,
 
     x            D (..., K)               float32 / bfloat16 / float16 input (flattened to (M, K))
     smooth       float32 (K,) or None     smoothing s; the 4-bit path quantizes xs = rnd_D(x / s)
+                 or float32 (E, K)        with smooth_ids int (M,): row i divided by smooth[smooth_ids[i]]
     global_amax  float32 () / (M,) / None nvfp4 only: static per-tensor range, one range per row, or
                                           None (dynamic: max|xs| of the whole tensor, a first pass)
     lora_down    (r, K) or None           A; cast to D first (as the layers do)
@@ -22,7 +23,8 @@ global scale ``g = amax / 2688`` is computed by PyTorch in the wrapper (on CUDA 
 reciprocal; doing it in torch keeps that). Kernel: one program per (BLOCK_M rows, a range of BLOCK_K-column
 chunks); each chunk is read once, quantized per 16-block / group, written once, and multiplied into the
 ``u`` accumulator (``tl.dot``, fp32; float32 inputs in IEEE precision, not TF32). When the K range is
-split over programs the ``u`` partials are summed in float32 by PyTorch.
+split over programs the ``u`` partials are summed in float32 by PyTorch. The straight-through backward
+(:func:`ste_grad`) is one more kernel: one read of ``x`` and ``dxq``, one write of ``dx``.
 
 Non-finite inputs: like :func:`svdq.formats.fake_quant`, a NaN/Inf in ``xs`` raises ``ValueError`` unless
 inside :func:`svdq.formats.trusted_inputs` (one host sync; dynamic ranges check in the first pass, before
@@ -43,7 +45,7 @@ from svdq.formats._common import _CHECK_FINITE
 
 from .backend import interpreting, triton_available, use_triton
 
-__all__ = ["ActQuant", "fused_act_applies", "quantize_act", "quantize_act_ste"]
+__all__ = ["ActQuant", "fused_act_applies", "quantize_act", "quantize_act_ste", "ste_grad"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FORMATS = ("nvfp4", "int4")
@@ -102,14 +104,24 @@ if triton_available():
             return v
 
     @triton.jit
-    def _smoothed(x_ptr, s_ptr, rows64, cols, m2, col_ok, K, DT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                  INTERPRET: tl.constexpr):  # fmt: skip
+    def _smooth_tile(s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, SMOOTH_ROWS: tl.constexpr):
+        """The smoothing of a (BLOCK_M, BLOCK_K) tile: ``s (K,)`` broadcast, or with ``SMOOTH_ROWS`` row
+        ``i``'s ``s[sid[i]] ((E, K) table)``."""
+        if SMOOTH_ROWS:
+            sid = tl.load(sid_ptr + rows64, mask=row_ok, other=0).to(tl.int64)  # (BLOCK_M,)
+            return tl.load(s_ptr + sid[:, None] * K + cols[None, :], mask=m2, other=1.0)
+        else:
+            return tl.load(s_ptr + cols, mask=col_ok, other=1.0)[None, :]
+
+    @triton.jit
+    def _smoothed(x_ptr, s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, DT: tl.constexpr,
+                  HAS_SMOOTH: tl.constexpr, SMOOTH_ROWS: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
         """(raw x tile in DT, xs = rnd_DT(x / s) as float32) for a (BLOCK_M, BLOCK_K) tile."""
         x = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=m2, other=0.0)
         x32 = _f32(x, DT, INTERPRET)
         if HAS_SMOOTH:
-            s = tl.load(s_ptr + cols, mask=col_ok, other=1.0)
-            xs = _rnd(tl.div_rn(x32, s[None, :]), DT, INTERPRET)
+            s = _smooth_tile(s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, SMOOTH_ROWS)
+            xs = _rnd(tl.div_rn(x32, s), DT, INTERPRET)
         else:
             xs = x32
         return x, xs
@@ -138,9 +150,10 @@ if triton_available():
             return mma(a, b, acc, INTERPRET)
 
     @triton.jit
-    def _amax_kernel(x_ptr, s_ptr, part_ptr, bad_ptr, M, K,
+    def _amax_kernel(x_ptr, s_ptr, sid_ptr, part_ptr, bad_ptr, M, K,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
-                     HAS_SMOOTH: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+                     HAS_SMOOTH: tl.constexpr, SMOOTH_ROWS: tl.constexpr,
+                     INTERPRET: tl.constexpr):  # fmt: skip
         """First pass of a dynamic range: per-tile max|xs| and count of non-finite xs."""
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -149,7 +162,8 @@ if triton_available():
         row_ok = rows < M
         col_ok = cols < K
         m2 = row_ok[:, None] & col_ok[None, :]
-        _, xs = _smoothed(x_ptr, s_ptr, rows.to(tl.int64), cols, m2, col_ok, K, DT, HAS_SMOOTH, INTERPRET)
+        _, xs = _smoothed(x_ptr, s_ptr, sid_ptr, rows.to(tl.int64), row_ok, cols, m2, col_ok, K, DT,
+                          HAS_SMOOTH, SMOOTH_ROWS, INTERPRET)  # fmt: skip
         a = tl.abs(xs)
         pid = pid_m * tl.num_programs(1) + pid_k
         tl.store(part_ptr + pid, tl.max(tl.max(a, axis=1), axis=0))
@@ -158,11 +172,13 @@ if triton_available():
 
     @triton.jit
     def _act_quant_kernel(
-        x_ptr, s_ptr, g_ptr, a_ptr,  # x (M, K) D; smooth (K,) f32; g (M,) or (1,) f32 [nvfp4]; A (R, K) D
+        x_ptr, s_ptr, sid_ptr, g_ptr, a_ptr,  # x (M, K) D; smooth (K,) / (E, K) f32 [+ sid (M,) i32];
+                                              # g (M,) or (1,) f32 [nvfp4]; A (R, K) D
         xq_ptr, u_ptr, q_ptr, sc_ptr, bad_ptr,  # xq (M, K) D; u (M, R) D or (SPLIT, M, R) f32; codes; scales
         M, K, R, CHUNKS_PER_PROGRAM, G_STRIDE,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, R_PAD: tl.constexpr,
-        IS_NVFP4: tl.constexpr, DT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr,
+        IS_NVFP4: tl.constexpr, DT: tl.constexpr, HAS_SMOOTH: tl.constexpr, SMOOTH_ROWS: tl.constexpr,
+        HAS_LORA: tl.constexpr,
         U_PARTIAL: tl.constexpr, STORE_PACKED: tl.constexpr, CHECK: tl.constexpr, INTERPRET: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
@@ -184,7 +200,8 @@ if triton_available():
             cols = c * BLOCK_K + tl.arange(0, BLOCK_K)
             col_ok = cols < K
             m2 = row_ok[:, None] & col_ok[None, :]
-            x, xs = _smoothed(x_ptr, s_ptr, rows64, cols, m2, col_ok, K, DT, HAS_SMOOTH, INTERPRET)
+            x, xs = _smoothed(x_ptr, s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, DT, HAS_SMOOTH,
+                              SMOOTH_ROWS, INTERPRET)  # fmt: skip
             xg = tl.reshape(xs, (BLOCK_M, NG, GROUP))
             gamax = tl.max(tl.abs(xg), axis=2)  # (BLOCK_M, NG), exact
             if IS_NVFP4:
@@ -252,9 +269,35 @@ if triton_available():
             else:
                 tl.store(u_ptr + rows64[:, None] * R + rr[None, :], _to_dt(acc, DT, INTERPRET), mask=um)
 
+    @triton.jit
+    def _ste_bwd_kernel(
+        x_ptr, s_ptr, sid_ptr, g_ptr, gq_ptr, dx_ptr,  # x, dxq, dx (M, K) D; smooth as above; range f32
+        M, K, G_STRIDE,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+        SMOOTH_ROWS: tl.constexpr, HAS_RANGE: tl.constexpr, INTERPRET: tl.constexpr,
+    ):  # fmt: skip
+        """The straight-through gradient of one tile: ``rnd_D(where(|xs| <= range, dxq, 0) / s)``."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        row_ok = rows < M
+        col_ok = cols < K
+        rows64 = rows.to(tl.int64)
+        m2 = row_ok[:, None] & col_ok[None, :]
+        off = rows64[:, None] * K + cols[None, :]
+        gq = _f32(tl.load(gq_ptr + off, mask=m2, other=0.0), DT, INTERPRET)
+        if HAS_RANGE:
+            _, xs = _smoothed(x_ptr, s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, DT, HAS_SMOOTH,
+                              SMOOTH_ROWS, INTERPRET)  # fmt: skip
+            lim = tl.load(g_ptr + rows64 * G_STRIDE, mask=row_ok, other=0.0)  # (BLOCK_M,)
+            gq = tl.where(tl.abs(xs) <= lim[:, None], gq, 0.0)
+        if HAS_SMOOTH:
+            s = _smooth_tile(s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, SMOOTH_ROWS)
+            gq = tl.div_rn(gq, s)
+        tl.store(dx_ptr + off, _to_dt(gq, DT, INTERPRET), mask=m2)
+
 
 # ------------------------------------------------------------------------------------------- checks
-def _check(x, smooth, fmt, global_amax, lora_down) -> tuple[QuantFormat, Tensor | None]:
+def _check(x, smooth, fmt, global_amax, lora_down, smooth_ids=None) -> tuple[QuantFormat, Tensor | None]:
     """Validate the arguments (one-line ``ValueError`` naming the argument); returns (fmt, global_amax as
     a float32 tensor of shape () or (M,), or None)."""
     who = "quantize_act"
@@ -271,13 +314,20 @@ def _check(x, smooth, fmt, global_amax, lora_down) -> tuple[QuantFormat, Tensor 
     if K % fmt.group_size:
         raise ValueError(f"{who}: x's last dimension {K} is not divisible by {fmt}'s group {fmt.group_size}")
     if smooth is not None:
-        if not isinstance(smooth, Tensor) or smooth.dtype != torch.float32 or tuple(smooth.shape) != (K,):
+        want = f"(E, {K}) with smooth_ids" if smooth_ids is not None else f"({K},)"
+        shape_ok = isinstance(smooth, Tensor) and (
+            (smooth_ids is None and tuple(smooth.shape) == (K,))
+            or (smooth_ids is not None and smooth.dim() == 2 and smooth.shape[1] == K)
+        )
+        if not shape_ok or smooth.dtype != torch.float32:
             got = type(smooth).__name__
             if isinstance(smooth, Tensor):
                 got = f"{smooth.dtype} {tuple(smooth.shape)}"
-            raise ValueError(f"{who}: smooth must be a float32 tensor of shape ({K},); got {got}")
+            raise ValueError(f"{who}: smooth must be a float32 tensor of shape {want}; got {got}")
         if smooth.device != x.device:
             raise ValueError(f"{who}: smooth is on {smooth.device}, x on {x.device}")
+    if smooth_ids is not None:
+        _check_ids(smooth_ids, x, smooth, who)
     if lora_down is not None:
         if not isinstance(lora_down, Tensor) or lora_down.dim() != 2 or lora_down.shape[1] != K:
             got = tuple(lora_down.shape) if isinstance(lora_down, Tensor) else type(lora_down).__name__
@@ -307,6 +357,23 @@ def _check(x, smooth, fmt, global_amax, lora_down) -> tuple[QuantFormat, Tensor 
     return fmt, ga
 
 
+def _check_ids(ids, x: Tensor, smooth: Tensor | None, who: str) -> None:
+    """``smooth_ids``: an integer tensor of one index per row of ``x`` into the rows of ``smooth``."""
+    rows = math.prod(x.shape[:-1])
+    if smooth is None:
+        raise ValueError(f"{who}: smooth_ids needs a smooth table of shape (E, K)")
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.numel() != rows:
+        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"{who}: smooth_ids must be an int32/int64 tensor of {rows} row indices; got {got}")
+    if ids.device != x.device:
+        raise ValueError(f"{who}: smooth_ids is on {ids.device}, x on {x.device}")
+    if _CHECK_FINITE.get() and rows:  # one host sync, skipped for trusted callers
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= smooth.shape[0]:
+            n = smooth.shape[0]
+            raise ValueError(f"{who}: smooth_ids range [{lo}, {hi}] is outside the {n} smoothings")
+
+
 def _raise_if_bad(bad: Tensor, x: Tensor, fmt: QuantFormat) -> None:
     if bool(bad.any()):
         raise ValueError(f"{fmt}: input of shape {tuple(x.shape)} contains NaN or Inf")
@@ -324,6 +391,7 @@ def quantize_act(
     global_amax: Tensor | float | None = None,
     lora_down: Tensor | None = None,
     *,
+    smooth_ids: Tensor | None = None,
     return_packed: bool = False,
     _tiles: tuple[int, int, int] | None = None,
 ) -> ActQuant:
@@ -332,13 +400,14 @@ def quantize_act(
     ``xq`` equals ``fake_quant(smoothed_input(x), fmt, global_amax)`` bit for bit (per-row ranges: what
     :func:`svdq.experts.ops.quant_rows` computes for rows with those ranges); with ``return_packed`` the
     codes and scales equal :func:`svdq.formats.quantize_tensor`'s. No autograd (see
-    :func:`quantize_act_ste`). ``_tiles = (BLOCK_M, BLOCK_K, programs along K)`` overrides the tiling
-    (tests).
+    :func:`quantize_act_ste`). ``smooth_ids (M,)``: row ``i`` is smoothed by ``smooth[smooth_ids[i]]`` of
+    an ``(E, K)`` table (experts with their own smoothing, rows sorted or not). ``_tiles = (BLOCK_M,
+    BLOCK_K, programs along K)`` overrides the tiling (tests).
 
     Raises:
         ValueError: a bad argument (named), or NaN/Inf in ``x / s`` outside ``trusted_inputs()``.
     """
-    fmt, ga = _check(x, smooth, fmt, global_amax, lora_down)
+    fmt, ga = _check(x, smooth, fmt, global_amax, lora_down, smooth_ids)
     if not triton_available():
         raise RuntimeError("quantize_act: triton is not installed")
     if not x.is_cuda and not interpreting():
@@ -350,6 +419,7 @@ def quantize_act(
     A = None if lora_down is None else lora_down.detach().to(dt).contiguous()  # (r, K)
     R = 0 if A is None else A.shape[0]
     s = None if smooth is None else smooth.detach().contiguous()
+    sid = None if smooth_ids is None else smooth_ids.reshape(-1).to(torch.int32).contiguous()  # (M,)
     check = _CHECK_FINITE.get()
     interp = interpreting()
     DT = _DTYPES[dt]
@@ -387,9 +457,9 @@ def quantize_act(
             bad0 = torch.empty(n_m * n_chunks, dtype=torch.int32, device=dev)
             if M:
                 _amax_kernel[(n_m, n_chunks)](
-                    x2, s if s is not None else dummy, part, bad0, M, K,
-                    BLOCK_M=block_m, BLOCK_K=block_k, DT=DT, HAS_SMOOTH=s is not None, INTERPRET=interp,
-                    num_warps=warps,
+                    x2, s if s is not None else dummy, sid if sid is not None else dummy, part, bad0, M, K,
+                    BLOCK_M=block_m, BLOCK_K=block_k, DT=DT, HAS_SMOOTH=s is not None,
+                    SMOOTH_ROWS=sid is not None, INTERPRET=interp, num_warps=warps,
                 )  # fmt: skip
                 if check:
                     _raise_if_bad(bad0, x, fmt)
@@ -410,12 +480,14 @@ def quantize_act(
         u = None
     if M:
         _act_quant_kernel[(n_m, split)](
-            x2, s if s is not None else dummy, g if g is not None else dummy, A if A is not None else dummy,
+            x2, s if s is not None else dummy, sid if sid is not None else dummy,
+            g if g is not None else dummy, A if A is not None else dummy,
             xq, u if u is not None else dummy, qdata if qdata is not None else dummy,
             scale if scale is not None else dummy, bad,
             M, K, R, per_program, 1 if (g is not None and g.dim()) else 0,
             BLOCK_M=block_m, BLOCK_K=block_k, GROUP=G, R_PAD=max(16, _next_pow2(R)),
-            IS_NVFP4=is_nvfp4, DT=DT, HAS_SMOOTH=s is not None, HAS_LORA=bool(R), U_PARTIAL=split > 1,
+            IS_NVFP4=is_nvfp4, DT=DT, HAS_SMOOTH=s is not None, SMOOTH_ROWS=sid is not None,
+            HAS_LORA=bool(R), U_PARTIAL=split > 1,
             STORE_PACKED=return_packed, CHECK=check, INTERPRET=interp, num_warps=warps,
         )  # fmt: skip
         if check:
@@ -438,34 +510,62 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def ste_grad(
+    x: Tensor,
+    gxq: Tensor,
+    smooth: Tensor | None,
+    global_amax: Tensor | None,
+    smooth_ids: Tensor | None = None,
+) -> Tensor:
+    """The straight-through gradient to ``x`` through ``xq`` in one pass over ``x`` and ``dxq`` (a kernel):
+    ``rnd_D(where(|x / s| <= range, dxq, 0) / s)`` (no mask without a range), bit for bit what autograd
+    gives the reference path ``fake_quant((x.float() / s).to(D), fmt, range)``. ``global_amax``: float32
+    ``()`` or one range per row; ``smooth`` / ``smooth_ids`` as in :func:`quantize_act`."""
+    K = x.shape[-1]
+    x2 = x.detach().reshape(-1, K).contiguous()  # (M, K)
+    g2 = gxq.reshape(-1, K).to(x.dtype).contiguous()  # (M, K)
+    M, dev = x2.shape[0], x.device
+    dx = torch.empty_like(x2)
+    if M and K:
+        dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        sid = None if smooth_ids is None else smooth_ids.reshape(-1).to(torch.int32).contiguous()
+        ga = None if global_amax is None else global_amax.reshape(-1).to(torch.float32).contiguous()
+        interp = interpreting()
+        block_m, block_k = (16, 64) if interp else (32, 128)
+        _ste_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
+            x2, smooth.contiguous() if smooth is not None else dummy, sid if sid is not None else dummy,
+            ga if ga is not None else dummy, g2, dx, M, K, 1 if (ga is not None and ga.numel() > 1) else 0,
+            BLOCK_M=block_m, BLOCK_K=block_k, DT=_DTYPES[x.dtype], HAS_SMOOTH=smooth is not None,
+            SMOOTH_ROWS=sid is not None, HAS_RANGE=ga is not None, INTERPRET=interp,
+            num_warps=4 if interp else 8,
+        )  # fmt: skip
+    return dx.reshape(x.shape)
+
+
 class _ActQuantSTE(torch.autograd.Function):
     """Forward: :func:`quantize_act`. Backward: the gradient PyTorch's autograd gives the reference path
-    ``fake_quant((x.float() / s).to(D), fmt, ga)`` and ``F.linear(x, A)``."""
+    ``fake_quant((x.float() / s).to(D), fmt, ga)`` and ``F.linear(x, A)`` (:func:`ste_grad` for ``xq``)."""
 
     @staticmethod
-    def forward(ctx, x, smooth, fmt, ga, A):  # type: ignore[override]
-        res = quantize_act(x, smooth, fmt, ga, A)
+    def forward(ctx, x, smooth, fmt, ga, A, smooth_ids):  # type: ignore[override]
+        res = quantize_act(x, smooth, fmt, ga, A, smooth_ids=smooth_ids)
         ctx.fmt = fmt
-        ctx.save_for_backward(x, smooth, ga, A)
+        ctx.save_for_backward(x, smooth, ga, A, smooth_ids)
         return res.xq, res.u
 
     @staticmethod
     def backward(ctx, gxq, gu):  # type: ignore[override]
-        x, smooth, ga, A = ctx.saved_tensors
-        dt, K = x.dtype, x.shape[-1]
+        x, smooth, ga, A, smooth_ids = ctx.saved_tensors
+        K = x.shape[-1]
         dx = dA = None
-        if gxq is not None:
-            if ga is not None:  # straight-through, zeroed where the range clips |x / s|
-                xs = x if smooth is None else (x.float() / smooth).to(dt)
-                lim = ga.reshape(*x.shape[:-1], 1) if ga.dim() else ga
-                gxq = torch.where(xs.float().abs() <= lim, gxq, torch.zeros_like(gxq))
-            dx = gxq if smooth is None else (gxq.float() / smooth).to(dt)  # through x / s
+        if gxq is not None:  # straight-through, zeroed where the range clips |x / s|, through x / s
+            dx = ste_grad(x, gxq, smooth, ga, smooth_ids)
         if gu is not None and A is not None:
             dx_u = gu @ A  # (..., K)
             dx = dx_u if dx is None else dx + dx_u
             if ctx.needs_input_grad[4]:
                 dA = gu.reshape(-1, A.shape[0]).t() @ x.reshape(-1, K)  # (r, K)
-        return dx, None, None, None, dA
+        return dx, None, None, None, dA, None
 
 
 def quantize_act_ste(
@@ -474,16 +574,18 @@ def quantize_act_ste(
     fmt: QuantFormat | str,
     global_amax: Tensor | float | None = None,
     lora_down: Tensor | None = None,
+    *,
+    smooth_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(xq, u)`` of :func:`quantize_act` with the reference path's gradients: to ``x`` through ``xq``
     the identity (zeroed where a given range clips ``|x / s|``) divided by ``s`` in float32 and rounded to
     ``D``; through ``u``, ``du · A``; to ``lora_down`` ``duᵀ · x`` (through its cast to ``D``). No gradient
     to ``smooth`` or ``global_amax``. For per-row ranges the mask is ``|x / s| <= range`` of the row, which
     is what :func:`svdq.experts.ops.quant_rows` does (its dynamic rows' ranges are their experts' maxima,
-    so nothing is masked there)."""
-    fmt, ga = _check(x, smooth, fmt, global_amax, lora_down)
+    so nothing is masked there). ``smooth_ids``: per-row smoothing, as in :func:`quantize_act`."""
+    fmt, ga = _check(x, smooth, fmt, global_amax, lora_down, smooth_ids)
     A = None if lora_down is None else lora_down.to(x.dtype)  # autograd casts dA back
-    return _ActQuantSTE.apply(x, smooth, fmt, ga, A)
+    return _ActQuantSTE.apply(x, smooth, fmt, ga, A, smooth_ids)
 
 
 def fused_act_applies(x: Tensor, fmt: QuantFormat | str, *tensors: Tensor) -> bool:

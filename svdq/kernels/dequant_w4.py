@@ -70,7 +70,8 @@ if triton_available():
         kb = k0 // 2 + tl.arange(0, HALF)
         b = tl.load(
             q_ptr + e64 * N * (K // 2) + n64[:, None] * (K // 2) + kb[None, :],
-            mask=n_ok[:, None] & (kb[None, :] < K // 2), other=0x88,
+            mask=n_ok[:, None] & (kb[None, :] < K // 2),
+            other=0x88,
         ).to(tl.int32)  # (BLOCK_N, HALF): two codes per byte
         lo = b & 15
         hi = b >> 4
@@ -134,7 +135,10 @@ if triton_available():
         (16, 512, 4, True),
     ]
     _dequant_tuned = triton.autotune(
-        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCKED": bl}, num_warps=w) for bn, bk, w, bl in _TILES],
+        [
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCKED": blocked}, num_warps=w)
+            for bn, bk, w, blocked in _TILES
+        ],
         key=["N", "K", "FMT", "GROUP", "OUT_KIND"],
     )(_dequant_kernel)
 

@@ -84,7 +84,8 @@ def test_grouped_forward_equals_expert_loop(act_format, static):
 
 def test_fused_activation_kernel_in_the_grouped_forward(monkeypatch):
     """All ranges static, shared fc1 smoothing and lora_down: fc1's activation quantization and ``x · Aᵀ``
-    run in the fused kernel (Triton's interpreter here) inside the grouped pass, against the per-expert loop
+    run in the fused kernel, fc2's quantization with each expert's own smoothing too (Triton's interpreter
+    here), inside the grouped pass, against the per-expert loop
     on the PyTorch reference: same loss and gradients within float32 accumulation tolerance."""
     from svdq.kernels import act_quant, kernel_backend
 
@@ -96,6 +97,7 @@ def test_fused_activation_kernel_in_the_grouped_forward(monkeypatch):
     with kernel_backend("triton"):
         loss, grads = _step(model, batch)
     assert any(k.get("lora_down") is not None for k in calls)  # the fused fc1 pass ran
+    assert any(k.get("smooth_ids") is not None for k in calls)  # fc2: the experts' own smoothing, fused
     for g in groups:
         g.grouped_svdq = False
     with kernel_backend("torch"):

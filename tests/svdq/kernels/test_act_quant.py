@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from svdq.experts.ops import quant_rows, row_amax_per_expert  # noqa: E402
 from svdq.formats import fake_quant, nvfp4, pack_nibbles, parse_format, quantize_tensor, trusted_inputs  # noqa: E402
 from svdq.kernels import kernel_backend  # noqa: E402
-from svdq.kernels.act_quant import fused_act_applies, quantize_act, quantize_act_ste  # noqa: E402
+from svdq.kernels.act_quant import fused_act_applies, quantize_act, quantize_act_ste, ste_grad  # noqa: E402
 
 # the interpreter evaluates 1 / 0 and 0 * inf with numpy (int4 all-zero groups), which warns
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -219,6 +219,60 @@ def test_per_row_ranges(dtype):
     assert torch.equal(res.xq, quant_rows(xs, ids, parse_format("nvfp4"), 4))
     x3 = x.reshape(3, 4, 64)  # ranges of shape x.shape[:-1] too
     assert torch.equal(quantize_act(x3, s, "nvfp4", ga.reshape(3, 4)).xq, res.xq.reshape(3, 4, 64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["nvfp4", "int4-g32"])
+def test_per_row_smoothing(dtype, fmt):
+    """smooth (E, K) + smooth_ids: each row smoothed by its expert's vector (rows unsorted), bit for bit
+    the reference of each row with its own smoothing; with per-row ranges (nvfp4) and x · Aᵀ too."""
+    x = rand((10, 64), dtype, seed=3)
+    table = torch.stack([smooth_vec(64, seed=i) for i in range(3)])  # (E, K)
+    ids = torch.tensor([2, 0, 0, 1, 2, 2, 0, 1, 1, 0])
+    xs = (x.float() / table[ids]).to(dtype)  # (M, K): the reference's smoothed input
+    ga = None
+    if fmt == "nvfp4":
+        ga = xs.float().abs().amax(-1) * torch.linspace(0.5, 1.5, 10)  # one range per row, some clip
+    A = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    res = quantize_act(x, table, fmt, ga, A, smooth_ids=ids, return_packed=True)
+    if ga is None:  # int4: per-group scales, no range: the reference of the smoothed rows
+        assert_same(res, xs, None, fmt)
+    else:
+        with trusted_inputs():
+            assert torch.equal(res.xq, quant_rows(xs, torch.arange(10), parse_format(fmt), 10, ga))
+        codes, sc, _ = nvfp4.encode(xs, ga[:, None])
+        assert torch.equal(res.qdata, pack_nibbles(codes, even_low=True))
+        assert torch.equal(bits(res.scale), bits(sc))
+    assert_u(res.u, x, A)
+    with pytest.raises(ValueError, match="smooth_ids range"):
+        quantize_act(x, table, fmt, ga, smooth_ids=ids + 1)
+    with pytest.raises(ValueError, match=r"smooth must be a float32 tensor of shape \(E, 64\)"):
+        quantize_act(x, table[:, :32], fmt, ga, smooth_ids=ids)
+    with pytest.raises(ValueError, match="smooth_ids must be"):
+        quantize_act(x, table, fmt, ga, smooth_ids=ids[:5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["none", "static", "rows", "rows-per-row-smoothing"])
+def test_ste_grad_bit_exact(dtype, mode):
+    """The backward kernel equals, bit for bit, autograd of the reference expression
+    ``where(|x / s| <= range, g, 0)`` through ``(x.float() / s).to(D)``."""
+    x = rand((9, 64), dtype, seed=4).requires_grad_()
+    ids = torch.tensor([0, 1, 1, 2, 0, 2, 2, 1, 0])
+    table = torch.stack([smooth_vec(64, seed=i) for i in range(3)])  # (E, K)
+    s = table[ids] if mode.endswith("smoothing") else smooth_vec(64)  # (M, K) or (K,)
+    xs = (x.float() / s).to(dtype)
+    amax = xs.detach().float().abs()
+    ga = {"none": None, "static": amax.max() * 0.5, "rows": amax.amax(-1) * torch.linspace(0.3, 1.2, 9)}.get(
+        mode, amax.amax(-1) * 0.7
+    )
+    gy = torch.randn(9, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    lim = None if ga is None else (ga if ga.dim() == 0 else ga[:, None])
+    passed = gy if lim is None else torch.where(xs.detach().float().abs() <= lim, gy, torch.zeros_like(gy))
+    (want,) = torch.autograd.grad(xs, x, passed)  # autograd of the reference smoothing
+    sm, sid = (table, ids) if mode.endswith("smoothing") else (s, None)
+    got = ste_grad(x.detach(), gy, sm, ga, sid)
+    assert got.dtype == dtype and torch.equal(got, want)
 
 
 def test_empty_and_rank_zero():
