@@ -170,14 +170,16 @@ def main(argv=None) -> int:
         "--kernels",
         nargs="+",
         default=None,
-        choices=["torch", "auto"],
-        help="kernel backends for the quantized variants (default: torch and auto on CUDA, torch on CPU)",
+        choices=["torch", "auto", "auto-keep"],
+        help="kernel backends for the quantized variants (default: torch and auto on CUDA, torch on CPU); "
+        "auto-keep: auto with the forward's 16-bit weight kept for the backward (SVDQ_KEEP_DEQUANT=1)",
     )
     p.add_argument("--no-fake", action="store_true", help="skip the fake-quant (unpacked) base variants")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     from lora.framework.parallel import destroy_parallel, init_parallel
     from svdq.kernels import kernel_backend
+    from svdq.kernels.dequant_w4 import set_keep_dequantized
 
     init_parallel()
     shapes = args.shapes or (["mixtral-half", "fine-64"] if args.device == "cuda" else ["tiny"])
@@ -207,10 +209,12 @@ def main(argv=None) -> int:
             shape = SHAPES[shape_name]
             rows = {}
             for name, backend, quant, adapters, storage in variants:
-                with kernel_backend(backend):
+                set_keep_dequantized(backend == "auto-keep")
+                with kernel_backend("auto" if backend == "auto-keep" else backend):
                     rows[name] = run_variant(
                         shape, name, quant, adapters, storage, args.rank, args.steps, args.warmup, args.device
                     )
+                set_keep_dequantized(False)
                 rows[name]["kernels"] = backend
             base = rows["bf16 base, no adapters"]["seconds"]
             checks = {
