@@ -147,9 +147,12 @@ if triton_available():
 _BLOCKED = contextvars.ContextVar("svdq_dequant_blocked", default=True)
 
 
-def dequantize_w4(weight: object, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def dequantize_w4(
+    weight: object, dtype: torch.dtype = torch.bfloat16, *, _tile: tuple[int, int, int, bool] | None = None
+) -> Tensor:
     """``W (E, N, K)`` of ``dtype`` (see the module docstring): a PackedTensor ``(N, K)`` gives ``(1, N, K)``.
-    Equal bit for bit to the PyTorch reference ``dequantize(float32).to(dtype)``."""
+    Equal bit for bit to the PyTorch reference ``dequantize(float32).to(dtype)``. ``_tile = (BLOCK_N,
+    BLOCK_K, warps, blocked)`` replaces the autotuned choice (tests)."""
     w = W4Weight.of(weight)
     if not triton_available():
         raise RuntimeError("dequantize_w4: triton is not installed")
@@ -174,6 +177,10 @@ def dequantize_w4(weight: object, dtype: torch.dtype = torch.bfloat16) -> Tensor
         bk = 128 if blocked else 64
         _dequant_kernel[grid](q, scale, g, out, N, K, **consts, BLOCK_N=16, BLOCK_K=bk, BLOCKED=blocked,
                               INTERPRET=True)  # fmt: skip
+    elif _tile is not None:
+        bn, bk, warps, blocked = _tile
+        _dequant_kernel[grid](q, scale, g, out, N, K, **consts, BLOCK_N=bn, BLOCK_K=bk, BLOCKED=blocked,
+                              INTERPRET=False, num_warps=warps)  # fmt: skip
     else:
         _dequant_tuned[grid](q, scale, g, out, N, K, **consts, INTERPRET=False)
     return out

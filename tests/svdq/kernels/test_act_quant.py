@@ -475,3 +475,30 @@ def test_gpu_special_values_and_gradients(fmt):
     assert torch.equal(out[0][0], out[1][0])
     torch.testing.assert_close(out[0][1].float(), out[1][1].float(), rtol=2**-7, atol=1e-2)
     torch.testing.assert_close(out[0][2], out[1][2], rtol=2**-7, atol=out[1][2].abs().max().item() * 2**-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_per_row_smoothing_and_ste_grad(dtype):
+    """Training sizes on CUDA (fc2 of a Mixtral-half MoE: 8 experts' rows, ffn 7168): per-expert smoothing
+    via smooth_ids and per-row ranges bit for bit as the reference; the backward kernel bit for bit as
+    autograd of the reference expression."""
+    dev = torch.device("cuda")
+    M, K, E = 4096, 7168, 8
+    x = rand((M, K), dtype, seed=11).to(dev)
+    ids = torch.sort(torch.randint(0, E, (M,), generator=torch.Generator().manual_seed(3)))[0].to(dev)
+    table = torch.stack([smooth_vec(K, seed=i) for i in range(E)]).to(dev)  # (E, K)
+    xs = (x.float() / table[ids]).to(dtype)
+    ga = (xs.float().abs().amax(-1) * 0.8).contiguous()  # (M,): every row clips a little
+    with trusted_inputs():
+        res = quantize_act(x, table, "nvfp4", ga, smooth_ids=ids, return_packed=True)
+        assert torch.equal(res.xq, quant_rows(xs, torch.arange(M, device=dev), parse_format("nvfp4"), M, ga))
+    codes, sc, _ = nvfp4.encode(xs, ga[:, None])
+    assert torch.equal(res.qdata, pack_nibbles(codes, even_low=True))
+    assert torch.equal(bits(res.scale), bits(sc))
+    xr = x.clone().requires_grad_()
+    xsr = (xr.float() / table[ids]).to(dtype)
+    gy = torch.randn(M, K, generator=torch.Generator(device="cuda").manual_seed(4), device=dev).to(dtype)
+    passed = torch.where(xsr.detach().float().abs() <= ga[:, None], gy, torch.zeros_like(gy))
+    (want,) = torch.autograd.grad(xsr, xr, passed)
+    assert torch.equal(ste_grad(x, gy, table, ga, ids), want)

@@ -144,11 +144,20 @@ def test_gpu_equals_reference_path(E, S, n, k, fmt):
     assert dequant_mm_preferred(x, W4Weight.of(res))
     W = res.dequantize(torch.float32).to(torch.bfloat16)
     assert torch.equal(dequantize_w4(res, torch.bfloat16), W)
+    from svdq.kernels.dequant_w4 import _TILES
+
+    for tile in _TILES:  # every tile form the autotuner may pick
+        assert torch.equal(dequantize_w4(res, torch.bfloat16, _tile=tile), W), tile
     out = []
-    for ours in (True, False):
-        xi = x.clone().requires_grad_()
-        y = dequant_mm(xi, res, offs) if ours else expert_mm(xi, W, counts, offs)
-        y.backward(torch.ones_like(y))
+    for ours, keep in ((True, False), (True, True), (False, False)):
+        set_keep_dequantized(keep)
+        try:
+            xi = x.clone().requires_grad_()
+            y = dequant_mm(xi, res, offs) if ours else expert_mm(xi, W, counts, offs)
+            y.backward(torch.ones_like(y))
+        finally:
+            set_keep_dequantized(False)
         out.append((y.detach(), xi.grad))
-    assert torch.equal(out[0][0], out[1][0])
-    assert torch.equal(out[0][1], out[1][1])
+    for got in out[:2]:  # re-dequantized or kept for the backward: the reference's bits
+        assert torch.equal(got[0], out[2][0])
+        assert torch.equal(got[1], out[2][1])
