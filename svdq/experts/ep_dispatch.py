@@ -163,14 +163,16 @@ def _prepare(x, send_counts, recv_counts, smooth, lora_down, fmt, global_amax, g
     send_counts = [int(c) for c in send_counts]
     if world == 1 and recv_counts is not None and list(recv_counts) != send_counts:
         raise ValueError(f"{who}: one rank: recv_counts {list(recv_counts)} must equal send_counts")
-    if recv_counts is None:
-        recv_counts = _exchange_counts(send_counts, group, traffic) if world > 1 else list(send_counts)
+    if recv_counts is None and world > 1:
+        recv_counts = _exchange_counts(send_counts, group, traffic, x.device)
+    elif recv_counts is None:
+        recv_counts = list(send_counts)
     return fmt, ga, me, send_counts, [int(c) for c in recv_counts]
 
 
 # ------------------------------------------------------------------------------------------- wire
-def _exchange_counts(send_counts, group, traffic) -> list[int]:
-    send = torch.tensor(send_counts, dtype=torch.int64)
+def _exchange_counts(send_counts, group, traffic, device) -> list[int]:
+    send = torch.tensor(send_counts, dtype=torch.int64, device=device)  # on x's device (NCCL: CUDA)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     if traffic is not None:

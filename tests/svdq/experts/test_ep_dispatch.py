@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from svdq.experts.ep_dispatch import DispatchTraffic, bytes_per_row, dispatch_16bit, dispatch_quantized
-from svdq.formats import fake_quant
+from svdq.formats import fake_quant, parse_format
 from tests.helpers.dist import run_distributed
 
 
@@ -186,3 +186,95 @@ def test_not_initialized_raises():
     x = torch.zeros(2, 16)
     with pytest.raises(ValueError, match="not initialized"):
         dispatch_quantized(x, [2], act_format="nvfp4", global_amax=1.0)
+
+
+def _kernel_worker(rank, world, K, r):
+    from svdq.kernels import kernel_backend
+
+    out = {}
+    for name, fmt, per_row in (("nvfp4", "nvfp4", True), ("int4", "int4-g32", None)):
+        x, send, smooth, A, ga = _rows(rank, K, r, torch.bfloat16, seed=2)
+        kw = dict(act_format=fmt, smooth=smooth, lora_down=A, global_amax=ga if per_row else None)
+        with kernel_backend("triton"):  # the fused kernel (Triton's interpreter on CPU) on both paths
+            out[name] = dict(kq=dispatch_quantized(x, send, **kw)[:2], k16=dispatch_16bit(x, send, **kw)[:2])
+        with kernel_backend("torch"):
+            out[name]["t16"] = dispatch_16bit(x, send, **kw)[:2]
+    return out
+
+
+def test_two_ranks_fused_kernel_sender():
+    """SVDQ_KERNELS=triton (interpreter): the sender quantizes with quantize_act(return_packed=True); the
+    received xq equals the torch-reference 16-bit path's bit for bit and the kernel's 16-bit path's too;
+    u (the kernel's fp32-accumulated x · Aᵀ) equals the kernel 16-bit path's bit for bit and the torch
+    path's F.linear to bf16 rounding (2**-7 relative of the row scale)."""
+    pytest.importorskip("triton")
+    res = run_distributed(_kernel_worker, 2, 64, 8)
+    for out in res:
+        for name, o in out.items():
+            (xq, u), (xk, uk), (xt, ut) = o["kq"], o["k16"], o["t16"]
+            assert torch.equal(xq, xk) and torch.equal(xq, xt), name
+            assert torch.equal(u, uk), name
+            assert ((u.float() - ut.float()).abs().amax(-1) <= 2**-7 * ut.float().abs().amax(-1)).all(), name
+
+
+def _experts_worker(rank, world, H, N, r):
+    from svdq.experts.projection import grouped_projection
+
+    E, T, k = 4, 6, 2  # 4 experts, 2 per rank; 6 tokens per rank, top-2
+    g = torch.Generator().manual_seed(50 + rank)
+    x = (torch.randn(T, H, generator=g) * torch.linspace(0.5, 8, H)).to(torch.bfloat16)
+    experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).reshape(-1)  # (T·k,)
+    order = torch.argsort(experts, stable=True)
+    rows, ids = x.repeat_interleave(k, dim=0)[order], experts[order]  # by expert, hence by rank
+    send = torch.bincount(ids // 2, minlength=world).tolist()
+    gs = torch.Generator().manual_seed(3)  # the layer's tensors, the same on every rank
+    smooth = torch.rand(H, generator=gs) + 0.5
+    A = torch.randn(r, H, generator=gs) / H**0.5
+    W = (torch.randn(E, N, H, generator=gs) / H**0.5).to(torch.bfloat16)  # dequantized residuals
+    B = torch.randn(E, N, r, generator=gs) / r**0.5
+    input_amax = torch.rand(E, generator=gs) * 20 + 10  # static per-expert ranges (some clip)
+    # what Megatron's dispatcher knows: each received row's expert (here sent along, test only)
+    recv = _counts(send)
+    r_ids = torch.empty(sum(recv), dtype=torch.int64)
+    dist.all_to_all_single(r_ids, ids, recv, send)
+    local = slice(2 * rank, 2 * rank + 2)
+    perm = torch.argsort(r_ids, stable=True)  # received rows by local expert (Megatron's sort_chunks)
+    lid = r_ids[perm] - 2 * rank
+    counts = torch.bincount(lid, minlength=2).tolist()
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    kw = dict(residual=W[local], smooth=smooth, act_format=parse_format("nvfp4"),
+              input_amax=input_amax[local], lora_down=A, lora_up=B[local], ranges_static=True)  # fmt: skip
+    # 4-bit dispatch: quantized and u = x · Aᵀ on the sender, each row with its expert's range
+    xq, u, _ = dispatch_quantized(rows, send, act_format="nvfp4", smooth=smooth, lora_down=A,
+                                  global_amax=input_amax[ids], recv_counts=recv)  # fmt: skip
+    xq, u = xq[perm], u[perm]
+    y4 = grouped_projection(xq, lid, counts, offs, quantized=(xq, u), **kw)
+    # 16-bit dispatch, then the grouped experts quantize (the existing path)
+    xr = torch.empty(sum(recv), H, dtype=torch.bfloat16)
+    dist.all_to_all_single(xr, rows, recv, send)
+    y16 = grouped_projection(xr[perm], lid, counts, offs, **kw)
+    errors = []
+    for bad in (dict(quantized=(xq.clone(), u)), dict(quantized=(xq, None))):
+        try:
+            grouped_projection(xq, lid, counts, offs, **{**kw, **bad})
+        except ValueError as e:
+            errors.append(str(e))
+    return dict(y4=y4, y16=y16, errors=errors, counts=counts)
+
+
+def _counts(send):
+    s = torch.tensor(send)
+    out = torch.empty_like(s)
+    dist.all_to_all_single(out, s)
+    return out.tolist()
+
+
+def test_two_ranks_grouped_experts_output():
+    """End to end on 2 gloo ranks (4 experts, 2 per rank, top-2, per-expert static ranges): 4-bit dispatch
+    then grouped_projection(quantized=(xq, u)) gives the experts' fc1 output bit for bit equal to 16-bit
+    dispatch then grouped_projection quantizing the received rows (the existing path)."""
+    res = run_distributed(_experts_worker, 2, 64, 24, 8)
+    for out in res:
+        assert sum(out["counts"]) == out["y4"].shape[0] > 0
+        assert torch.equal(out["y4"], out["y16"])
+        assert len(out["errors"]) == 2 and all("quantized" in e for e in out["errors"])
