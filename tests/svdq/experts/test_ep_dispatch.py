@@ -278,3 +278,25 @@ def test_two_ranks_grouped_experts_output():
         assert sum(out["counts"]) == out["y4"].shape[0] > 0
         assert torch.equal(out["y4"], out["y16"])
         assert len(out["errors"]) == 2 and all("quantized" in e for e in out["errors"])
+
+
+def _cuda_worker(rank, world, K, r):
+    out = {}
+    for fmt, per_row in (("nvfp4", True), ("nvfp4", False), ("int4-g64", None)):
+        x, send, smooth, A, ga = _rows(0, K, r, torch.bfloat16)
+        x, smooth, A, ga = x.cuda(), smooth.cuda(), A.cuda(), ga.cuda()
+        amax = None if per_row is None else (ga if per_row else ga.amax())
+        S = x.shape[0]
+        kw = dict(act_format=fmt, smooth=smooth, lora_down=A, global_amax=amax)
+        (xq, u, _), (xq16, u16, _) = dispatch_quantized(x, [S], **kw), dispatch_16bit(x, [S], **kw)
+        out[f"{fmt}/{per_row}"] = dict(x=torch.equal(xq, xq16), u=torch.equal(u, u16), cuda=xq.is_cuda)
+    return out
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_sender_one_rank():
+    """On CUDA (one process, no collective at world size 1): the sender's fused kernel codes, dequantized
+    on the receiver in torch, equal the 16-bit path's kernel quantization bit for bit (and u too)."""
+    (out,) = run_distributed(_cuda_worker, 1, 2048, 32)
+    for name, o in out.items():
+        assert o["cuda"] and o["x"] and o["u"], (name, o)
