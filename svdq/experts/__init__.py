@@ -6,6 +6,7 @@
 * :mod:`.storage` — stacked per-expert packed residuals; :mod:`.ops` — per-expert activation quantization
   and grouped products; :mod:`.stats` — routed statistics hooks and static ranges;
   :mod:`.coverage` — what :func:`svdq.quantize` quantized and what it left in 16 bits.
+* :mod:`.ep_dispatch` — 4-bit expert-parallel all-to-all of fc1's quantized rows (svdq/DESIGN.md §22).
 """
 
 from svdq.experts.handlers import (

@@ -58,6 +58,7 @@ def grouped_projection(
     record: Tensor | None = None,
     weight_dtype: torch.dtype | None = None,
     ranges_static: bool = False,
+    quantized: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """``y (S, out)`` of the module docstring. ``grouped``: ``torch._grouped_mm`` choice of
     :func:`svdq.experts.ops.expert_mm`; ``record (E,)``: updated with each expert's ``max|x/s|``;
@@ -65,14 +66,22 @@ def grouped_projection(
     ``ranges_static``: the caller knows every entry of ``input_amax`` is a static range (none 0), which
     lets rows already in expert order (``rows is None``) with shared smoothing and a shared ``lora_down``
     take the fused kernel (:func:`svdq.kernels.quantize_act_ste`: smoothing, each row's quantization and
-    ``x · Aᵀ`` in one pass over ``x``, bit-identical quantization) without a host sync."""
+    ``x · Aᵀ`` in one pass over ``x``, bit-identical quantization) without a host sync.
+
+    ``quantized = (xq (S, in), u (S, r) or None)``: the rows' ``Q_a(x / s)`` (each with its expert's static
+    range) and shared-down ``u = x · Aᵀ`` already computed — by the sending rank of a 4-bit expert-parallel
+    dispatch (:mod:`svdq.experts.ep_dispatch`, svdq/DESIGN.md §22) — then ``x`` is that ``xq`` and
+    neither is recomputed (needs shared smoothing, a shared ``lora_down`` for ``u``, no ``rows``,
+    ``branch_x`` or ``record``)."""
     dt, E = x.dtype, int(residual.shape[0])
     has_branch = lora_down is not None and lora_down.shape[-2] > 0
     A = B = u = None
     if has_branch:
         A, B = lora_down.to(dt), lora_up.to(dt)
         B = B if scaling == 1.0 else B * scaling
-    if _fused_applies(x, smooth, act_format, input_amax, ranges_static, rows, record):
+    if quantized is not None:
+        xq, u = _check_quantized(quantized, x, smooth, has_branch, layout, rows, branch_x, record)
+    elif _fused_applies(x, smooth, act_format, input_amax, ranges_static, rows, record):
         from svdq.kernels.act_quant import quantize_act_ste
 
         fuse_down = A is not None and layout == SHARED_DOWN and (branch_x is None or branch_x is x)
@@ -115,6 +124,20 @@ def grouped_projection(
         v = F.linear(u, B) if layout == SHARED_UP else expert_mm(u, B, counts, offs, grouped)  # (S, out)
         y = y + v
     return _add_bias(y, bias, ids)
+
+
+def _check_quantized(quantized, x, smooth, has_branch, layout, rows, branch_x, record):
+    """``(xq, u)`` of :func:`grouped_projection`'s ``quantized`` after its checks (``ValueError``)."""
+    xq, u = quantized
+    if xq is not x:
+        raise ValueError("grouped_projection: with quantized=(xq, u), pass x=xq")
+    if smooth.dim() != 1 or rows is not None or branch_x is not None or record is not None:
+        raise ValueError(
+            "grouped_projection: quantized=(xq, u) needs shared smoothing and no rows / branch_x / record"
+        )
+    if has_branch and (u is None or layout != SHARED_DOWN or u.shape[0] != xq.shape[0]):
+        raise ValueError("grouped_projection: quantized=(xq, u) needs the shared-down u of every row")
+    return xq, (u if has_branch else None)
 
 
 def _fused_applies(x, smooth, fmt, input_amax, ranges_static, rows, record) -> bool:
