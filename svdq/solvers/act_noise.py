@@ -18,10 +18,10 @@ From (2): ``Σ_t ‖(T_i − B_i·A)·x_t + R̂_i·e_t‖² = ‖(F_i − B_i·A
 ``F_i = T_i + R̂_i·K_i·C_i⁻¹``, ``K_i = Σ_t e_t·x_tᵀ`` (:func:`cross_target`): fitting ``F_i`` instead of
 ``T_i`` minimizes the exact error, the part of ``R̂_i·e`` linear in ``x`` absorbed by the branch.
 
-All moments are estimated from each expert's sampled tokens, scaled by ``w_i = n_i / k_i`` to the scale of
-the routed-token sums ``C_i``. Tensors: ``X (E × k × in)`` raw sampled tokens (zero rows after each expert's
-``k_i``), ``Xq (E × k × in)`` their ``Q_a(X_i/s_i)``, ``s`` ``(in,)`` or ``(E × in)``, float32; results
-float64.
+All moments are estimated from each expert's sampled tokens (by default their diagonals only), scaled
+by ``w_i = n_i / k_i`` to the scale of the routed-token sums ``C_i``. Tensors: ``X (E × k × in)`` raw
+sampled tokens (zero rows after each expert's ``k_i``), ``Xq (E × k × in)`` their ``Q_a(X_i/s_i)``, ``s``
+``(in,)`` or ``(E × in)``, float32; results float64.
 """
 
 from __future__ import annotations
@@ -38,16 +38,26 @@ def _s3(s: Tensor) -> Tensor:
     return (s.reshape(1, 1, -1) if s.dim() == 1 else s.unsqueeze(1)).to(_F64)
 
 
-def act_error_moments(X: Tensor, Xq: Tensor, s: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def act_error_moments(
+    X: Tensor, Xq: Tensor, s: Tensor, weight: Tensor, diagonal: bool = True
+) -> tuple[Tensor, Tensor]:
     """``(N, K)``, each ``(E × in × in)`` float64: ``N_i = w_i·Σ_t ε_t·ε_tᵀ`` (raw coordinates,
     ``ε = x − s⊙Q_a(x/s)``) and ``K_i = w_i·Σ_t e_t·x_tᵀ`` (``e = x/s − Q_a(x/s)``, ``x`` raw);
-    ``weight (E,)`` the ``w_i``."""
+    ``weight (E,)`` the ``w_i``. ``diagonal`` (what the expert groups use): only the diagonals (per-channel
+    sums), the off-diagonal entries set to 0 — a few hundred sampled tokens per expert estimate the
+    ``in²`` entries too noisily (svdq/DESIGN.md §22), and per-block rounding errors of different channels
+    are nearly uncorrelated."""
     s3 = _s3(s)
     X64 = X.to(_F64)
     e = X64 / s3 - Xq.to(_F64)  # (E × k × in) smoothed
     eps = e * s3  # (E × k × in) raw
-    w = weight.to(_F64).view(-1, 1, 1)
-    return w * (eps.mT @ eps), w * (e.mT @ X64)
+    w = weight.to(_F64)
+    if diagonal:
+        n_diag = w[:, None] * eps.square().sum(1)  # (E × in)
+        k_diag = w[:, None] * (e * X64).sum(1)  # (E × in)
+        return torch.diag_embed(n_diag), torch.diag_embed(k_diag)
+    w3 = w.view(-1, 1, 1)
+    return w3 * (eps.mT @ eps), w3 * (e.mT @ X64)
 
 
 def weight_noise_terms(R: Tensor, Rq: Tensor, X: Tensor, s: Tensor, weight: Tensor) -> Tensor:

@@ -90,7 +90,10 @@ def _tokens(E=3, k=24, n_in=32, seed=1):
 
 def test_act_error_moments_and_weight_noise_match_brute_force():
     X, Xq, s, w = _tokens()
-    N, K = act_error_moments(X, Xq, s, w)
+    N, K = act_error_moments(X, Xq, s, w, diagonal=False)
+    Nd, Kd = act_error_moments(X, Xq, s, w)
+    torch.testing.assert_close(Nd, torch.diag_embed(N.diagonal(dim1=1, dim2=2)), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(Kd, torch.diag_embed(K.diagonal(dim1=1, dim2=2)), rtol=1e-12, atol=0.0)
     for i in range(X.shape[0]):
         Ni = sum(torch.outer(x - s * q, x - s * q) for x, q in zip(X[i].to(F64), Xq[i].to(F64)))
         Ki = sum(torch.outer(x / s - q, x) for x, q in zip(X[i].to(F64), Xq[i].to(F64)))
@@ -115,7 +118,7 @@ def test_cross_target_whitened_fit_is_the_exact_error_up_to_a_constant():
     g = torch.Generator().manual_seed(3)
     T = torch.randn(1, 6, 32, generator=g, dtype=F64)
     Rq = torch.randn(1, 6, 32, generator=g, dtype=F64)
-    _, K = act_error_moments(X, Xq, s, torch.ones(1, dtype=F64))
+    _, K = act_error_moments(X, Xq, s, torch.ones(1, dtype=F64), diagonal=False)
     C = x.mT @ x + 1e-3 * torch.eye(32, dtype=F64)  # damped: the identity holds with the covariance used
     F = cross_target(T, Rq, K, C.unsqueeze(0))[0]
 
