@@ -172,3 +172,34 @@ def test_branch_fit_act_noise_in_an_expert_group(projection):
 def test_branch_fit_is_validated():
     with pytest.raises(ValueError, match="branch_fit must be one of"):
         SVDQConfig(branch_fit="noise")
+
+
+def _on_rank(rank: int, world_size: int) -> dict:
+    """Each rank decomposes half of the experts with ep_group=WORLD and branch_fit="act-both"."""
+    import torch.distributed as dist
+
+    W, stats = _group(E=4, counts=(300, 150, 0, 200))
+    local = slice(2 * rank, 2 * rank + 2)
+    cfg = SVDQConfig(rank=4, alphas=(0.0, 0.5, 1.0), refine_steps=2, sample_tokens=128, branch_fit="act-both")
+    res = decompose_expert_group(
+        W[local], stats[local], cfg, projection="fc1", layout="shared-down", ep_group=dist.group.WORLD
+    )
+    return {"A": res.shared_down, "ups": torch.stack(res.lora_ups), "steps": res.step_errors}
+
+
+@pytest.mark.slow
+def test_branch_fit_expert_parallel_matches_single_process():
+    from tests.helpers.dist import run_distributed
+
+    results = run_distributed(_on_rank, 2, timeout=240)
+    W, stats = _group(E=4, counts=(300, 150, 0, 200))
+    cfg = SVDQConfig(rank=4, alphas=(0.0, 0.5, 1.0), refine_steps=2, sample_tokens=128, branch_fit="act-both")
+    single = decompose_expert_group(W, stats, cfg, projection="fc1", layout="shared-down")
+    assert torch.equal(results[0]["A"], results[1]["A"])  # one shared factor on every rank
+    assert results[0]["steps"] == results[1]["steps"]
+    assert len(results[0]["steps"]) == len(single.step_errors)
+    for a, b in zip(results[0]["steps"], single.step_errors):
+        assert a == pytest.approx(b, rel=1e-5)
+    torch.testing.assert_close(results[0]["A"], single.shared_down, rtol=1e-4, atol=1e-5)
+    ups = torch.cat([r["ups"] for r in results])
+    torch.testing.assert_close(ups, torch.stack(single.lora_ups), rtol=1e-4, atol=1e-5)
