@@ -14,7 +14,8 @@ sensitivity, ``residual_quant`` rtn / auto (GPTQ where ≥ 4 tokens per input ch
 output / activation (svdq/DESIGN.md §20); at NVFP4 also the static-range margin before / after (``margin
 1 (before)`` is the calibrated maximum, the old default; the sweep 2 … 64 around the default) and per-call
 (dynamic) activation ranges like RTN's; combinations of allocation, GPTQ, the fc1 objective and margin 32;
-and modelopt. ``--seed`` changes the calibration windows (the README's seed table ran seeds 0–3).
+the expert-group branch fits under the activation-quantization error (``branch_fit``, §23); and modelopt.
+``--seed`` changes the calibration windows (the README's seed table ran seeds 0–3).
 Every row records its perplexity, its share of the RTN-to-unquantized gap closed and the calibration time.
 
     python bench/bench_accuracy.py    # both models, CPU; writes bench/results/accuracy_cpu.json
@@ -71,6 +72,13 @@ OURS = {  # row name: the variant's settings (defaults: the library's)
     ),
     "ours + allocation + GPTQ, fc1 act objective, margin 32": _variant(
         alloc="sensitivity", rq="auto", fc1_objective="activation", margin=32.0
+    ),
+    # expert-group branches fitted under the activation-quantization error (svdq/DESIGN.md §23)
+    "ours uniform, branch act-noise": _variant(branch_fit="act-noise"),
+    "ours uniform, branch act-cross": _variant(branch_fit="act-cross"),
+    "ours uniform, branch act-both": _variant(branch_fit="act-both"),
+    "ours + allocation + GPTQ, fc1 act objective, branch act-cross": _variant(
+        alloc="sensitivity", rq="auto", fc1_objective="activation", branch_fit="act-cross"
     ),
     "ours uniform, dynamic act range": _variant(act="dynamic"),
     "ours + allocation, dynamic act range": _variant(alloc="sensitivity", act="dynamic"),

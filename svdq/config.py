@@ -11,6 +11,7 @@ from svdq.formats import QuantFormat, parse_format
 
 RESIDUAL_QUANTS = ("rtn", "gptq", "auto")
 FC1_OBJECTIVES = ("output", "activation")
+BRANCH_FITS = ("plain", "act-noise", "act-cross", "act-both")
 #: ``SVDQConfig.act_range_margin`` default, chosen by bench/bench_accuracy.py (svdq/DESIGN.md §20)
 DEFAULT_ACT_RANGE_MARGIN = 16.0
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -47,6 +48,11 @@ class SVDQConfig(ConfigBase):
       ``"output"`` the error of ``fc1(x)``, ``"activation"`` that of its consumer ``act(fc1(x) + b)`` (a
       GLU's ``act(gate)·up``: errors of gate and up weighted by what the expert passes on; svdq/DESIGN.md
       §20). Dense linears and fc2 always use their output error.
+    * ``branch_fit``: how expert groups fit their branch to the activation-quantization error (svdq/DESIGN.md
+      §23): ``"plain"`` the whitened fit alone; ``"act-noise"`` adds, after the α search, a refit whose
+      covariance includes the activation-error second moment (``Ĉ_i + N_i/ρ²``), kept if it lowers the
+      error; ``"act-cross"`` makes refinement fit the exact error of the fixed quantized residual (target
+      ``W_i − R̂_i/s + R̂_i·K_i·Ĉ_i⁻¹``); ``"act-both"`` both. Dense linears always fit plainly.
     * ``weight_only_fallback``: a targeted layer that saw no calibration data is decomposed from its
       weight alone (no smoothing, no whitening) and flagged, instead of raising.
     """
@@ -68,6 +74,7 @@ class SVDQConfig(ConfigBase):
     power_iters: int = 2
     act_range_margin: float = DEFAULT_ACT_RANGE_MARGIN
     fc1_objective: str = "output"
+    branch_fit: str = "plain"
     weight_only_fallback: bool = False
     seed: int = 0
 
@@ -101,6 +108,8 @@ class SVDQConfig(ConfigBase):
             raise ValueError(f"act_range_margin must be ≥ 1, got {self.act_range_margin}")
         if self.fc1_objective not in FC1_OBJECTIVES:
             raise ValueError(f"fc1_objective must be one of {FC1_OBJECTIVES}, got {self.fc1_objective!r}")
+        if self.branch_fit not in BRANCH_FITS:
+            raise ValueError(f"branch_fit must be one of {BRANCH_FITS}, got {self.branch_fit!r}")
         if self.score_rows < 1:
             raise ValueError(f"score_rows must be ≥ 1, got {self.score_rows}")
 

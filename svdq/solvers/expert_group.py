@@ -29,7 +29,12 @@ parameter budget**. :func:`decompose_expert_group` does, for the local experts o
    rows are exactly those of the full quantization).
 3. **Residual** ``R_i`` quantized round-to-nearest per expert — each expert its own tensor (own NVFP4 /
    FP8 global scale), all experts batched in one ``(E, out, in)`` pass (chunked to bound memory).
-4. **Refinement**: refit the layout to the targets ``W_i − Q_w(R_i)·diag(1/s_i)`` (warm started:
+   With ``config.branch_fit`` ``"act-noise"`` / ``"act-both"`` the branch is then refitted once with the
+   activation-quantization error of the chosen smoothing in its covariance (``Ĉ_i + N_i/ρ²``,
+   :mod:`svdq.solvers.act_noise`, svdq/DESIGN.md §23), kept if it lowers the total error (one more entry
+   of ``step_errors``).
+4. **Refinement**: refit the layout to the targets ``W_i − Q_w(R_i)·diag(1/s_i)`` (``"act-cross"`` /
+   ``"act-both"``: plus ``R̂_i·K_i·Ĉ_i⁻¹``, the exact error of the fixed residual) (warm started:
    shared-down B-step + ``refine_alternations`` A-steps, the closed-form layouts by subspace iteration
    from the current basis), re-quantize; a step that does not lower the total error is dropped and ends
    the refinement, one that lowers it by less than ``config.refine_tol`` (relative) is the last. At most
@@ -81,6 +86,7 @@ from svdq.formats import (
     quantize_tensor,
     trusted_inputs,
 )
+from svdq.solvers.act_noise import act_error_moments, cross_target, weight_noise_terms
 from svdq.solvers.batched import chunks as _chunks
 from svdq.solvers.batched import fake_quant_experts
 from svdq.solvers.gptq import gptq_quantize
@@ -319,6 +325,8 @@ def decompose_expert_group(
             )
         del W
         state, steps, figures, budget = _search(g, layout, budget, alternations, cg_iters)
+        if config.branch_fit in ("act-noise", "act-both"):
+            state, steps = _noise_refit(g, state, steps, alternations, cg_iters)
         state, steps = _refine(g, state, steps, refine_alternations, cg_iters)
         with phase("residual"):
             return g.result(state, budget, tuple(steps), figures, time.perf_counter() - t0)
@@ -368,12 +376,56 @@ def _search(g: _ExpertProjection, layout: str, budget: int | None, alternations:
     return best, [best.error], figures, budget
 
 
+def _noise_refit(g: _ExpertProjection, state: _State, steps: list[float], alternations: int, cg_iters: int):
+    """``config.branch_fit`` ``"act-noise"`` / ``"act-both"`` (svdq/DESIGN.md §23): refit the branch with the
+    covariances ``Ĉ_i + N_i/ρ²`` (``N_i`` the activation-error second moment under the chosen smoothing,
+    ``ρ²`` the all-reduced relative weight-quantization error of the current residuals), fresh from the
+    pooled start, and keep it where it lowers the total error (then one more entry of ``steps``)."""
+    with phase("branch"):
+        N, _ = act_error_moments(g.X, g.xq(state.s), state.s, g.weight)
+        R = g.raw_residual(state.B, state.A) * g._s3(state.s)
+        num, den = g._reduce(weight_noise_terms(R, state.Rq, g.X, state.s, g.weight)).tolist()
+        del R
+        if not (num > 0 and den > 0):
+            return state, steps
+        B, A, _ = _fit(
+            state.layout,
+            g.ex.with_noise(N * (den / num)),
+            state.rank,
+            ep_group=g.ep_group,
+            max_iters=alternations,
+            cg_iters=cg_iters,
+            cache={},  # other covariances than the group's: its own A-step preconditioner
+            **_fit_options(g.cfg),
+        )
+        del N
+    with phase("residual"):
+        new = g.evaluate(state.layout, state.rank, B, A, state.s, state.alphas, state.alpha_errors)
+    if new.error < state.error:
+        return new, [*steps, new.error]
+    return state, steps
+
+
+def _refine_target(g: _ExpertProjection, state: _State) -> Tensor:
+    """Refinement target ``W_i − Q_w(R_i)·diag(1/s_i)``; with ``config.branch_fit`` ``"act-cross"`` /
+    ``"act-both"`` plus ``R̂_i·K_i·Ĉ_i⁻¹`` (svdq/DESIGN.md §23), whose whitened fit minimizes the exact
+    output error of the fixed quantized residual, activation error included."""
+    T = g.target(state.Rq, state.s)
+    if g.cfg.branch_fit not in ("act-cross", "act-both"):
+        return T
+    _, K = act_error_moments(g.X, g.xq(state.s), state.s, g.weight)
+    n_in = T.shape[-1]
+    eye = torch.eye(n_in, dtype=_F64, device=T.device)
+    covs = torch.stack([c.dense(n_in, T.device) if c.mat is not None else c.shift * eye for c in g.ex.opt])
+    return cross_target(T, state.Rq, K, covs)
+
+
 def _refine(g: _ExpertProjection, state: _State, steps: list[float], alternations: int, cg_iters: int):
     """Refit the branch to ``W_i − Q_w(R_i)·diag(1/s_i)`` and re-quantize while the total error falls."""
     opts = {**_fit_options(g.cfg), "power_iters": 0}  # warm start: one orthogonalization + Rayleigh–Ritz
     for _ in range(g.cfg.refine_steps):
         with phase("branch"):
-            target = g.ex.with_weights(g.target(state.Rq, state.s))
+            target = g.ex.with_weights(_refine_target(g, state))
             B, A, _ = _fit(
                 state.layout,
                 target,

@@ -16,6 +16,13 @@ busy experts weigh more. ``covs=None`` means weight-only (``C_i = I``). ``token_
 ``Ĉ_i = C_i + damp·mean(diag C_i)·I`` (= ``Σ_i ‖D_i·X_iᵀ‖²`` when ``damp = 0``). All math runs in float64;
 factors are returned in float32.
 
+**Activation-noise term** (``noise_covs``, svdq/DESIGN.md §23). Optional ``N_i (in × in)``, PSD, on the scale
+of ``C_i`` (sums over tokens): the solvers then minimize ``Σ_i tr(D_i·(Ĉ_i + N_i)·D_iᵀ)``. ``N_i`` is the
+second moment of whatever else multiplies the residual ``D_i`` (the activation-quantization error
+``ε = x − s⊙Q_a(x/s)`` of expert ``i``'s tokens, weighted; :mod:`svdq.solvers.act_noise`), damping is
+taken from ``C_i`` alone, and ``C_i + N_i`` takes the place of ``C_i`` in the reported errors and
+``objective_history`` too (they are those of the objective minimized). Fallback experts ignore their ``N_i``.
+
 **Fallback experts.** An expert with ``n_i = 0`` or an all-zero ``C_i`` has no calibration data. It is
 listed in ``fallback_experts`` and treated as an expert of average input energy with isotropic inputs:
 ``Ĉ_i = c·I``, ``c = mean_j tr(C_j) / in`` over the experts that have data (``c = 1`` if none has). Its own
@@ -216,6 +223,7 @@ def per_expert(
     *,
     token_counts: Sequence[int] | Tensor | None = None,
     damp: float = 0.01,
+    noise_covs: Sequence[Tensor] | Tensor | None = None,
     ep_group: dist.ProcessGroup | None = None,
     **svd_kwargs,
 ) -> MoELowRank:
@@ -227,7 +235,7 @@ def per_expert(
     factor. ``svd_kwargs``: ``oversample``, ``power_iters``, ``seed``, ``exact_below`` (module docstring,
     *Scale*). ``ep_group`` only makes ``total_error`` and ``num_params`` global.
     """
-    ex = _prepare(weights, covs, token_counts, damp, ep_group)
+    ex = _prepare(weights, covs, token_counts, damp, ep_group).with_noise(noise_covs)
     _check_rank(PER_EXPERT, rank, ex)
     energy, const = _energy(ex, ep_group)
     B, A, history = _fit(PER_EXPERT, ex, rank, const=const, ep_group=ep_group, **svd_kwargs)
@@ -245,6 +253,7 @@ def shared_down(
     tol: float = 1e-6,
     cg_iters: int = 50,
     cg_tol: float = 1e-8,
+    noise_covs: Sequence[Tensor] | Tensor | None = None,
     ep_group: dist.ProcessGroup | None = None,
     **svd_kwargs,
 ) -> MoELowRank:
@@ -266,7 +275,7 @@ def shared_down(
     single-process path computes exactly the same quantities, so ``A`` agrees up to floating-point
     summation order.
     """
-    ex = _prepare(weights, covs, token_counts, damp, ep_group)
+    ex = _prepare(weights, covs, token_counts, damp, ep_group).with_noise(noise_covs)
     _check_rank(SHARED_DOWN, rank, ex)
     energy, const = _energy(ex, ep_group)
     B, A, history = _fit(
@@ -291,6 +300,7 @@ def shared_up(
     *,
     token_counts: Sequence[int] | Tensor | None = None,
     damp: float = 0.01,
+    noise_covs: Sequence[Tensor] | Tensor | None = None,
     ep_group: dist.ProcessGroup | None = None,
     **svd_kwargs,
 ) -> MoELowRank:
@@ -302,7 +312,7 @@ def shared_up(
     ``A_i = Bᵀ·W_i``. Exactly optimal even with per-expert covariances. With ``ep_group`` the Gram (or its
     products) is all-reduced.
     """
-    ex = _prepare(weights, covs, token_counts, damp, ep_group)
+    ex = _prepare(weights, covs, token_counts, damp, ep_group).with_noise(noise_covs)
     _check_rank(SHARED_UP, rank, ex)
     energy, const = _energy(ex, ep_group)
     B, A, history = _fit(SHARED_UP, ex, rank, const=const, ep_group=ep_group, **svd_kwargs)
@@ -352,6 +362,31 @@ class _Experts:
             raise ValueError(f"target shape {tuple(W.shape)} differs from {tuple(self.W.shape)}")
         return replace(self, W=W.to(_F64))
 
+    def with_noise(self, noise: Sequence[Tensor] | Tensor | None) -> _Experts:
+        """The same experts minimizing ``tr(D_i·(Ĉ_i + N_i)·D_iᵀ)``: ``noise`` ``N_i (in × in)`` per expert
+        (sequence or ``(E × in × in)``) added to the solvers' covariances (not to the reported ones, not to
+        fallback experts); ``None``: unchanged. Raises ``ValueError`` on a bad shape or non-finite entry."""
+        if noise is None:
+            return self
+        E, _, n_in = self.W.shape
+        N = [n.to(device=self.W.device, dtype=_F64) for n in noise]
+        if len(N) != E:
+            raise ValueError(f"noise_covs: got {len(N)} matrices for {E} experts")
+        for i, n in enumerate(N):
+            if n.shape != (n_in, n_in):
+                raise ValueError(f"noise_covs[{i}] must be ({n_in} × {n_in}), got {tuple(n.shape)}")
+            if not bool(torch.isfinite(n).all()):
+                raise ValueError(f"noise_covs[{i}] contains NaN or inf")
+        opt = tuple(
+            c if i in self.fallback else _Cov(_add(c.mat, 0.5 * (N[i] + N[i].mT)), c.shift)
+            for i, c in enumerate(self.opt)
+        )
+        mats = None
+        if self.mats is not None:
+            zero = torch.zeros((), dtype=_F64, device=self.W.device).expand(n_in, n_in)
+            mats = torch.stack([zero if c.mat is None else c.mat for c in opt])
+        return replace(self, opt=opt, mats=mats)
+
     def cov_left(self, X: Tensor) -> Tensor:
         """``Ĉ_i·X_i`` for ``X (E × in × k)`` or a shared ``X (in × k)`` → ``(E × in × k)``."""
         if self.mats is None:
@@ -364,6 +399,10 @@ class _Experts:
         if self.mats is None:
             return torch.stack([c.right(y) for c, y in zip(self.opt, Y)])
         return torch.baddbmm(Y * self.shifts, Y, self.mats)
+
+
+def _add(mat: Tensor | None, extra: Tensor) -> Tensor:
+    return extra if mat is None else mat + extra
 
 
 _STACK_BYTES = 4 << 30  # stack the covariances (a copy) for batched products up to this size
