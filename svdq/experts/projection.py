@@ -64,9 +64,10 @@ def grouped_projection(
     :func:`svdq.experts.ops.expert_mm`; ``record (E,)``: updated with each expert's ``max|x/s|``;
     ``weight_dtype``: the dtype a packed residual is dequantized to (default x's) before the product;
     ``ranges_static``: the caller knows every entry of ``input_amax`` is a static range (none 0), which
-    lets rows already in expert order (``rows is None``) with shared smoothing and a shared ``lora_down``
-    take the fused kernel (:func:`svdq.kernels.quantize_act_ste`: smoothing, each row's quantization and
-    ``x · Aᵀ`` in one pass over ``x``, bit-identical quantization) without a host sync.
+    lets rows already in expert order (``rows is None``), with shared or per-expert smoothing, take the
+    fused kernel (:func:`svdq.kernels.quantize_act_ste`: smoothing and each row's quantization in one pass
+    over ``x``, bit-identical quantization, no host sync), which also computes ``x · Aᵀ`` for a shared
+    ``lora_down`` whose branch reads ``x``.
 
     ``quantized = (xq (S, in), u (S, r) or None)``: the rows' ``Q_a(x / s)`` (each with its expert's static
     range) and shared-down ``u = x · Aᵀ`` already computed — by the sending rank of a 4-bit expert-parallel
