@@ -55,6 +55,7 @@ from svdq.formats import int4 as _int4
 from svdq.formats import nvfp4 as _nvfp4
 from svdq.formats.packing import pack_nibbles, unpack_nibbles
 from svdq.kernels import triton_available
+from svdq.kernels.act_quant import check_lora_down
 
 __all__ = ["DispatchTraffic", "bytes_per_row", "dispatch_16bit", "dispatch_quantized"]
 
@@ -109,15 +110,10 @@ def _check(x, send_counts, recv_counts, smooth, lora_down, fmt, global_amax, gro
             raise ValueError(f"{who}: smooth must be a float32 tensor of shape ({K},); got {got}")
         if not bool(torch.isfinite(smooth).all() & (smooth > 0).all()):
             raise ValueError(f"{who}: smooth must be finite and > 0")
+    if smooth is not None and smooth.device != x.device:
+        raise ValueError(f"{who}: smooth is on {smooth.device}, x on {x.device}")
     if lora_down is not None:
-        if not isinstance(lora_down, Tensor) or lora_down.dim() != 2 or lora_down.shape[1] != K:
-            got = tuple(lora_down.shape) if isinstance(lora_down, Tensor) else type(lora_down).__name__
-            raise ValueError(f"{who}: lora_down must be a tensor of shape (r, {K}); got {got}")
-        if lora_down.dtype not in _DTYPES:
-            raise ValueError(f"{who}: lora_down has dtype {lora_down.dtype}; expected a float dtype")
-    for name, t in (("smooth", smooth), ("lora_down", lora_down)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{who}: {name} is on {t.device}, x on {x.device}")
+        check_lora_down(lora_down, x, who)
     if fmt.name == "int4":
         if global_amax is not None:
             raise ValueError(f"{who}: int4 scales are per group of one row; global_amax must be None")

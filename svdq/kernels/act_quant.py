@@ -329,13 +329,7 @@ def _check(x, smooth, fmt, global_amax, lora_down, smooth_ids=None) -> tuple[Qua
     if smooth_ids is not None:
         _check_ids(smooth_ids, x, smooth, who)
     if lora_down is not None:
-        if not isinstance(lora_down, Tensor) or lora_down.dim() != 2 or lora_down.shape[1] != K:
-            got = tuple(lora_down.shape) if isinstance(lora_down, Tensor) else type(lora_down).__name__
-            raise ValueError(f"{who}: lora_down must be a tensor of shape (r, {K}); got {got}")
-        if lora_down.dtype not in _DTYPES:
-            raise ValueError(f"{who}: lora_down has dtype {lora_down.dtype}; expected a float dtype")
-        if lora_down.device != x.device:
-            raise ValueError(f"{who}: lora_down is on {lora_down.device}, x on {x.device}")
+        check_lora_down(lora_down, x, who)
     if global_amax is None:
         return fmt, None
     if fmt.name == "int4":
@@ -355,6 +349,18 @@ def _check(x, smooth, fmt, global_amax, lora_down, smooth_ids=None) -> tuple[Qua
         if not bool(ok.all()):
             raise ValueError(f"{who}: global_amax must be finite and {'>= 0' if per_row else '> 0'}")
     return fmt, ga
+
+
+def check_lora_down(lora_down, x: Tensor, who: str) -> None:
+    """``lora_down``: a float tensor ``(r, K)`` on ``x``'s device (``ValueError`` naming ``who``)."""
+    K = x.shape[-1]
+    if not isinstance(lora_down, Tensor) or lora_down.dim() != 2 or lora_down.shape[1] != K:
+        got = tuple(lora_down.shape) if isinstance(lora_down, Tensor) else type(lora_down).__name__
+        raise ValueError(f"{who}: lora_down must be a tensor of shape (r, {K}); got {got}")
+    if lora_down.dtype not in _DTYPES:
+        raise ValueError(f"{who}: lora_down has dtype {lora_down.dtype}; expected a float dtype")
+    if lora_down.device != x.device:
+        raise ValueError(f"{who}: lora_down is on {lora_down.device}, x on {x.device}")
 
 
 def _check_ids(ids, x: Tensor, smooth: Tensor | None, who: str) -> None:
