@@ -230,7 +230,13 @@ def hf(formats, rank: int, calib_tokens: int, eval_tokens: int, modelopt: bool, 
     calib, held = batches_of(128, calib_tokens, eval_tokens, 16, "cpu")
     base = load(ASSET, "cpu", torch.float32)
     fp = perplexity(base, held)
+    # modelopt's NVFP4 needs CUDA tensors: its rows run on the GPU where there is one (the same windows,
+    # float32), ours on the CPU; each modelopt row records its device
+    mdev = "cuda" if torch.cuda.is_available() else "cpu"
+    calib_m, held_m = (calib, held) if mdev == "cpu" else batches_of(128, calib_tokens, eval_tokens, 16, mdev)
     out = {"unquantized": fp, "calib_tokens": calib_tokens, "eval_tokens": eval_tokens, "formats": {}}
+    if modelopt and mdev != "cpu":  # the unquantized model on modelopt's device: the device's own reference
+        out[f"unquantized_{mdev}"] = perplexity(copy.deepcopy(base).to(mdev), held_m)
     for fmt in formats:
         wf, af = FORMATS[fmt]
         rows: dict = {"unquantized": {"perplexity": fp, "seconds": 0.0}}
@@ -269,11 +275,11 @@ def hf(formats, rank: int, calib_tokens: int, eval_tokens: int, modelopt: bool, 
             for row_name, (cfg_name, algorithm) in MODELOPT[fmt].items():
 
                 def mo(c=cfg_name, a=algorithm, block=64 if fmt == "int4" else None):
-                    m = copy.deepcopy(base)
+                    m = copy.deepcopy(base).to(mdev)
                     t0 = time.perf_counter()
-                    m = mtq.quantize(m, modelopt_config(c, a, block), forward_loop(calib))
+                    m = mtq.quantize(m, modelopt_config(c, a, block), forward_loop(calib_m))
                     seconds = time.perf_counter() - t0
-                    return {"perplexity": perplexity(m, held), "seconds": round(seconds, 2)}
+                    return {"perplexity": perplexity(m, held_m), "seconds": round(seconds, 2), "device": mdev}
 
                 _row(rows, row_name, mo)
         _gap_closed(rows, fp)
