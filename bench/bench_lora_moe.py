@@ -74,16 +74,29 @@ def expert_linears(moe_layer):
     return out
 
 
-def quantize_experts(moe_layer, storage: str):
-    """Replace every expert linear's weight by an NVFP4 residual (RTN of the weight, smoothing 1)."""
-    from lora.base import SVDQBase
+def quantize_experts(moe_layer, storage: str, act_range: str = "static", x=None):
+    """Replace every expert linear's weight by an NVFP4 residual (RTN of the weight, smoothing 1).
+    ``act_range="static"`` (what calibration installs by default) then fixes each base's activation range
+    from one forward of ``x`` (T, 1, H) with the default headroom (``lora.base.calibrate_input_ranges``);
+    ``"dynamic"`` leaves per-call ranges."""
+    from lora.base import SVDQBase, calibrate_input_ranges
+    from svdq import SVDQConfig
     from svdq.formats import quantize_tensor
 
-    for holder, attr in expert_linears(moe_layer):
+    bases = {}
+    for i, (holder, attr) in enumerate(expert_linears(moe_layer)):
         inner = getattr(holder, attr)
         residual = quantize_tensor(inner.weight.detach().float(), "nvfp4")
         smooth = torch.ones(inner.weight.shape[1])
-        setattr(holder, attr, SVDQBase(inner, residual, smooth, "nvfp4", storage))
+        bases[f"{i}.{attr}"] = SVDQBase(inner, residual, smooth, "nvfp4", storage)
+        setattr(holder, attr, bases[f"{i}.{attr}"])
+    if act_range == "static":
+
+        def loop(m):
+            with torch.no_grad():
+                m(x)
+
+        calibrate_input_ranges(moe_layer, loop, bases, margin=SVDQConfig().act_range_margin)
 
 
 def base_weight_bytes(moe_layer) -> int:
@@ -115,7 +128,7 @@ def time_steps(moe_layer, x, steps: int, warmup: int):
     return statistics.median(times)
 
 
-def run_variant(shape, name, quant, adapters, storage, rank, steps, warmup, device):
+def run_variant(shape, name, quant, adapters, storage, rank, steps, warmup, device, act_range="static"):
     from lora.config import LoraConfig
     from lora.model import add_adapters, freeze_base
 
@@ -131,11 +144,11 @@ def run_variant(shape, name, quant, adapters, storage, rank, steps, warmup, devi
     else:
         for p in layer.parameters():
             p.requires_grad_(False)
-    if quant:
-        quantize_experts(layer, storage)
-    layer.train()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape["tokens"], 1, shape["hidden"], generator=g).to(device, getattr(torch, dtype))
+    if quant:
+        quantize_experts(layer, storage, act_range, x)
+    layer.train()
     x.requires_grad_(True)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -175,6 +188,13 @@ def main(argv=None) -> int:
         "auto-keep: auto with the forward's 16-bit weight kept for the backward (SVDQ_KEEP_DEQUANT=1)",
     )
     p.add_argument("--no-fake", action="store_true", help="skip the fake-quant (unpacked) base variants")
+    p.add_argument(
+        "--act-range",
+        default="static",
+        choices=["static", "dynamic"],
+        help="activation ranges of the quantized bases: static (calibrated from one forward, the default of "
+        "calibration) or dynamic (per call)",
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     from lora.framework.parallel import destroy_parallel, init_parallel
@@ -212,7 +232,16 @@ def main(argv=None) -> int:
                 set_keep_dequantized(backend == "auto-keep")
                 with kernel_backend("auto" if backend == "auto-keep" else backend):
                     rows[name] = run_variant(
-                        shape, name, quant, adapters, storage, args.rank, args.steps, args.warmup, args.device
+                        shape,
+                        name,
+                        quant,
+                        adapters,
+                        storage,
+                        args.rank,
+                        args.steps,
+                        args.warmup,
+                        args.device,
+                        args.act_range,
                     )
                 set_keep_dequantized(False)
                 rows[name]["kernels"] = backend
@@ -250,7 +279,14 @@ def main(argv=None) -> int:
         destroy_parallel()
     name = args.name or f"lora_moe_{'gpu' if args.device == 'cuda' else 'cpu'}"
     path = write_result(
-        name, {"rank": args.rank, "steps": args.steps, "kernels": backends, "shapes": results}
+        name,
+        {
+            "rank": args.rank,
+            "steps": args.steps,
+            "kernels": backends,
+            "act_range": args.act_range,
+            "shapes": results,
+        },
     )
     print(f"\nwrote {path}")
     return 0
