@@ -43,11 +43,11 @@ from torch import Tensor
 from svdq.formats import QuantFormat, parse_format
 from svdq.formats._common import _CHECK_FINITE
 
+from .backend import DTYPE_CODES as _DTYPES
 from .backend import interpreting, triton_available, use_triton
 
 __all__ = ["ActQuant", "fused_act_applies", "quantize_act", "quantize_act_ste", "ste_grad"]
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FORMATS = ("nvfp4", "int4")
 _NVFP4_GLOBAL = 6.0 * 448.0  # E2M1_MAX * E4M3_MAX, as svdq.formats.nvfp4 writes it
 
@@ -67,41 +67,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .tl_helpers import mma, to_bf16
-
-    @triton.jit
-    def _rnd(v, DT: tl.constexpr, INTERPRET: tl.constexpr):
-        """float32 ``v`` rounded to dtype DT (0 fp32, 1 bf16, 2 fp16) and back to float32 (RNE)."""
-        if DT == 1:
-            if INTERPRET:
-                bits = v.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                return bits.to(tl.float32, bitcast=True)
-            else:
-                return v.to(tl.bfloat16).to(tl.float32)
-        elif DT == 2:
-            return v.to(tl.float16).to(tl.float32)
-        else:
-            return v
-
-    @triton.jit
-    def _f32(v, DT: tl.constexpr, INTERPRET: tl.constexpr):
-        """A DT tensor as float32. The interpreter's own bfloat16 -> float32 cast loses subnormals, so
-        there bfloat16 is widened on the bits."""
-        if DT == 1 and INTERPRET:
-            return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        else:
-            return v.to(tl.float32)
-
-    @triton.jit
-    def _to_dt(v, DT: tl.constexpr, INTERPRET: tl.constexpr):
-        """float32 ``v`` as a tensor of dtype DT (RNE), for storing."""
-        if DT == 1:
-            return to_bf16(v, INTERPRET)
-        elif DT == 2:
-            return v.to(tl.float16)
-        else:
-            return v
+    from .tl_helpers import as_f32, mma, rnd_dt, to_dt
 
     @triton.jit
     def _smooth_tile(s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, SMOOTH_ROWS: tl.constexpr):
@@ -118,10 +84,10 @@ if triton_available():
                   HAS_SMOOTH: tl.constexpr, SMOOTH_ROWS: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
         """(raw x tile in DT, xs = rnd_DT(x / s) as float32) for a (BLOCK_M, BLOCK_K) tile."""
         x = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=m2, other=0.0)
-        x32 = _f32(x, DT, INTERPRET)
+        x32 = as_f32(x, DT, INTERPRET)
         if HAS_SMOOTH:
             s = _smooth_tile(s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, SMOOTH_ROWS)
-            xs = _rnd(tl.div_rn(x32, s), DT, INTERPRET)
+            xs = rnd_dt(tl.div_rn(x32, s), DT, INTERPRET)
         else:
             xs = x32
         return x, xs
@@ -145,7 +111,7 @@ if triton_available():
         if DT == 0:
             return tl.dot(a, b, acc, input_precision="ieee")
         elif INTERPRET:
-            return tl.dot(_f32(a, DT, INTERPRET), _f32(b, DT, INTERPRET), acc, input_precision="ieee")
+            return tl.dot(as_f32(a, DT, INTERPRET), as_f32(b, DT, INTERPRET), acc, input_precision="ieee")
         else:
             return mma(a, b, acc, INTERPRET)
 
@@ -223,17 +189,18 @@ if triton_available():
                 out = val * sg[:, :, None]
                 code = mag + neg.to(tl.int32) * 8
             else:
-                mult = _rnd(_rnd(tl.div_rn(1.0, gamax), DT, INTERPRET) * 7.0, DT, INTERPRET)  # (BLOCK_M, NG)
-                v = _rnd(xg * mult[:, :, None], DT, INTERPRET)
+                inv = rnd_dt(tl.div_rn(1.0, gamax), DT, INTERPRET)
+                mult = rnd_dt(inv * 7.0, DT, INTERPRET)  # (BLOCK_M, NG)
+                v = rnd_dt(xg * mult[:, :, None], DT, INTERPRET)
                 v = tl.where(v != v, 0.0, v)  # 0 * inf in an all-zero / tiny group
                 v = tl.minimum(tl.maximum(v, -9.0), 8.0)
                 q = (v + 12582912.0) - 12582912.0  # round half to even (1.5 * 2**23)
                 q = tl.minimum(tl.maximum(q, -8.0), 7.0)
-                out = _rnd(tl.div_rn(q, mult[:, :, None]), DT, INTERPRET)
+                out = rnd_dt(tl.div_rn(q, mult[:, :, None]), DT, INTERPRET)
                 code = (q + 8.0).to(tl.int32)
             out = tl.reshape(out, (BLOCK_M, BLOCK_K))
             out = tl.where(xs != xs, xs, out)  # NaN stays visible (trusted inputs only)
-            tl.store(xq_ptr + rows64[:, None] * K + cols[None, :], _to_dt(out, DT, INTERPRET), mask=m2)
+            tl.store(xq_ptr + rows64[:, None] * K + cols[None, :], to_dt(out, DT, INTERPRET), mask=m2)
             if CHECK:
                 bad += tl.sum(((xs - xs) != 0.0).to(tl.int32), axis=1)
             if STORE_PACKED:
@@ -251,7 +218,7 @@ if triton_available():
                 if IS_NVFP4:
                     tl.store(sc_ptr + s_off, sbits, mask=sm)
                 else:
-                    tl.store(sc_ptr + s_off, _to_dt(mult, DT, INTERPRET), mask=sm)
+                    tl.store(sc_ptr + s_off, to_dt(mult, DT, INTERPRET), mask=sm)
             if HAS_LORA:
                 a_tile = tl.load(
                     a_ptr + rr[None, :] * K + cols[:, None],
@@ -267,7 +234,7 @@ if triton_available():
                 u_off = pid_k.to(tl.int64) * M * R + rows64[:, None] * R + rr[None, :]
                 tl.store(u_ptr + u_off, acc, mask=um)
             else:
-                tl.store(u_ptr + rows64[:, None] * R + rr[None, :], _to_dt(acc, DT, INTERPRET), mask=um)
+                tl.store(u_ptr + rows64[:, None] * R + rr[None, :], to_dt(acc, DT, INTERPRET), mask=um)
 
     @triton.jit
     def _ste_bwd_kernel(
@@ -284,7 +251,7 @@ if triton_available():
         rows64 = rows.to(tl.int64)
         m2 = row_ok[:, None] & col_ok[None, :]
         off = rows64[:, None] * K + cols[None, :]
-        gq = _f32(tl.load(gq_ptr + off, mask=m2, other=0.0), DT, INTERPRET)
+        gq = as_f32(tl.load(gq_ptr + off, mask=m2, other=0.0), DT, INTERPRET)
         if HAS_RANGE:
             _, xs = _smoothed(x_ptr, s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, DT, HAS_SMOOTH,
                               SMOOTH_ROWS, INTERPRET)  # fmt: skip
@@ -293,7 +260,7 @@ if triton_available():
         if HAS_SMOOTH:
             s = _smooth_tile(s_ptr, sid_ptr, rows64, row_ok, cols, m2, col_ok, K, SMOOTH_ROWS)
             gq = tl.div_rn(gq, s)
-        tl.store(dx_ptr + off, _to_dt(gq, DT, INTERPRET), mask=m2)
+        tl.store(dx_ptr + off, to_dt(gq, DT, INTERPRET), mask=m2)
 
 
 # ------------------------------------------------------------------------------------------- checks

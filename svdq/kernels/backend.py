@@ -17,9 +17,11 @@ import importlib.util
 import os
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "triton", "torch")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' ``DT`` constexpr
 DEFAULT = "auto"
 _state = {"backend": None}
 
