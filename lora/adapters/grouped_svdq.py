@@ -29,12 +29,14 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora.base import SVDQBase
 from lora.framework.tp import group_rank_size
 from svdq.experts.projection import grouped_projection
 from svdq.experts.storage import ExpertResiduals
+from svdq.kernels.glu_act import swiglu_prob, swiglu_prob_applies
 from svdq.solvers.shared_basis import PER_EXPERT, SHARED_DOWN, SHARED_UP
 
 __all__ = ["grouped_applies", "grouped_forward"]
@@ -149,14 +151,20 @@ def _factors(group, ctx, proj: str) -> tuple[Tensor | None, Tensor | None, str]:
 
 
 def _activation(config, h: Tensor, probs: Tensor) -> Tensor:
-    """Megatron ``MLP.forward``'s activation (unfused form) and the routing probability: ``(S, F)``."""
+    """Megatron ``MLP.forward``'s activation (unfused form) and the routing probability: ``(S, F)``. SwiGLU
+    without clamping takes the fused kernel where it applies (:mod:`svdq.kernels.glu_act`: the same values,
+    one pass forward and one backward)."""
+    clamp = getattr(config, "activation_func_clamp_value", None)
+    offset = getattr(config, "glu_linear_offset", 0.0)
+    if config.gated_linear_unit and config.activation_func is F.silu and clamp is None:
+        if swiglu_prob_applies(h, probs):
+            return swiglu_prob(h, probs, offset)
     if config.gated_linear_unit:
         gate, linear = torch.chunk(h, 2, dim=-1)
-        clamp = getattr(config, "activation_func_clamp_value", None)
         if clamp is not None:
             gate = gate.clamp(min=None, max=clamp)
             linear = linear.clamp(min=-clamp, max=clamp)
-        out = config.activation_func(gate) * (linear + getattr(config, "glu_linear_offset", 0.0))
+        out = config.activation_func(gate) * (linear + offset)
     else:
         out = config.activation_func(h)
     return (out * probs.unsqueeze(-1)).to(h.dtype)

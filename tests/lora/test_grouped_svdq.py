@@ -84,20 +84,25 @@ def test_grouped_forward_equals_expert_loop(act_format, static):
 
 def test_fused_activation_kernel_in_the_grouped_forward(monkeypatch):
     """All ranges static, shared fc1 smoothing and lora_down: fc1's activation quantization and ``x · Aᵀ``
-    run in the fused kernel, fc2's quantization with each expert's own smoothing too (Triton's interpreter
-    here), inside the grouped pass, against the per-expert loop
-    on the PyTorch reference: same loss and gradients within float32 accumulation tolerance."""
-    from svdq.kernels import act_quant, kernel_backend
+    run in the fused kernel, fc2's quantization with each expert's own smoothing too, and SwiGLU with the
+    routing probability in its fused kernel forward and backward (Triton's interpreter here), inside the
+    grouped pass, against the per-expert loop on the PyTorch reference: same loss and gradients within
+    float32 accumulation tolerance."""
+    from svdq.kernels import act_quant, glu_act, kernel_backend
 
-    calls = []
+    calls, glu = [], []
     real = act_quant.quantize_act_ste
     monkeypatch.setattr(act_quant, "quantize_act_ste", lambda *a, **k: calls.append(k) or real(*a, **k))
+    for fn in ("_launch_fwd", "_launch_bwd"):
+        real_glu = getattr(glu_act, fn)
+        monkeypatch.setattr(glu_act, fn, lambda *a, f=real_glu, n=fn: glu.append(n) or f(*a))
     model, groups = _model("nvfp4", "all")
     batch = tiny_moe_batch(CFG, batch=2, seed=5)
     with kernel_backend("triton"):
         loss, grads = _step(model, batch)
     assert any(k.get("lora_down") is not None for k in calls)  # the fused fc1 pass ran
     assert any(k.get("smooth_ids") is not None for k in calls)  # fc2: the experts' own smoothing, fused
+    assert "_launch_fwd" in glu and "_launch_bwd" in glu  # SwiGLU · p fused, forward and backward
     for g in groups:
         g.grouped_svdq = False
     with kernel_backend("torch"):
