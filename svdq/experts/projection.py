@@ -108,12 +108,15 @@ def grouped_projection(
         else:
             u = expert_mm(bx if rows is None else bx[rows], A, counts, offs, grouped)  # (S, r)
     if _kernel_applies(xq, residual):
-        from svdq.kernels.dequant_w4 import dequant_mm, dequant_mm_preferred
+        from svdq.kernels.dequant_w4 import dequant_lora_applies, dequant_mm, dequant_mm_preferred
         from svdq.kernels.grouped_w4 import W4Weight, grouped_w4_mm
 
         w4 = W4Weight.of(residual)
         if not dequant_mm_preferred(xq, w4):  # dequantize in the prologue, lora_up in the epilogue
             return _add_bias(grouped_w4_mm(xq, w4, offs, u=u, lora_up=B), bias, ids)
+        if u is not None and layout != SHARED_UP and dequant_lora_applies(xq, w4, u, B):
+            # [xq | u] · [deq(W_e) | B_e]ᵀ: the branch inside the base's GEMM, (S, out)
+            return _add_bias(dequant_mm(xq, w4, offs, u=u, lora_up=B), bias, ids)
         y = dequant_mm(xq, w4, offs)  # many rows per expert: 16-bit weight (one pass) + cuBLAS, (S, out)
     else:
         if isinstance(residual, ExpertResiduals):

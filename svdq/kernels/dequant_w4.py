@@ -17,6 +17,9 @@ Tensors (``E`` experts, ``N`` outputs, ``K`` inputs, ``S`` rows sorted by expert
     W        dtype (E, N, K)    bf16 / fp16 / float32: bit for bit ``ExpertResiduals.dequantize(float32)``
                                 (``E2M1[code] · (s_b · g)``; int4 ``rnd_D((code − 8) / m)``) cast to dtype
     x        bf16 / fp16 (S, K);  offs int32 (E,) cumulative rows (offs[-1] = S)
+    u        x.dtype (S, r)     optional: LoRA down output of each row, with
+    lora_up  x.dtype (E, N, r)  each expert's up factor: y += u · B_eᵀ inside the same GEMM, as r more
+                                input columns ([x | u] · [deq(W_e) | B_e]ᵀ), differentiable in u and B
     y        x.dtype (S, N)
 """
 
@@ -34,6 +37,7 @@ from .grouped_w4 import _OUT_KIND, W4Weight, _weight_args
 
 __all__ = [
     "DEQUANT_MIN_ROWS",
+    "dequant_lora_applies",
     "dequant_mm",
     "dequant_mm_preferred",
     "dequantize_w4",
@@ -100,12 +104,13 @@ if triton_available():
 
     @triton.jit
     def _dequant_kernel(
-        q_ptr, s_ptr, g_ptr, w_ptr, N, K,
+        q_ptr, s_ptr, g_ptr, w_ptr, N, K, OUT_K,
         FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKED: tl.constexpr, INTERPRET: tl.constexpr,
     ):  # fmt: skip
-        """One (BLOCK_N, BLOCK_K) tile of expert ``program_id(2)``'s weight, dequantized and stored;
-        ``BLOCKED``: per quantization block (:func:`_deq_blocked`), else per weight (the GEMM's tile)."""
+        """One (BLOCK_N, BLOCK_K) tile of expert ``program_id(2)``'s weight, dequantized and stored into rows
+        of ``OUT_K ≥ K`` elements; ``BLOCKED``: per quantization block (:func:`_deq_blocked`), else per
+        weight (the GEMM's tile)."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
         e = tl.program_id(2)
@@ -119,7 +124,7 @@ if triton_available():
         else:
             w = _deq_tile(q_ptr, s_ptr, e, n, k0, N, K, FMT, GROUP, SCALE_KIND, BLOCK_N, BLOCK_K, g, FMT == 0)
         e64 = e.to(tl.int64)
-        ptr = w_ptr + e64 * N * K + n.to(tl.int64)[:, None] * K + k[None, :]
+        ptr = w_ptr + e64 * N * OUT_K + n.to(tl.int64)[:, None] * OUT_K + k[None, :]
         _store(ptr, w, (n[:, None] < N) & (k[None, :] < K), OUT_KIND, INTERPRET)
 
     #: tile shapes tried on the GPU, the fastest kept per (N, K, format): (BLOCK_N, BLOCK_K, warps, blocked).
@@ -148,11 +153,17 @@ _BLOCKED = contextvars.ContextVar("svdq_dequant_blocked", default=True)
 
 
 def dequantize_w4(
-    weight: object, dtype: torch.dtype = torch.bfloat16, *, _tile: tuple[int, int, int, bool] | None = None
+    weight: object,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    extra_cols: int = 0,
+    _tile: tuple[int, int, int, bool] | None = None,
 ) -> Tensor:
     """``W (E, N, K)`` of ``dtype`` (see the module docstring): a PackedTensor ``(N, K)`` gives ``(1, N, K)``.
-    Equal bit for bit to the PyTorch reference ``dequantize(float32).to(dtype)``. ``_tile = (BLOCK_N,
-    BLOCK_K, warps, blocked)`` replaces the autotuned choice (tests)."""
+    Equal bit for bit to the PyTorch reference ``dequantize(float32).to(dtype)``. ``extra_cols``: the result
+    is ``(E, N, K + extra_cols)`` with ``W`` in the first ``K`` columns and the rest left uninitialized
+    (for the caller to fill, e.g. with a LoRA up factor). ``_tile = (BLOCK_N, BLOCK_K, warps, blocked)``
+    replaces the autotuned choice (tests)."""
     w = W4Weight.of(weight)
     if not triton_available():
         raise RuntimeError("dequantize_w4: triton is not installed")
@@ -163,8 +174,11 @@ def dequantize_w4(
     if dtype not in _OUT_KIND:
         raise ValueError(f"dequantize_w4: dtype must be bf16, fp16 or float32, got {dtype}")
     E, N, K = w.num_experts, w.out_features, w.in_features
-    out = torch.empty(E, N, K, dtype=dtype, device=w.device)  # (E, N, K)
-    if out.numel() == 0:
+    if extra_cols < 0:
+        raise ValueError(f"dequantize_w4: extra_cols must be >= 0, got {extra_cols}")
+    KO = K + extra_cols
+    out = torch.empty(E, N, KO, dtype=dtype, device=w.device)  # (E, N, K + extra_cols)
+    if E * N * K == 0:
         return out
     q, scale, g, consts = _weight_args(w)  # the fused kernel's view of the packed tensors
     consts = {**consts, "OUT_KIND": _OUT_KIND[dtype]}
@@ -175,14 +189,14 @@ def dequantize_w4(
     if interpreting():  # small tiles under the interpreter (CPU tests); both tile forms where they apply
         blocked = _BLOCKED.get() and 128 % consts["GROUP"] == 0
         bk = 128 if blocked else 64
-        _dequant_kernel[grid](q, scale, g, out, N, K, **consts, BLOCK_N=16, BLOCK_K=bk, BLOCKED=blocked,
+        _dequant_kernel[grid](q, scale, g, out, N, K, KO, **consts, BLOCK_N=16, BLOCK_K=bk, BLOCKED=blocked,
                               INTERPRET=True)  # fmt: skip
     elif _tile is not None:
         bn, bk, warps, blocked = _tile
-        _dequant_kernel[grid](q, scale, g, out, N, K, **consts, BLOCK_N=bn, BLOCK_K=bk, BLOCKED=blocked,
+        _dequant_kernel[grid](q, scale, g, out, N, K, KO, **consts, BLOCK_N=bn, BLOCK_K=bk, BLOCKED=blocked,
                               INTERPRET=False, num_warps=warps)  # fmt: skip
     else:
-        _dequant_tuned[grid](q, scale, g, out, N, K, **consts, INTERPRET=False)
+        _dequant_tuned[grid](q, scale, g, out, N, K, KO, **consts, INTERPRET=False)
     return out
 
 
@@ -255,10 +269,83 @@ class _DequantMM(torch.autograd.Function):
         return _product(dy.contiguous(), W, offs, transpose=True), None, None  # (S, K)
 
 
-def dequant_mm(x: Tensor, weight: object, offs: Tensor | None = None) -> Tensor:
+def _weight_with_up(weight: W4Weight, lora_up: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[deq(W_e) | B_e]``: ``(E, N, K + r)`` of ``dtype``, the dequantized weight with each expert's
+    ``lora_up (E, N, r)`` as r more input columns."""
+    K = weight.in_features
+    W = dequantize_w4(weight, dtype, extra_cols=lora_up.shape[-1])  # (E, N, K + r)
+    W[:, :, K:] = lora_up
+    return W
+
+
+def _up_grad(dy: Tensor, u: Tensor, offs: Tensor) -> Tensor:
+    """``dB_e = dy_eᵀ · u_e`` per expert: ``(E, N, r)`` (zeros for an expert without rows)."""
+    if dy.is_cuda and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(dy.t(), u, offs=offs)  # (E, N, r), fp32 accumulation
+    ends = offs.tolist()  # the interpreter's (CPU) path
+    return torch.stack([dy[s:e].t() @ u[s:e] for s, e in zip([0, *ends[:-1]], ends)])
+
+
+class _DequantLoraMM(torch.autograd.Function):
+    """``y = [x | u] · [deq(W) | B]ᵀ = x · deq(W)ᵀ + u · Bᵀ`` per expert as ONE grouped GEMM (the LoRA up
+    product rides along as ``r`` more input columns: no second product, no ``(S, N)`` addition).
+    Backward: ``[dx | du] = dy · [deq(W) | B]`` (one grouped GEMM) and ``dB_e = dy_eᵀ · u_e``."""
+
+    @staticmethod
+    def forward(ctx, x, u, weight, lora_up, offs):  # type: ignore[override]
+        W = _weight_with_up(weight, lora_up, x.dtype)  # (E, N, K + r)
+        keep = keep_dequantized() and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        ctx.weight = None if keep else weight
+        ctx.save_for_backward(offs, u, lora_up, W if keep else None)
+        return _product(torch.cat([x, u], dim=1), W, offs, transpose=False)  # (S, N)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        offs, u, lora_up, W = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = du = dB = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            if W is None or W.dtype != dy.dtype:
+                W = _weight_with_up(ctx.weight, lora_up, dy.dtype)  # (E, N, K + r)
+            dxu = _product(dy, W, offs, transpose=True)  # (S, K + r)
+            K = W.shape[-1] - u.shape[-1]
+            dx, du = dxu[:, :K], dxu[:, K:]
+        if ctx.needs_input_grad[3]:
+            dB = _up_grad(dy, u, offs)  # (E, N, r)
+        return dx, du, None, dB, None
+
+
+def dequant_lora_applies(x: Tensor, weight: W4Weight, u: Tensor, lora_up: Tensor) -> bool:
+    """Whether :func:`dequant_mm` should take ``(u, lora_up)`` into its GEMM: :func:`dequant_mm_preferred`,
+    per-expert ``lora_up (E, N, r)`` in x's dtype with ``r`` a multiple of 8 (16-byte rows of ``[x | u]``),
+    and more outputs than inputs (the ``(S, N)`` addition it saves outweighs the ``(S, K)`` copy of
+    ``[x | u]``)."""
+    E, N, K = weight.num_experts, weight.out_features, weight.in_features
+    r = u.shape[-1]
+    return (
+        dequant_mm_preferred(x, weight)
+        and lora_up.shape == (E, N, r)
+        and u.shape == (x.shape[0], r)
+        and u.dtype == x.dtype == lora_up.dtype
+        and r > 0
+        and r % 8 == 0
+        and N >= K
+    )
+
+
+def dequant_mm(
+    x: Tensor,
+    weight: object,
+    offs: Tensor | None = None,
+    *,
+    u: Tensor | None = None,
+    lora_up: Tensor | None = None,
+) -> Tensor:
     """``y[rows of e] = x[rows of e] · deq(W_e)ᵀ`` through a dequantized 16-bit weight and cuBLAS
     (``torch._grouped_mm`` for several experts); differentiable in ``x`` (the weight is frozen).
-    ``offs`` as in :func:`svdq.kernels.grouped_w4_mm` (``None`` for one expert)."""
+    ``offs`` as in :func:`svdq.kernels.grouped_w4_mm` (``None`` for one expert). With ``u (S, r)`` and
+    per-expert ``lora_up (E, N, r)`` (both differentiable) it adds ``u_e · B_eᵀ`` inside the same GEMM
+    (:class:`_DequantLoraMM`)."""
     w = W4Weight.of(weight)
     if x.dim() != 2 or x.shape[1] != w.in_features:
         raise ValueError(f"dequant_mm: x must be (S, {w.in_features}), got {tuple(x.shape)}")
@@ -266,4 +353,14 @@ def dequant_mm(x: Tensor, weight: object, offs: Tensor | None = None) -> Tensor:
         if w.num_experts != 1:
             raise ValueError(f"dequant_mm: offs is needed for a weight of {w.num_experts} experts")
         offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
+    if (u is None) != (lora_up is None):
+        raise ValueError("dequant_mm: pass both u and lora_up, or neither")
+    if u is not None:
+        r = u.shape[-1]
+        if u.shape != (x.shape[0], r) or lora_up.shape != (w.num_experts, w.out_features, r):
+            raise ValueError(
+                f"dequant_mm: u must be (S, r) and lora_up ({w.num_experts}, {w.out_features}, r), got "
+                f"{tuple(u.shape)} and {tuple(lora_up.shape)}"
+            )
+        return _DequantLoraMM.apply(x.contiguous(), u.contiguous(), w, lora_up.to(x.dtype).contiguous(), offs)
     return _DequantMM.apply(x.contiguous(), w, offs)

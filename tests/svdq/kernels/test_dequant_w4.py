@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 
 from svdq.kernels.dequant_w4 import (  # noqa: E402
     _BLOCKED,
+    dequant_lora_applies,
     dequant_mm,
     dequant_mm_preferred,
     dequantize_w4,
@@ -101,6 +102,68 @@ def test_product_forward_backward_vs_float64(counts, fmt):
     assert torch.equal(y2, y) and torch.equal(x2.grad, x.grad)
 
 
+def _lora_reference(x, u, W, B, spans):
+    """float64 ``x_e · W_eᵀ + u_e · B_eᵀ`` per expert's rows and its magnitude bound."""
+    want = torch.cat([x[s:t] @ W[e].T + u[s:t] @ B[e].T for e, (s, t) in enumerate(spans)])
+    bound = torch.cat(
+        [x[s:t].abs() @ W[e].abs().T + u[s:t].abs() @ B[e].abs().T for e, (s, t) in enumerate(spans)]
+    )
+    return want, bound
+
+
+@pytest.mark.parametrize("counts", [[0, 1, 5, 0], [3, 0, 0, 9]], ids=["0-1-5-0", "3-0-0-9"])
+@pytest.mark.parametrize("keep", [False, True], ids=["re-dequantized", "kept"])
+def test_product_with_lora_up_vs_float64(counts, keep):
+    """``[x | u] · [deq(W_e) | B_e]ᵀ`` in one GEMM = ``x · deq(W)ᵀ + u · Bᵀ``, and its gradients to x, u
+    and B, against float64 (tolerance as above over K + r terms)."""
+    E, n, k, r = len(counts), 24, 96, 8
+    res = _experts({"name": "nvfp4"}, E, n, k, torch.bfloat16)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEV)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(counts), k, generator=gen).to(torch.bfloat16).to(DEV).requires_grad_()
+    u = torch.randn(sum(counts), r, generator=gen).to(torch.bfloat16).to(DEV).requires_grad_()
+    B = torch.randn(E, n, r, generator=gen).to(torch.bfloat16).to(DEV).requires_grad_()
+    set_keep_dequantized(keep)
+    try:
+        y = dequant_mm(x, res, offs, u=u, lora_up=B)  # (S, n)
+        gy = torch.randn(y.shape, generator=gen).to(torch.bfloat16).to(DEV)
+        y.backward(gy)
+    finally:
+        set_keep_dequantized(False)
+    W = res.dequantize(torch.float32).to(torch.bfloat16).double()  # (E, n, k)
+    ends = offs.tolist()
+    spans = list(zip([0, *ends[:-1]], ends))
+    x64, u64, B64, g64 = x.detach().double(), u.detach().double(), B.detach().double(), gy.double()
+    want, bound = _lora_reference(x64, u64, W, B64, spans)
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - want).abs() <= 2.0**-8 * want.abs() + (k + r + 2) * 2.0**-24 * bound).all()
+    for got, full, mags in (
+        (x.grad, torch.cat([g64[s:t] @ W[e] for e, (s, t) in enumerate(spans)]),
+         torch.cat([g64.abs()[s:t] @ W[e].abs() for e, (s, t) in enumerate(spans)])),
+        (u.grad, torch.cat([g64[s:t] @ B64[e] for e, (s, t) in enumerate(spans)]),
+         torch.cat([g64.abs()[s:t] @ B64[e].abs() for e, (s, t) in enumerate(spans)])),
+    ):  # fmt: skip
+        assert ((got.double() - full).abs() <= 2.0**-8 * full.abs() + (n + 2) * 2.0**-24 * mags).all()
+    dB = torch.stack([g64[s:t].T @ u64[s:t] for s, t in spans])  # (E, n, r); zeros for empty experts
+    dB_bound = torch.stack([g64[s:t].abs().T @ u64[s:t].abs() for s, t in spans])
+    S = sum(counts)
+    assert ((B.grad.double() - dB).abs() <= 2.0**-8 * dB.abs() + (S + 2) * 2.0**-24 * dB_bound).all()
+
+
+def test_product_with_lora_up_bad_arguments():
+    res = _experts({"name": "nvfp4"}, 2, 16, 64, torch.bfloat16)
+    offs = torch.tensor([2, 4], dtype=torch.int32, device=DEV)
+    x = torch.randn(4, 64).to(torch.bfloat16).to(DEV)
+    u = torch.randn(4, 8).to(torch.bfloat16).to(DEV)
+    with pytest.raises(ValueError, match="both u and lora_up"):
+        dequant_mm(x, res, offs, u=u)
+    with pytest.raises(ValueError, match=r"lora_up \(2, 16, r\)"):
+        dequant_mm(x, res, offs, u=u, lora_up=torch.zeros(2, 8, 8, dtype=torch.bfloat16, device=DEV))
+    # the choice: only where the dequantized product is (CUDA bf16), per-expert up, r % 8 == 0, N >= K
+    B = torch.zeros(2, 16, 8, dtype=torch.bfloat16, device=DEV)
+    assert not dequant_lora_applies(x, W4Weight.of(res), u, B)
+
+
 def test_dense_product_and_bad_arguments():
     w = quantize_tensor(torch.randn(32, 64).to(DEV), "nvfp4")
     x = torch.randn(5, 64).to(torch.bfloat16).to(DEV)
@@ -161,3 +224,35 @@ def test_gpu_equals_reference_path(E, S, n, k, fmt):
     for got in out[:2]:  # re-dequantized or kept for the backward: the reference's bits
         assert torch.equal(got[0], out[2][0])
         assert torch.equal(got[1], out[2][1])
+
+
+@pytest.mark.gpu
+def test_gpu_product_with_lora_up_equals_two_products():
+    """Mixtral-half fc1 at training size: the folded GEMM against the unfolded ``x · Wᵀ + u · Bᵀ`` (two
+    grouped GEMMs and an addition): forward and gradients within bf16 rounding of one another."""
+    E, S, n, k, r = 8, 8192, 14336, 2048, 32
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    res = ExpertResiduals.from_packed(
+        [quantize_tensor(torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16), "nvfp4")
+         for _ in range(E)]
+    )  # fmt: skip
+    counts = [S // E] * E
+    counts[0], counts[1] = 0, 2 * S // E
+    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    x = torch.randn(S, k, generator=gen, device="cuda").to(torch.bfloat16)
+    u = torch.randn(S, r, generator=gen, device="cuda").to(torch.bfloat16)
+    B = (torch.randn(E, n, r, generator=gen, device="cuda") * 0.1).to(torch.bfloat16)
+    assert dequant_lora_applies(x, W4Weight.of(res), u, B)
+    W = res.dequantize(torch.float32).to(torch.bfloat16)
+    outs = []
+    for folded in (True, False):
+        xi, ui, Bi = (t.clone().requires_grad_() for t in (x, u, B))
+        if folded:
+            y = dequant_mm(xi, res, offs, u=ui, lora_up=Bi)
+        else:
+            y = expert_mm(xi, W, counts, offs) + expert_mm(ui, Bi, counts, offs)
+        y.backward(torch.ones_like(y))
+        outs.append([t.float() for t in (y.detach(), xi.grad, ui.grad, Bi.grad)])
+    for name, a, b in zip(("y", "dx", "du", "dB"), *outs):
+        err = (a - b).abs().max() / b.abs().max()
+        assert err < 2.0**-7, f"{name}: {float(err):.2e}"
