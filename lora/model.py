@@ -301,8 +301,19 @@ def _full_dims(linear: nn.Module) -> tuple[int, int]:
     return (out_f * size, in_f) if mode == "column" else (out_f, in_f * size)
 
 
+def _num_experts(m: nn.Module) -> int:
+    """All experts of an experts module (every expert-parallel rank's): what a shared factor spans."""
+    config = getattr(m, "config", None)
+    total = getattr(config, "num_moe_experts", None)
+    return int(total or getattr(m, "num_local_experts", 1) or 1)
+
+
 def _check_rank(name: str, m: nn.Module, config: LoraConfig) -> None:
-    """``ValueError`` naming the layer when a branch's rank exceeds ``min(out, in)`` of its weight."""
+    """``ValueError`` naming the layer when a branch's rank exceeds the rank its factors can have:
+    ``min(out, in)`` of the weight, or for an expert group's shared factor the rank of the stacked
+    experts (shared-down ``min(E·out, in)``, shared-up ``min(out, E·in)``)."""
+    from svdq.solvers.shared_basis import SHARED_DOWN, SHARED_UP
+
     experts = _is_experts(m)
     for sub_name, sub in m.named_modules():
         w = getattr(sub, "weight", None)
@@ -319,11 +330,12 @@ def _check_rank(name: str, m: nn.Module, config: LoraConfig) -> None:
             branch = name
         out_f, in_f = _full_dims(sub)
         r = config.rank_for(branch)
-        if r > min(out_f, in_f):
-            raise ValueError(
-                f"add_adapters: rank {r} of {branch} exceeds min(out, in) = {min(out_f, in_f)} of its "
-                f"weight ({out_f} × {in_f})"
-            )
+        layout = getattr(config, f"{proj}_layout") if experts else None
+        E = _num_experts(m) if layout in (SHARED_DOWN, SHARED_UP) else 1
+        bound = min(E * out_f, in_f) if layout == SHARED_DOWN else min(out_f, E * in_f)
+        if r > bound:
+            dims = f"weight {out_f} × {in_f}" if E == 1 else f"{layout}, {E} experts {out_f} × {in_f}"
+            raise ValueError(f"add_adapters: rank {r} of {branch} exceeds {bound}, its largest ({dims})")
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
