@@ -15,11 +15,14 @@ output / activation (svdq/DESIGN.md §20); at NVFP4 also the static-range margin
 1 (before)`` is the calibrated maximum, the old default; the sweep 2 … 64 around the default) and per-call
 (dynamic) activation ranges like RTN's; combinations of allocation, GPTQ, the fc1 objective and margin 32;
 the expert-group branch fits under the activation-quantization error (``branch_fit``, §23); and modelopt.
-``--seed`` changes the calibration windows (the README's seed table ran seeds 0–3).
+``--seed`` changes the calibration windows (the README's seed table ran seeds 0–3); ``--calib-batches``
+the quickstart's calibration set (8 batches of 8 × 128 tokens by default).
 Every row records its perplexity, its share of the RTN-to-unquantized gap closed and the calibration time.
 
     python bench/bench_accuracy.py    # both models, CPU; writes bench/results/accuracy_cpu.json
     python bench/bench_accuracy.py --models hf --formats nvfp4 --rows "ours uniform" margin
+    python bench/bench_accuracy.py --models quickstart --formats nvfp4 --calib-batches 32 --seed 1 \
+        --rows "=ours uniform" "=ours + allocation + GPTQ" --name accuracy_cpu_calib32_seed1
 """
 
 from __future__ import annotations
@@ -87,8 +90,14 @@ ACT_ONLY = ("margin", "dynamic")  # rows that differ only in the activation rang
 
 
 def _ours_rows(fmt: str, only: list[str] | None = None) -> dict:
+    """Our rows for ``fmt``; ``only``: those whose name contains one of these, or (an entry starting with
+    ``=``) is exactly that name."""
     rows = {k: v for k, v in OURS.items() if fmt == "nvfp4" or not any(w in k for w in ACT_ONLY)}
-    return {k: v for k, v in rows.items() if not only or any(o in k for o in only)}
+
+    def wanted(k):
+        return any(k == o[1:] if o.startswith("=") else o in k for o in only)
+
+    return {k: v for k, v in rows.items() if not only or wanted(k)}
 
 
 MODELOPT = {  # row name: (modelopt config, algorithm override); INT4 rows at block 64 like ours
@@ -147,7 +156,7 @@ def _svdq_fields(v: dict) -> dict:
     return {k: x for k, x in v.items() if k not in ("rank_allocation", "act_range")}
 
 
-def quickstart(formats, rank: int, seed: int, only=None) -> dict:
+def quickstart(formats, rank: int, seed: int, only=None, calib_batches: int | None = None) -> dict:
     from calib.calibrate import CalibConfig, calibrate
     from calib.cli.eval import perplexity
     from calib.corpus import eval_windows, random_windows, stdlib_split
@@ -155,7 +164,7 @@ def quickstart(formats, rank: int, seed: int, only=None) -> dict:
     from calib.quickstart import QuickstartConfig, _lm, _new_model
     from calib.rtn import rtn_baseline
 
-    qc = QuickstartConfig(seed=seed)
+    qc = QuickstartConfig(seed=seed, **({"calib_batches": calib_batches} if calib_batches else {}))
     cfg = read_pretrained_config()
     split = stdlib_split()
     held = eval_windows(split.base_heldout, cfg.seq_len, qc.batch, qc.eval_tokens, "cpu")
@@ -335,7 +344,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-modelopt", action="store_true")
     p.add_argument("--name", default="accuracy_cpu")
     p.add_argument(
-        "--rows", nargs="+", help="only our rows whose name contains one of these (RTN always runs)"
+        "--rows",
+        nargs="+",
+        help="only our rows whose name contains one of these, or is exactly it with a leading '=' "
+        "(RTN always runs)",
+    )
+    p.add_argument(
+        "--calib-batches",
+        type=int,
+        default=None,
+        help="quickstart: calibration batches of 8 x 128 tokens (default: the quickstart's own, 8)",
     )
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -346,7 +364,9 @@ def main(argv=None) -> int:
 
         init_parallel(seed=args.seed)
         try:
-            result["models"]["quickstart"] = quickstart(args.formats, args.rank, args.seed, args.rows)
+            result["models"]["quickstart"] = quickstart(
+                args.formats, args.rank, args.seed, args.rows, args.calib_batches
+            )
         finally:
             destroy_parallel()
     if "hf" in args.models:
