@@ -83,6 +83,9 @@ def quantize_experts(moe_layer, storage: str, act_range: str = "static", x=None)
     from svdq import SVDQConfig
     from svdq.formats import quantize_tensor
 
+    if act_range == "static" and x is None:
+        raise ValueError("quantize_experts: static activation ranges need the tokens x to calibrate them on")
+
     bases = {}
     for i, (holder, attr) in enumerate(expert_linears(moe_layer)):
         inner = getattr(holder, attr)
@@ -183,9 +186,10 @@ def main(argv=None) -> int:
         "--kernels",
         nargs="+",
         default=None,
-        choices=["torch", "auto", "auto-keep"],
+        choices=["torch", "auto", "auto-keep", "triton"],
         help="kernel backends for the quantized variants (default: torch and auto on CUDA, torch on CPU); "
-        "auto-keep: auto with the forward's 16-bit weight kept for the backward (SVDQ_KEEP_DEQUANT=1)",
+        "auto-keep: auto with the forward's 16-bit weight kept for the backward (SVDQ_KEEP_DEQUANT=1); "
+        "triton: every kernel, also those auto does not take yet (not yet measured on a GPU)",
     )
     p.add_argument("--no-fake", action="store_true", help="skip the fake-quant (unpacked) base variants")
     p.add_argument(

@@ -23,9 +23,9 @@ for s in "${steps[@]}"; do case $s in
            --tb=short ${TESTS:-tests/svdq/kernels tests/lora/test_grouped_svdq.py tests/svdq/experts} ;;
   act) step act "${T_ACT:-60}" python3 bench/bench_kernels_act.py ;;
   gemm) step gemm "${T_GEMM:-120}" python3 bench/bench_kernels_gemm.py ${GEMM_ARGS:-} ;;
-  moe8) step moe8 "${T_MOE:-150}" python3 bench/bench_lora_moe.py --shapes mixtral-half --kernels ${MOE_KERNELS:-torch auto auto-keep} \
+  moe8) step moe8 "${T_MOE:-150}" python3 bench/bench_lora_moe.py --shapes mixtral-half --kernels ${MOE_KERNELS:-torch auto triton} \
           --no-fake --name lora_moe_gpu_kernels_mixtral-half ;;
-  moe64) step moe64 "${T_MOE64:-150}" python3 bench/bench_lora_moe.py --shapes fine-64 --kernels torch auto \
+  moe64) step moe64 "${T_MOE64:-150}" python3 bench/bench_lora_moe.py --shapes fine-64 --kernels torch auto triton \
           --no-fake --steps 6 --warmup 2 --name lora_moe_gpu_kernels_fine-64 ;;
   calib) step calib "${T_CALIB:-120}" python3 bench/bench_calib_speed.py --layers "${CALIB_LAYERS:-1}" --repeats 2 ;;
   profile) step profile "${T_PROF:-90}" python3 bench/profile_lora_moe.py --shape mixtral-half --presets moe --rows ${PROF_ROWS:-12} \

@@ -23,7 +23,8 @@ def main():
     p.add_argument("--shape", default="mixtral-half", choices=sorted(SHAPES))
     p.add_argument("--rows", type=int, default=15)
     p.add_argument("--storage", default="packed", choices=["packed", "fake"])
-    p.add_argument("--kernels", nargs="+", default=["torch", "auto"], choices=["torch", "auto"])
+    p.add_argument("--kernels", nargs="+", default=["torch", "auto"], choices=["torch", "auto", "triton"])
+    p.add_argument("--act-range", default="static", choices=["static", "dynamic"])
     p.add_argument("--presets", nargs="+", default=["none", "moe", "moe-per-expert"])
     p.add_argument("--out", default=None, help="also write the tables to this text file")
     args = p.parse_args()
@@ -51,8 +52,8 @@ def main():
                     freeze_base(holder)
                 else:
                     layer.requires_grad_(False)
-                quantize_experts(layer, args.storage)
                 x = torch.randn(shape["tokens"], 1, shape["hidden"], device=dev, dtype=getattr(torch, dtype))
+                quantize_experts(layer, args.storage, args.act_range, x)  # calibrated static ranges
                 x.requires_grad_(True)
                 for _ in range(3):
                     out, _ = layer(x)

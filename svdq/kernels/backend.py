@@ -66,13 +66,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(*tensors: Tensor, who: str = "kernel") -> bool:
+def use_triton(*tensors: Tensor, who: str = "kernel", measured: bool = True) -> bool:
     """Whether a kernel should run on ``tensors``: the backend is not ``"torch"``, Triton is importable and
     the tensors are CUDA tensors (or, with backend ``"triton"``, CPU tensors under the interpreter). With
     backend ``"triton"`` a case that does not apply raises ``RuntimeError`` naming ``who`` instead of
-    falling back."""
+    falling back. ``measured=False``: a kernel not yet tested and timed on a GPU, which ``"auto"`` does not
+    take (only ``"triton"`` does) until a GPU run shows it correct and faster."""
     backend = get_backend()
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and not measured):
         return False
     on_cpu = not any(t.is_cuda for t in tensors)
     on_device = all(t.is_cuda for t in tensors) or (backend == "triton" and interpreting() and on_cpu)

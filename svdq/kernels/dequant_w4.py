@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import interpreting, triton_available
+from .backend import get_backend, interpreting, triton_available
 from .grouped_w4 import _OUT_KIND, W4Weight, _weight_args
 
 __all__ = [
@@ -44,6 +44,10 @@ __all__ = [
     "keep_dequantized",
     "set_keep_dequantized",
 ]
+
+#: whether the LoRA-up-in-the-GEMM product (:class:`_DequantLoraMM`) has been tested and timed on a GPU:
+#: until then backend ``"auto"`` keeps two products and an addition, ``SVDQ_KERNELS=triton`` takes it
+LORA_FOLD_MEASURED = False
 
 #: rows per expert (on average) from which the dequantize-then-cuBLAS product beats the fused kernel on
 #: Hopper (bench/bench_kernels_gemm.py: fused ≈ 110 TFLOP/s vs cuBLAS ≈ 550 plus ≈ 2.6 bytes per weight of
@@ -319,8 +323,10 @@ def dequant_lora_applies(x: Tensor, weight: W4Weight, u: Tensor, lora_up: Tensor
     """Whether :func:`dequant_mm` should take ``(u, lora_up)`` into its GEMM: :func:`dequant_mm_preferred`,
     per-expert ``lora_up (E, N, r)`` in x's dtype with ``r`` a multiple of 8 (16-byte rows of ``[x | u]``),
     and more outputs than inputs (the ``(S, N)`` addition it saves outweighs the ``(S, K)`` copy of
-    ``[x | u]``)."""
+    ``[x | u]``); under backend ``"auto"`` only once :data:`LORA_FOLD_MEASURED`."""
     E, N, K = weight.num_experts, weight.out_features, weight.in_features
+    if get_backend() == "auto" and not LORA_FOLD_MEASURED:
+        return False
     r = u.shape[-1]
     return (
         dequant_mm_preferred(x, weight)

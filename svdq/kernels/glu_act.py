@@ -29,7 +29,11 @@ from torch import Tensor
 
 from .backend import DTYPE_CODES, interpreting, triton_available, use_triton
 
-__all__ = ["swiglu_prob", "swiglu_prob_applies", "swiglu_prob_reference"]
+__all__ = ["MEASURED", "swiglu_prob", "swiglu_prob_applies", "swiglu_prob_reference"]
+
+#: whether the kernel has been tested and timed on a GPU: until then backend ``"auto"`` keeps the unfused
+#: form and only ``SVDQ_KERNELS=triton`` runs it (svdq.kernels.backend.use_triton)
+MEASURED = False
 
 
 if triton_available():
@@ -160,12 +164,13 @@ class _SwiGLUProb(torch.autograd.Function):
 
 def swiglu_prob_applies(h: Tensor, probs: Tensor) -> bool:
     """Whether :func:`swiglu_prob` runs as the kernel on ``h (S, 2F)``, ``probs (S,)``: 2-D ``h`` of an
-    even width, float32 / bfloat16 / float16 tensors on one device, and :func:`svdq.kernels.use_triton`."""
+    even width, float32 / bfloat16 / float16 tensors on one device, and :func:`svdq.kernels.use_triton`
+    (with :data:`MEASURED`)."""
     if h.dim() != 2 or h.shape[1] % 2 or probs.shape != (h.shape[0],):
         return False
     if h.dtype not in DTYPE_CODES or probs.dtype not in DTYPE_CODES:
         return False
-    return use_triton(h, probs, who="swiglu_prob")
+    return use_triton(h, probs, who="swiglu_prob", measured=MEASURED)
 
 
 def swiglu_prob_reference(h: Tensor, probs: Tensor, offset: float = 0.0) -> Tensor:

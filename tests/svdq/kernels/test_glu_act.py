@@ -110,3 +110,7 @@ def test_falls_back_where_it_does_not_apply():
 def test_gpu_bit_exact(dt, pt):
     h, p, da = inputs(4096, 1408, dt, pt, device="cuda")
     check(h, p, da, exact=True)
+    from svdq.kernels import glu_act
+
+    with kernel_backend("auto"):  # auto takes the kernel only once it is measured on a GPU
+        assert swiglu_prob_applies(h, p) == glu_act.MEASURED
