@@ -83,6 +83,9 @@ OURS = {  # row name: the variant's settings (defaults: the library's)
     "ours + allocation + GPTQ, fc1 act objective, branch act-cross": _variant(
         alloc="sensitivity", rq="auto", fc1_objective="activation", branch_fit="act-cross"
     ),
+    # up to 4 refinement steps (lower layer errors in bench/results/layer_error_cpu_int4_extra.json)
+    "ours uniform, refine 4": _variant(refine_steps=4),
+    "ours + allocation + GPTQ, refine 4": _variant(alloc="sensitivity", rq="auto", refine_steps=4),
     "ours uniform, dynamic act range": _variant(act="dynamic"),
     "ours + allocation, dynamic act range": _variant(alloc="sensitivity", act="dynamic"),
 }
