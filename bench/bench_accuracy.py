@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import write_result  # noqa: E402
+from bench.common import modelopt_config, write_result  # noqa: E402
 from svdq import SVDQConfig  # noqa: E402
 
 FORMATS = {"nvfp4": ("nvfp4", "nvfp4"), "int4": ("int4-g64", "none")}  # name: (weights, activations)
@@ -114,21 +114,6 @@ MODELOPT = {  # row name: (modelopt config, algorithm override); INT4 rows at bl
         "modelopt INT4 g64 AWQ + SVDQuant r32": ("INT4_AWQ_CFG", {"method": "svdquant", "lowrank": 32}),
     },
 }
-
-
-def modelopt_config(name: str, algorithm: dict | None, block: int | None) -> dict:
-    """A deep copy of modelopt's ``name`` config, the weight block size set to ``block`` (INT4) and the
-    algorithm replaced by ``algorithm`` when given."""
-    import modelopt.torch.quantization as mtq
-
-    cfg = copy.deepcopy(getattr(mtq, name))
-    if block is not None:
-        for entry in cfg["quant_cfg"]:
-            if entry.get("quantizer_name") == "*weight_quantizer":
-                entry["cfg"]["block_sizes"][-1] = block
-    if algorithm is not None:
-        cfg["algorithm"] = dict(algorithm)
-    return cfg
 
 
 def _gap_closed(rows: dict, fp: float) -> None:

@@ -35,7 +35,6 @@ and ``Σ‖y − y_ref‖² / Σ‖y − y_ref‖²_modelopt`` (summed squared o
 from __future__ import annotations
 
 import argparse
-import copy
 import fnmatch
 import math
 import sys
@@ -48,7 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import svdq  # noqa: E402
-from bench.common import write_result  # noqa: E402
+from bench.common import modelopt_config, write_result  # noqa: E402
 from svdq import SVDQConfig  # noqa: E402
 from svdq.formats import fake_quant  # noqa: E402
 
@@ -180,15 +179,7 @@ def row_ours(W, x_cal, x_test, y_ref, cfg: SVDQConfig):
 
 
 def modelopt_cfg(algorithm: dict | None) -> dict:
-    import modelopt.torch.quantization as mtq
-
-    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
-    for entry in cfg["quant_cfg"]:
-        if entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"]["block_sizes"][-1] = BLOCK
-    if algorithm is not None:
-        cfg["algorithm"] = dict(algorithm)
-    return cfg
+    return modelopt_config("INT4_AWQ_CFG", algorithm, BLOCK)
 
 
 def row_modelopt(W, x_cal, x_test, y_ref, algorithm: dict | None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
@@ -93,3 +94,18 @@ def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:
     tmp.write_text(json.dumps({"environment": environment(), **payload}, indent=2))
     os.replace(tmp, path)
     return path
+
+
+def modelopt_config(name: str, algorithm: dict | None, block: int | None) -> dict:
+    """A deep copy of modelopt's ``name`` config, the weight block size set to ``block`` (INT4) and the
+    algorithm replaced by ``algorithm`` when given."""
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(getattr(mtq, name))
+    if block is not None:
+        for entry in cfg["quant_cfg"]:
+            if entry.get("quantizer_name") == "*weight_quantizer":
+                entry["cfg"]["block_sizes"][-1] = block
+    if algorithm is not None:
+        cfg["algorithm"] = dict(algorithm)
+    return cfg

@@ -36,6 +36,7 @@ from lora.adapters.layers import (
 from lora.config import LoraConfig
 from lora.families import family_of
 from lora.framework.te import tp_group_of
+from svdq.solvers.shared_basis import SHARED_DOWN, SHARED_UP
 
 FILE_FORMAT = "svdq-lora"
 FILE_VERSION = "1"
@@ -312,8 +313,6 @@ def _check_rank(name: str, m: nn.Module, config: LoraConfig) -> None:
     """``ValueError`` naming the layer when a branch's rank exceeds the rank its factors can have:
     ``min(out, in)`` of the weight, or for an expert group's shared factor the rank of the stacked
     experts (shared-down ``min(E·out, in)``, shared-up ``min(out, E·in)``)."""
-    from svdq.solvers.shared_basis import SHARED_DOWN, SHARED_UP
-
     experts = _is_experts(m)
     for sub_name, sub in m.named_modules():
         w = getattr(sub, "weight", None)

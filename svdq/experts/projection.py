@@ -114,7 +114,7 @@ def grouped_projection(
         w4 = W4Weight.of(residual)
         if not dequant_mm_preferred(xq, w4):  # dequantize in the prologue, lora_up in the epilogue
             return _add_bias(grouped_w4_mm(xq, w4, offs, u=u, lora_up=B), bias, ids)
-        if u is not None and layout != SHARED_UP and dequant_lora_applies(xq, w4, u, B):
+        if u is not None and dequant_lora_applies(xq, w4, u, B):  # per-expert lora_up only
             # [xq | u] · [deq(W_e) | B_e]ᵀ: the branch inside the base's GEMM, (S, out)
             return _add_bias(dequant_mm(xq, w4, offs, u=u, lora_up=B), bias, ids)
         y = dequant_mm(xq, w4, offs)  # many rows per expert: 16-bit weight (one pass) + cuBLAS, (S, out)
